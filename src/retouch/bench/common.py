@@ -1,0 +1,159 @@
+"""Helpers every benchmark shares: atomic writes, JSON, Markdown tables, a PIL log-log plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "write_json",
+    "write_markdown_table",
+    "loglog_plot",
+]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (non-finite floats become null), atomically."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, Mapping):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    return atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v).replace("|", "\\|")
+
+
+def write_markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of ``rows`` (dicts) over ``columns``; missing cells are "–".
+
+    Returns the text (write it with :func:`atomic_write_text`); floats use 3 significant digits.
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]
+
+
+def loglog_plot(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    dashed: set[str] = frozenset(),
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size: tuple[int, int] = (1000, 640),
+) -> bytes:
+    """A log-log line plot drawn with PIL (no matplotlib): axes, decade ticks, one coloured
+    line per series (``dashed`` ones dashed), legend on the right. Returns PNG bytes."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    w, h = size
+    left, right, top, bottom = 80, 290, 40, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    pts = [(x, y) for s in series.values() for x, y in s if x > 0 and y > 0 and math.isfinite(y)]
+    lx = [math.log10(x) for x, _ in pts] or [0.0, 1.0]
+    ly = [math.log10(y) for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(lx) - 0.05, max(lx) + 0.05
+    y0, y1 = math.floor(min(ly)), math.ceil(max(ly))
+    y1 = y1 if y1 > y0 else y0 + 1
+
+    def px(lxv: float, lyv: float) -> tuple[float, float]:
+        u = left + (lxv - x0) / (x1 - x0) * (w - left - right)
+        v = h - bottom - (lyv - y0) / (y1 - y0) * (h - top - bottom)
+        return u, v
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for k in range(y0, y1 + 1):  # decades, with minor ticks at 2..9
+        u, v = px(x0, k)
+        draw.line([(left, v), (w - right, v)], fill=(225, 225, 225))
+        draw.text((left - 8, v), f"1e{k}", fill="black", font=font, anchor="rm")
+        for m in range(2, 10) if k < y1 else ():
+            _, vm = px(x0, k + math.log10(m))
+            draw.line([(left, vm), (left + 5, vm)], fill="black")
+    xticks = sorted({x for x, _ in pts}) or [1.0]
+    for xv in xticks:
+        u, _ = px(math.log10(xv), y0)
+        draw.line([(u, h - bottom), (u, h - bottom - 6)], fill="black")
+        draw.text((u, h - bottom + 6), f"{xv:g}", fill="black", font=font, anchor="ma")
+    draw.text(((left + w - right) / 2, 12), title, fill="black", font=font, anchor="ma")
+    draw.text(((left + w - right) / 2, h - 22), xlabel, fill="black", font=font, anchor="ma")
+    label = Image.new("RGB", (h - top - bottom, 18), "white")
+    ImageDraw.Draw(label).text((label.width / 2, 2), ylabel, fill="black", font=font, anchor="ma")
+    img.paste(label.rotate(90, expand=True), (8, top))
+    for i, (name, s) in enumerate(series.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        line = [px(math.log10(x), math.log10(y)) for x, y in sorted(s) if y > 0 and math.isfinite(y)]
+        for a, b in zip(line[:-1], line[1:], strict=True):
+            _segment(draw, a, b, colour, dashed=name in dashed)
+        for u, v in line:
+            draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
+        ly_ = top + 10 + 18 * i
+        _segment(draw, (w - right + 12, ly_), (w - right + 42, ly_), colour, dashed=name in dashed)
+        draw.text((w - right + 48, ly_), name, fill="black", font=font, anchor="lm")
+    buf = BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _segment(draw, a, b, colour, *, dashed: bool, dash: float = 7.0) -> None:
+    if not dashed:
+        draw.line([a, b], fill=colour, width=2)
+        return
+    length = math.dist(a, b)
+    n = max(1, int(length // dash))
+    for j in range(0, n, 2):
+        p = (a[0] + (b[0] - a[0]) * j / n, a[1] + (b[1] - a[1]) * j / n)
+        q = (a[0] + (b[0] - a[0]) * min(j + 1, n) / n, a[1] + (b[1] - a[1]) * min(j + 1, n) / n)
+        draw.line([p, q], fill=colour, width=2)

@@ -1,0 +1,135 @@
+"""The ``retouch`` command line: generate, demo, bench and ToyWorld training."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "BENCHMARKS"]
+
+# Benchmark name -> module with ``run(*, quick: bool, out: Path) -> dict``.
+BENCHMARKS = {
+    "samplers": "retouch.bench.samplers",
+    "toyworld": "retouch.bench.toyworld",
+}
+
+
+def _cmd_generate(args) -> None:
+    from .recipes.generate import generate_to_file
+
+    out = generate_to_file(
+        args.prompt,
+        args.out,
+        model=args.model,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        sampler=args.sampler,
+        n=args.n,
+    )
+    print(f"wrote {out}")
+
+
+def _cmd_demo(args) -> None:
+    from .report.demo import run_demo
+
+    index = run_demo(Path(args.out), model=args.model)
+    print(f"wrote {index}")
+
+
+def _cmd_bench(args) -> None:
+    if args.name not in BENCHMARKS:
+        raise SystemExit(
+            f"unknown benchmark {args.name!r}; valid: {', '.join(sorted(BENCHMARKS))}"
+        )
+    module = importlib.import_module(BENCHMARKS[args.name])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    module.run(quick=args.quick, out=out)
+    print(f"wrote {out / (args.name + '.json')} and {args.name}.md in {time.time() - t0:.0f} s")
+
+
+def _cmd_train(args) -> None:
+    from .toyworld.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=args.out,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        batch=args.batch,
+        lr=args.lr,
+        grounding_weight=args.grounding_weight,
+    )
+    train(cfg, resume=args.resume)
+
+
+def _cmd_export(args) -> None:
+    from .models.loading import toyworld_model_dir
+    from .toyworld.train import export_pipeline
+
+    dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else toyworld_model_dir())
+    print(f"exported {args.run} to {dest}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retouch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image with retouch's own sampling loop")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", default="ddim")
+    g.add_argument("--n", type=int, default=1, help="images (saved as a row)")
+    g.add_argument("--out", required=True, help="output PNG")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="the main job: an HTML gallery of what retouch does")
+    d.add_argument("--out", default="demo")
+    d.add_argument("--model", default=None)
+    d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: NAME.json, NAME.md and plots in --out")
+    b.add_argument("name", help=f"one of: {', '.join(sorted(BENCHMARKS))}")
+    b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
+    b.add_argument("--out", default="bench")
+    b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
+    tsub = t.add_subparsers(dest="toy_command", required=True)
+    tr = tsub.add_parser("train", help="train (or --resume) a ToyWorld model")
+    tr.add_argument("--out", default="runs/toy", help="run directory")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--vae-steps", type=int, default=2000)
+    tr.add_argument("--unet-steps", type=int, default=100000)
+    tr.add_argument("--batch", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--grounding-weight", type=float, default=0.1)
+    tr.set_defaults(func=_cmd_train)
+    ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")
+    ex.add_argument("run")
+    ex.add_argument("--dest", default=None, help="default: the package's shipped weights")
+    ex.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"retouch: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Load Stable-Diffusion-family pipelines from local diffusers folders, safely and offline.
+
+Only safetensors weights are loaded: a component whose weights exist only as a pickle
+(``.bin``, ``.ckpt``, ``.pt``, ``.pth``) is refused, since unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ModelFolderError",
+    "toyworld_model_dir",
+    "check_model_folder",
+    "load_pipeline",
+    "toyworld_vocabulary",
+    "check_prompt",
+]
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transformer")
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing files, has corrupt files, or only unsafe pickle weights."""
+
+
+def toyworld_model_dir() -> Path:
+    """The ToyWorld pipeline shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise ModelFolderError(f"corrupt weights file {path}: {exc}") from exc
+
+
+def check_model_folder(folder: Path) -> dict:
+    """Validate a diffusers pipeline folder; returns its ``model_index.json``.
+
+    Names every missing or corrupt file, and refuses components with only pickle weights.
+    """
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} does not exist")
+    if not index_path.is_file():
+        raise ModelFolderError(
+            f"{folder} is not a diffusers pipeline folder: model_index.json is missing "
+            "(save one with `pipeline.save_pretrained(folder)`)"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"corrupt {index_path}: {exc}") from exc
+    problems = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            problems.append(f"missing folder {sub}")
+            continue
+        if name not in WEIGHT_COMPONENTS:
+            continue
+        if not (sub / "config.json").is_file():
+            problems.append(f"missing {sub / 'config.json'}")
+        safe = sorted(sub.glob("*.safetensors"))
+        if not safe:
+            pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                problems.append(
+                    f"{sub} has only pickle weights ({', '.join(pickles)}), which retouch "
+                    "refuses to load (unpickling can run arbitrary code); convert them to "
+                    "safetensors with a trusted tool first"
+                )
+            else:
+                problems.append(f"missing weights in {sub} (expected *.safetensors)")
+        for path in safe:
+            try:
+                _check_safetensors(path)
+            except ModelFolderError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ModelFolderError(f"cannot load {folder}:\n  " + "\n  ".join(problems))
+    return index
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """A diffusers pipeline from a local folder (default: the shipped ToyWorld model)."""
+    import diffusers
+
+    folder = Path(model) if model is not None else toyworld_model_dir()
+    index = check_model_folder(folder)
+    cls = getattr(diffusers, index.get("_class_name", "StableDiffusionPipeline"))
+    extra = {}
+    if "safety_checker" in index:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = cls.from_pretrained(
+            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **extra
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelFolderError(f"cannot load {folder}: {exc}") from exc
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:
+    """The word list of a ToyWorld model folder, or None for any other model."""
+    path = Path(folder) / "toyworld.json"
+    if not path.is_file():
+        return None
+    return tuple(json.loads(path.read_text())["vocabulary"])
+
+
+def check_prompt(prompt: str, vocabulary: tuple[str, ...] | None) -> None:
+    """Refuse words outside a ToyWorld model's vocabulary (no-op for other models)."""
+    if vocabulary is None:
+        return
+    words = prompt.lower().replace(",", " ").split()
+    unknown = sorted({w for w in words if w not in vocabulary})
+    if unknown:
+        raise ValueError(
+            f"the ToyWorld model does not know the word(s) {', '.join(unknown)}; "
+            f"its vocabulary is: {' '.join(vocabulary)}"
+        )

@@ -1,0 +1,468 @@
+"""Train the ToyWorld Stable Diffusion: a VAE stage, then UNet + text encoder on latents.
+
+The UNet stage adds a token-level grounding loss on cross-attention (TokenCompose, Wang et al.,
+CVPR 2024): for every attribute word, ``-log`` of the share of its cross-attention mass that falls
+inside the region it names (its object's silhouette, or the background), from the renderer's
+masks. It makes word-to-region attention local, which every attention technique relies on. The
+trained model is a plain diffusers/transformers SD pipeline; the loss only exists in training.
+
+Runs are resumable: every ``checkpoint_every`` steps the full state (weights, EMA, optimizer, RNG)
+is written atomically to ``<out>/<stage>.safetensors``; ``resume=True`` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import configs
+from .dataset import SceneSet, caption_batch, make_scenes
+from .scene import SHAPES, VOCABULARY
+from .tokenizer import save_tokenizer
+
+__all__ = ["TrainConfig", "train", "export_pipeline", "load_components"]
+
+
+@dataclass
+class TrainConfig:
+    out: str  # run directory (checkpoints, logs, cached data)
+    seed: int = 0
+    dataset_size: int = 20000  # rendered scenes (core vocabulary)
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 100000  # upper bound; runs are stopped and resumed at will
+    batch: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1  # whole-caption dropout, for classifier-free guidance
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al., 2023)
+    grounding_weight: float = 0.1
+    grounding_resolutions: tuple[int, ...] = (16, 8)
+    unet_width: int = 64
+    text_layers: int = 2
+    checkpoint_every: int = 200
+    log_every: int = 50
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"meta": json.dumps(meta)},
+    )
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    return load_file(str(path)), meta
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def build_models(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**configs.vae_config())
+    unet = UNet2DConditionModel(**configs.unet_config(cfg.unet_width))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            **configs.text_config(vocab_size, bos_id=bos_id, eos_id=eos_id, layers=cfg.text_layers)
+        )
+    )
+    return vae, unet, text
+
+
+def _scenes(cfg: TrainConfig) -> SceneSet:
+    return make_scenes(
+        cfg.dataset_size,
+        seed=cfg.seed,
+        size=configs.IMAGE_SIZE,
+        mask_size=configs.LATENT_SIZE,
+        shapes=SHAPES,
+    )
+
+
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    mse = F.mse_loss((x.clamp(-1, 1) + 1) / 2, (y + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# --------------------------------------------------------------------------------------------
+# VAE stage
+
+
+def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: bool = True):
+    """Train the autoencoder (MSE + tiny KL), keep the best checkpoint by held-out PSNR."""
+    from tqdm.auto import tqdm
+
+    out, dev = Path(cfg.out), _device()
+    vae.to(dev).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step, best = 0, -1.0
+    ckpt = out / "vae.safetensors"
+    if resume and ckpt.exists():
+        tensors, meta = _load(ckpt)
+        vae.load_state_dict(_unprefixed("model", tensors))
+        _restore_optimizer(opt, _unprefixed("opt", tensors), meta["param_groups"])
+        gen.set_state(tensors["rng"])
+        step, best = meta["step"], meta["best_psnr"]
+    n_held = min(256, len(data) // 4)  # the last scenes are held out for PSNR
+    held_out = data.images[-n_held:].to(dev)
+    train_n = len(data) - n_held
+    bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", disable=not progress)
+    while step < cfg.vae_steps:
+        idx = torch.randint(train_n, (cfg.batch,), generator=gen)
+        x = data.images[idx].to(dev)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # diverges without clipping
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+            psnr = _vae_psnr(vae, held_out)
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
+            _log(out, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr})
+            if psnr > best:
+                best = psnr
+                _atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"psnr": psnr})
+            tensors, groups = _optimizer_tensors(opt)
+            state = {**_prefixed("model", vae.state_dict()), **_prefixed("opt", tensors)}
+            state["rng"] = gen.get_state()
+            meta = {"step": step, "best_psnr": best, "param_groups": groups}
+            _atomic_save(state, ckpt, meta)
+    bar.close()
+    vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
+    return best
+
+
+@torch.no_grad()
+def _vae_psnr(vae, images: torch.Tensor) -> float:
+    vae.eval()
+    rec = torch.cat([vae.decode(vae.encode(x).latent_dist.mode()).sample for x in images.split(64)])
+    vae.train()
+    return _psnr(rec, images)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    vae.eval()
+    dev = next(vae.parameters()).device
+    return torch.cat([vae.encode(x.to(dev)).latent_dist.mode().cpu() for x in images.split(256)])
+
+
+# --------------------------------------------------------------------------------------------
+# UNet stage
+
+
+class GroundingProcessor:
+    """Cross-attention that also keeps its head-averaged probabilities (B, N, T) for the loss."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        b = hidden_states.shape[0]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
+        self.store.append(probs.view(b, attn.heads, *probs.shape[1:]).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_grounding(unet, resolutions: tuple[int, ...]) -> list:
+    """Route cross-attention at the given latent resolutions through GroundingProcessor."""
+    store: list = []
+    size = unet.config.sample_size
+    procs = dict(unet.attn_processors)
+    depth = {"down_blocks": lambda i: i, "up_blocks": lambda i: len(unet.up_blocks) - 1 - i}
+    for name in procs:
+        parts = name.split(".")
+        if not name.endswith("attn2.processor") or parts[0] not in depth:
+            continue
+        res = size // 2 ** depth[parts[0]](int(parts[1]))
+        if res in resolutions:
+            procs[name] = GroundingProcessor(store)
+    unet.set_attn_processor(procs)
+    return store
+
+
+def grounding_loss(store: list, masks: torch.Tensor, region: torch.Tensor):
+    """TokenCompose token loss: mean over grounded tokens of -log(mass inside their region).
+
+    ``masks`` (B, 3, M, M) soft regions; ``region`` (B, T) mask channel per token or -1.
+    Returns (loss, mean mass) over all stored maps.
+    """
+    grounded = region >= 0
+    if not grounded.any():
+        zero = masks.new_zeros(())
+        return zero, zero
+    losses, masses = [], []
+    for probs in store:
+        n = probs.shape[1]
+        m = int(math.isqrt(n))
+        regions = F.adaptive_avg_pool2d(masks, m).flatten(2)  # (B, 3, N)
+        target = torch.gather(regions, 1, region.clamp(min=0)[..., None].expand(-1, -1, n))
+        p = probs.transpose(1, 2)  # (B, T, N)
+        mass = (p * target).sum(-1) / p.sum(-1).clamp_min(1e-12)
+        losses.append(-torch.log(mass[grounded].clamp_min(1e-6)).mean())
+        masses.append(mass[grounded].mean())
+    return torch.stack(losses).mean(), torch.stack(masses).mean().detach()
+
+
+def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, progress=True):
+    """Joint UNet + text-encoder training on cached latents with min-SNR and grounding losses."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    out, dev = Path(cfg.out), _device()
+    unet.to(dev).train()
+    text.to(dev).train()
+    params = list(unet.parameters()) + list(text.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    noise_sched = DDPMScheduler(**_ddpm_kwargs())
+    abar = noise_sched.alphas_cumprod.to(dev)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    py_rng = random.Random(cfg.seed + 3)
+    step = 0
+    ckpt = out / "unet.safetensors"
+    if resume and ckpt.exists():
+        tensors, meta = _load(ckpt)
+        unet.load_state_dict(_unprefixed("unet", tensors))
+        text.load_state_dict(_unprefixed("text", tensors))
+        for i, e in enumerate(ema):
+            e.copy_(tensors[f"ema.{i}"])
+        _restore_optimizer(opt, _unprefixed("opt", tensors), meta["param_groups"])
+        gen.set_state(tensors["rng"])
+        version, internal, gauss = meta["python_rng"]
+        py_rng.setstate((version, tuple(internal), gauss))
+        step = meta["step"]
+    store = install_grounding(unet, cfg.grounding_resolutions)
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet", disable=not progress)
+    running: dict[str, float] = {}
+    t0 = time.time()
+    while step < cfg.unet_steps:
+        idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+        caps = caption_batch(
+            [data.scenes[i] for i in idx.tolist()],
+            rng=py_rng,
+            max_tokens=configs.MAX_TOKENS,
+            cond_dropout=cfg.cond_dropout,
+        )
+        ids = tokenizer(
+            caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
+        ).input_ids.to(dev)
+        x0 = latents[idx].to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, len(abar), (cfg.batch,), generator=gen).to(dev)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        store.clear()
+        pred = unet(xt, t, encoder_hidden_states=text(ids).last_hidden_state).sample
+        snr = a.flatten() / (1 - a.flatten())
+        weight = snr.clamp(max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for eps prediction
+        mse = (weight * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
+        g_loss, mass = grounding_loss(store, data.masks[idx].to(dev), caps.region.to(dev))
+        loss = mse + cfg.grounding_weight * g_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:  # linear warm-up, then constant
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        step += 1
+        bar.update(1)
+        for k, v in {"mse": mse.item(), "ground": g_loss.item(), "mass": mass.item()}.items():
+            running[k] = 0.98 * running.get(k, v) + 0.02 * v
+        if step % cfg.log_every == 0:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            _log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
+                       **running})
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+            tensors, groups = _optimizer_tensors(opt)
+            state = {
+                **_prefixed("unet", unet.state_dict()),
+                **_prefixed("text", text.state_dict()),
+                **{f"ema.{i}": e for i, e in enumerate(ema)},
+                **_prefixed("opt", tensors),
+                "rng": gen.get_state(),
+            }
+            meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
+            _atomic_save(state, ckpt, meta)
+    bar.close()
+
+
+def _ddpm_kwargs() -> dict:
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    return {k: configs.scheduler_config()[k] for k in keys}
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Whole run and export
+
+
+def _tokenizer(out: Path):
+    from transformers import CLIPTokenizer
+
+    save_tokenizer(VOCABULARY, out / "tokenizer", max_length=configs.MAX_TOKENS)
+    return CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) both stages; returns the run directory."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if resume and cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        for key in ("seed", "dataset_size", "unet_width", "text_layers"):
+            if saved[key] != getattr(cfg, key):
+                raise ValueError(
+                    f"--resume with {key}={getattr(cfg, key)} but the run in {out} used "
+                    f"{saved[key]}; pass the same value or start a new --out"
+                )
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    tokenizer = _tokenizer(out)
+    vae, unet, text = build_models(
+        cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    data = _scenes(cfg)
+    if not (out / "vae_done.json").exists():
+        psnr = train_vae(cfg, data, vae, resume=resume, progress=progress)
+        (out / "vae_done.json").write_text(json.dumps({"psnr": psnr}))
+    else:
+        vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
+    vae.to(_device())
+    latents = encode_latents(vae, data.images)
+    scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents
+    (out / "scale.json").write_text(json.dumps({"scaling_factor": scale}))
+    train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=True, progress=progress)
+    return out
+
+
+def load_components(run: Path, *, ema: bool = True):
+    """(vae, unet, text_encoder, tokenizer, scaling_factor) from a run directory."""
+    run = Path(run)
+    cfg = TrainConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
+    cfg.grounding_resolutions = tuple(cfg.grounding_resolutions)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
+    vae, unet, text = build_models(
+        cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    vae.load_state_dict(load_file(str(run / "vae_best.safetensors")))
+    tensors, _ = _load(run / "unet.safetensors")
+    unet.load_state_dict(_unprefixed("unet", tensors))
+    text.load_state_dict(_unprefixed("text", tensors))
+    if ema:
+        params = list(unet.parameters()) + list(text.parameters())
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"ema.{i}"])
+    data_scale = json.loads((run / "scale.json").read_text())["scaling_factor"]
+    return vae, unet, text, tokenizer, data_scale
+
+
+def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
+    """Write the run's EMA weights as a plain diffusers StableDiffusionPipeline folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae, unet, text, tokenizer, scale = load_components(run)
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**configs.scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if fp16:
+        # Half-precision storage for the big parts. The text encoder stays float32: transformers
+        # loads a checkpoint in its stored dtype while diffusers upcasts to float32, and plain
+        # `StableDiffusionPipeline.from_pretrained(dir)` must not end up with mixed dtypes.
+        unet.half()
+        vae.half()
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    # transformers 5 writes only tokenizer.json; older versions need vocab.json + merges.txt.
+    save_tokenizer(VOCABULARY, tmp / "tokenizer", max_length=configs.MAX_TOKENS)
+    meta = json.loads((Path(run) / "log.jsonl").read_text().splitlines()[-1])
+    (tmp / "toyworld.json").write_text(
+        json.dumps({"vocabulary": list(VOCABULARY), "trained": meta}, indent=2)
+    )
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    return dest

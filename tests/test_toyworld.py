@@ -1,0 +1,142 @@
+"""ToyWorld: scenes, captions, renderer, tokenizer, and a resumable, reproducible trainer."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from retouch.toyworld.render import render
+from retouch.toyworld.scene import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    RESERVED_SHAPES,
+    SHAPES,
+    STYLES,
+    VOCABULARY,
+    ObjectSpec,
+    Scene,
+    caption,
+    parse_caption,
+    random_scene,
+)
+from retouch.toyworld.tokenizer import build_vocab, save_tokenizer
+
+
+def _scene():
+    return Scene(
+        objects=(
+            ObjectSpec("circle", "red", "small", "left"),
+            ObjectSpec("square", "blue", "big", "right"),
+        ),
+        background="gray",
+    )
+
+
+def test_canonical_caption():
+    assert caption(_scene()).text == (
+        "a small red circle on the left and a big blue square on the right on a gray background"
+    )
+
+
+@pytest.mark.parametrize(
+    "index,change",
+    [(0, {"color": "green"}), (1, {"shape": "triangle"}), (0, {"size": "big"}),
+     (None, {"background": "black"}), (None, {"style": "striped"})],
+)
+def test_single_attribute_edit_changes_words_of_that_attribute_only(index, change):
+    src = caption(_scene(), explicit_style=True).words
+    dst = caption(_scene().replace(index, **change), explicit_style=True).words
+    assert len(src) == len(dst)
+    changed = [i for i, (a, b) in enumerate(zip(src, dst)) if a != b]
+    # a global style word appears once per object; every other edit changes one word
+    assert len(changed) == (2 if "style" in change else 1)
+
+
+def test_caption_roles_and_parse_roundtrip():
+    rng = random.Random(3)
+    for _ in range(50):
+        scene = random_scene(rng, styles=STYLES, positions=tuple(POSITIONS))
+        cap = caption(scene)
+        parsed = parse_caption(cap.text)
+        assert [o["shape"] for o in parsed["objects"]] == [o.shape for o in scene.objects]
+        assert [o["color"] for o in parsed["objects"]] == [o.color for o in scene.objects]
+        assert parsed["background"] == scene.background
+        for word, role in zip(cap.words, cap.roles):
+            if role is not None and role[1] == "color":
+                assert word == scene.objects[role[0]].color
+
+
+def test_dropped_words_are_omitted_not_guessed():
+    rng = random.Random(0)
+    texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0}, rng=rng).text}
+    assert texts == {"a small circle on the left and a big square on the right"}
+
+
+def test_bad_attribute_names_list_valid_values():
+    with pytest.raises(ValueError, match="valid: circle, square"):
+        ObjectSpec("hexagon", "red", "small", "left")
+    with pytest.raises(ValueError, match="outside the ToyWorld vocabulary: dog"):
+        parse_caption("a red dog")
+
+
+@pytest.mark.parametrize("size", [32, 64, 97])
+def test_render_any_size_masks_and_determinism(size):
+    scene = _scene()
+    a, b = render(scene, size), render(scene, size)
+    assert a.image.shape == (size, size, 3) and a.image.dtype == np.uint8
+    assert np.array_equal(a.image, b.image)
+    assert a.masks.shape == (2, size, size)
+    assert 0.0 <= a.masks.min() and a.masks.max() <= 1.0
+    # a circle of radius r covers pi r^2 pixels (anti-aliasing conserves area to ~1%)
+    r = scene.objects[0].radius * size
+    assert a.masks[0].sum() == pytest.approx(np.pi * r * r, rel=0.03)
+    # pixels well inside the circle carry its colour; far away, the background
+    cx, cy = (int(c * size) for c in scene.objects[0].center)
+    assert tuple(a.image[cy, cx]) == COLORS["red"]
+    assert tuple(a.image[1, size // 2]) == BACKGROUNDS["gray"]
+
+
+def test_every_shape_and_style_renders_inside_its_box():
+    for shape in SHAPES + RESERVED_SHAPES:
+        for style in STYLES:
+            obj = ObjectSpec(shape, "orange", "big", "center")
+            r = render(Scene(objects=(obj,), style=style))
+            ys, xs = np.nonzero(r.masks[0] > 0.5)
+            extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+            assert extent == pytest.approx(2 * obj.radius * 64, abs=2.0), (shape, style)
+
+
+def test_tokenizer_one_token_per_word_and_deterministic(tmp_path):
+    assert build_vocab(VOCABULARY) == build_vocab(VOCABULARY)
+    save_tokenizer(VOCABULARY, tmp_path, max_length=32)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    for word in VOCABULARY:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok(caption(_scene()).text).input_ids
+    assert len(ids) == len(caption(_scene()).words) + 2
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    """A run stopped and resumed ends bit-identical to an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from retouch.toyworld.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    common = dict(dataset_size=48, vae_steps=2, batch=2, unet_width=32,
+                  checkpoint_every=2, log_every=1)
+    train(TrainConfig(out=str(tmp_path / "a"), unet_steps=4, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), unet_steps=2, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), unet_steps=4, **common), resume=True,
+          progress=False)
+    a = load_file(str(tmp_path / "a" / "unet.safetensors"))
+    b = load_file(str(tmp_path / "b" / "unet.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="unet_width"):
+        train(TrainConfig(out=str(tmp_path / "b"), **{**common, "unet_width": 64}),
+              resume=True, progress=False)
