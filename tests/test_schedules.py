@@ -25,6 +25,16 @@ from retouch.schedules import (
     uniform_grid,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 VP_NAMES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 SCHEDULERS = {
@@ -126,7 +136,9 @@ def test_v_and_flow_definitions():
 
 
 def test_from_diffusers_config():
-    ddim = diffusers.DDIMScheduler(**SD, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    ddim = diffusers.DDIMScheduler(
+        **SD, beta_schedule="scaled_linear", prediction_type="v_prediction"
+    )
     sch = Schedule.from_diffusers_config(ddim.config)
     assert isinstance(sch, DiscreteVPSchedule) and sch.name == "scaled_linear"
     torch.testing.assert_close(sch.alphas_cumprod, ddim.alphas_cumprod.double(), rtol=0, atol=0)
@@ -142,12 +154,24 @@ def test_karras_and_log_snr_grids():
     assert grid[0] == 999 and grid[-2] == 0 and grid[-1] == -1 and len(grid) == 9
     s = sch.k_sigma(grid[:-1])
     rho = 7.0
-    torch.testing.assert_close(s ** (1 / rho), torch.linspace(float(s[0]) ** (1 / rho),
-                               float(s[-1]) ** (1 / rho), 8, dtype=torch.float64))
+    torch.testing.assert_close(
+        s ** (1 / rho),
+        torch.linspace(float(s[0]) ** (1 / rho), float(s[-1]) ** (1 / rho), 8, dtype=torch.float64),
+    )
     lam = sch.log_snr(log_snr_grid(sch, 6, final=0.0))
     torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(5))
     flow = uniform_grid(get_schedule("rectified_flow"), 4)
     assert flow.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_karras_grid_matches_diffusers_karras_sigmas():
+    sched = diffusers.EulerDiscreteScheduler(
+        **SD, beta_schedule="scaled_linear", use_karras_sigmas=True
+    )
+    sched.set_timesteps(12)
+    sch = get_schedule("scaled_linear")
+    ours = sch.k_sigma(karras_grid(sch, 12)[:-1])
+    torch.testing.assert_close(ours, sched.sigmas[:-1].double(), rtol=1e-5, atol=0)
 
 
 def test_bad_input_is_refused():

@@ -136,7 +136,7 @@ def ddim_step(
     *,
     eta: float = 0.0,
 ) -> Tensor:
-    """DDIM: ``x' = alpha' x0 + sqrt(sigma'^2 - c^2) eps + c z``, ``c = eta sigma' sqrt(1 - e^{-2h})``.
+    """DDIM: ``x' = alpha' x0 + sqrt(sigma'^2 - c^2) eps + c z``, ``c = eta sigma' sqrt(1-e^-2h)``.
 
     ``h = lambda' - lambda``; ``c`` is DDIM's ``sigma_t(eta)`` written for any schedule
     (the posterior std of ``q(x' | x, x0)`` times eta). eta = 0 is deterministic and
@@ -270,7 +270,7 @@ def dpmpp_2m_step(
     *,
     lower_order_final: bool = True,
 ) -> Tensor:
-    """DPM-Solver++(2M): ``x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D``, ``h = lambda' - lambda``.
+    """DPM-Solver++(2M): ``x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D``, ``h = lambda'-lambda``.
 
     ``D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev``, ``r = h_prev / h`` (first order on the
     first step, on a step to clean and, below 15 steps, on the last one, as diffusers).
@@ -312,7 +312,9 @@ def check_grid(times: Sequence[float] | Tensor, *, inverse: bool = False) -> lis
             raise ValueError(f"non-finite time at grid index {i}: {a} -> {b}")
         if (b <= a) if inverse else (b >= a):
             word = "increasing (inversion)" if inverse else "decreasing (sampling)"
-            raise ValueError(f"time grid must be strictly {word}; times[{i}]={a}, times[{i + 1}]={b}")
+            raise ValueError(
+                f"time grid must be strictly {word}; times[{i}]={a}, times[{i + 1}]={b}"
+            )
     return ts
 
 

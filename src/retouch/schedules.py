@@ -128,10 +128,16 @@ class Schedule:
         """
         cfg = dict(config)
         flow_class = str(cfg.get("_class_name", "")).startswith("FlowMatch")
-        if flow_class or cfg.get("use_flow_sigmas") or ("shift" in cfg and "beta_schedule" not in cfg):
+        if (
+            flow_class
+            or cfg.get("use_flow_sigmas")
+            or ("shift" in cfg and "beta_schedule" not in cfg)
+        ):
             return FlowSchedule(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
         if cfg.get("rescale_betas_zero_snr"):
-            raise ValueError("rescale_betas_zero_snr=True is not supported by retouch schedules yet")
+            raise ValueError(
+                "rescale_betas_zero_snr=True is not supported by retouch schedules yet"
+            )
         num = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("trained_betas") is not None:
             return DiscreteVPSchedule.from_betas(
@@ -255,7 +261,9 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown prediction type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
-def to_x0(pred: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, kind: str) -> Tensor:
+def to_x0(
+    pred: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, kind: str
+) -> Tensor:
     """Convert a model prediction of type ``kind`` at ``x = alpha x0 + sigma eps`` to ``x0``.
 
     ``v = alpha eps - sigma x0`` (Salimans & Ho 2022) and the flow velocity
@@ -273,7 +281,9 @@ def to_x0(pred: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor,
     return (x - s * pred) / (a + s)
 
 
-def to_eps(pred: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, kind: str) -> Tensor:
+def to_eps(
+    pred: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, kind: str
+) -> Tensor:
     """Convert a prediction of type ``kind`` to ``eps`` (see :func:`to_x0`)."""
     _check_kind(kind)
     a, s = _coef(alpha, x), _coef(sigma, x)

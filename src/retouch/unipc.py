@@ -118,5 +118,10 @@ def unipc_step(
         p = 1
     past = _usable_history(denoiser, state.history, lam, p - 1)
     x_pred = _update(denoiser, x, t, t_next, x0_hat, past, m_next=None, variant=variant)
-    state.scratch["unipc"] = {"index": state.index, "x": x, "x_pred": x_pred, "order": len(past) + 1}
+    state.scratch["unipc"] = {
+        "index": state.index,
+        "x": x,
+        "x_pred": x_pred,
+        "order": len(past) + 1,
+    }
     return x_pred

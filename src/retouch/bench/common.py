@@ -16,6 +16,7 @@ __all__ = [
     "write_json",
     "write_markdown_table",
     "loglog_plot",
+    "image_grid",
 ]
 
 
@@ -28,6 +29,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,29 +81,42 @@ def write_markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[st
 
 
 _PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 ]
 
 
 def loglog_plot(
     series: Mapping[str, Sequence[tuple[float, float]]],
     *,
-    dashed: set[str] = frozenset(),
+    colour_of: Mapping[str, str] | None = None,
+    dash_of: Mapping[str, str] | None = None,
     title: str = "",
     xlabel: str = "",
     ylabel: str = "",
     size: tuple[int, int] = (1000, 640),
 ) -> bytes:
-    """A log-log line plot drawn with PIL (no matplotlib): axes, decade ticks, one coloured
-    line per series (``dashed`` ones dashed), legend on the right. Returns PNG bytes."""
+    """A log-log line plot drawn with PIL (no matplotlib): axes, decade ticks, one line per
+    series, legend on the right. Returns PNG bytes.
+
+    ``colour_of`` maps a series label to a colour group (same group, same colour; default: the
+    label); ``dash_of`` maps it to ``"solid"`` (default), ``"dashed"`` or ``"dotted"``.
+    """
     from io import BytesIO
 
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=13)
     w, h = size
-    left, right, top, bottom = 80, 290, 40, 60
+    left, right, top, bottom = 80, 290, 48, 60
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     pts = [(x, y) for s in series.values() for x, y in s if x > 0 and y > 0 and math.isfinite(y)]
@@ -127,33 +144,76 @@ def loglog_plot(
         u, _ = px(math.log10(xv), y0)
         draw.line([(u, h - bottom), (u, h - bottom - 6)], fill="black")
         draw.text((u, h - bottom + 6), f"{xv:g}", fill="black", font=font, anchor="ma")
-    draw.text(((left + w - right) / 2, 12), title, fill="black", font=font, anchor="ma")
+    for k, line_text in enumerate(title.splitlines()):
+        draw.text(
+            ((left + w - right) / 2, 6 + 16 * k), line_text, fill="black", font=font, anchor="ma"
+        )
     draw.text(((left + w - right) / 2, h - 22), xlabel, fill="black", font=font, anchor="ma")
     label = Image.new("RGB", (h - top - bottom, 18), "white")
     ImageDraw.Draw(label).text((label.width / 2, 2), ylabel, fill="black", font=font, anchor="ma")
     img.paste(label.rotate(90, expand=True), (8, top))
+    colour_of, dash_of = colour_of or {}, dash_of or {}
+    groups = list(dict.fromkeys(colour_of.get(name, name) for name in series))
     for i, (name, s) in enumerate(series.items()):
-        colour = _PALETTE[i % len(_PALETTE)]
-        line = [px(math.log10(x), math.log10(y)) for x, y in sorted(s) if y > 0 and math.isfinite(y)]
+        colour = _PALETTE[groups.index(colour_of.get(name, name)) % len(_PALETTE)]
+        dash = dash_of.get(name, "solid")
+        line = [
+            px(math.log10(x), math.log10(y)) for x, y in sorted(s) if y > 0 and math.isfinite(y)
+        ]
         for a, b in zip(line[:-1], line[1:], strict=True):
-            _segment(draw, a, b, colour, dashed=name in dashed)
+            _segment(draw, a, b, colour, dash=dash)
         for u, v in line:
             draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
         ly_ = top + 10 + 18 * i
-        _segment(draw, (w - right + 12, ly_), (w - right + 42, ly_), colour, dashed=name in dashed)
+        _segment(draw, (w - right + 12, ly_), (w - right + 42, ly_), colour, dash=dash)
         draw.text((w - right + 48, ly_), name, fill="black", font=font, anchor="lm")
     buf = BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _segment(draw, a, b, colour, *, dashed: bool, dash: float = 7.0) -> None:
-    if not dashed:
+def _segment(draw, a, b, colour, *, dash: str) -> None:
+    if dash == "solid":
         draw.line([a, b], fill=colour, width=2)
         return
+    on, period = (7.0, 12.0) if dash == "dashed" else (2.0, 6.0)
     length = math.dist(a, b)
-    n = max(1, int(length // dash))
-    for j in range(0, n, 2):
-        p = (a[0] + (b[0] - a[0]) * j / n, a[1] + (b[1] - a[1]) * j / n)
-        q = (a[0] + (b[0] - a[0]) * min(j + 1, n) / n, a[1] + (b[1] - a[1]) * min(j + 1, n) / n)
+    pos = 0.0
+    while pos < length:
+        f0, f1 = pos / length, min(pos + on, length) / length
+        p = (a[0] + (b[0] - a[0]) * f0, a[1] + (b[1] - a[1]) * f0)
+        q = (a[0] + (b[0] - a[0]) * f1, a[1] + (b[1] - a[1]) * f1)
         draw.line([p, q], fill=colour, width=2)
+        pos += period
+
+
+def image_grid(
+    images: Sequence[Any],
+    path: Path,
+    *,
+    columns: int = 8,
+    labels: Sequence[str] | None = None,
+    scale: int = 2,
+) -> Path:
+    """Save uint8 (H, W, 3) images as one PNG grid (optional label under each), atomically."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    images = [np.asarray(im) for im in images]
+    h, w = images[0].shape[:2]
+    h, w = h * scale, w * scale
+    label_h = 12 if labels else 0
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * (h + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, im in enumerate(images):
+        r, c = divmod(k, columns)
+        tile = Image.fromarray(im).resize((w, h), Image.NEAREST)
+        sheet.paste(tile, (c * w, r * (h + label_h)))
+        if labels:
+            draw.text((c * w + 2, r * (h + label_h) + h), str(labels[k])[: w // 6], fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.loading import load_pipeline
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -26,7 +25,7 @@ from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import make_scenes
 from ..toyworld.scene import SHAPES, caption
 from ..toyworld.train import grounding_loss, install_grounding
-from .common import image_grid, write_json, write_markdown_table
+from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
 __all__ = ["run", "benchmark_prompts"]
 
@@ -78,8 +77,7 @@ def vae_psnr(model: PipelineModel, images: torch.Tensor) -> float:
 def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     out = Path(out)
     n = 64 if quick else 256
-    pipe = load_pipeline(model)
-    tw = PipelineModel(pipe)
+    tw = PipelineModel.load(model)
     data = benchmark_prompts(n)
     prompts = [caption(s).text for s in data.scenes]
     t0 = time.time()
@@ -104,10 +102,10 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     }
     write_json(out / "toyworld.json", result)
     rows = [{"metric": f"adherence.{k}", "value": v} for k, v in adherence.items()]
-    rows += [{"metric": k, "value": result[k]} for k in ("vae_psnr", "seconds_per_image",
-                                                          "attention_mass")]
-    write_markdown_table(out / "toyworld.md", rows, ["metric", "value"],
-                         title="ToyWorld model (25 DDIM steps, CFG 5)")
+    rows += [{"metric": k, "value": result[k]}
+             for k in ("vae_psnr", "seconds_per_image", "attention_mass")]
+    table = write_markdown_table(rows, ["metric", "value"])
+    atomic_write_text(out / "toyworld.md", f"# ToyWorld model (25 DDIM steps, CFG 5)\n\n{table}")
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result

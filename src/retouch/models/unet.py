@@ -67,7 +67,9 @@ class UNetDenoiser:
 
     def __call__(self, x: Tensor, t: float, **overrides: Any) -> Tensor:
         unknown = set(overrides) - {
-            "encoder_hidden_states", "added_cond_kwargs", "cross_attention_kwargs"
+            "encoder_hidden_states",
+            "added_cond_kwargs",
+            "cross_attention_kwargs",
         }
         if unknown:
             raise TypeError(f"unexpected conditioning arguments: {sorted(unknown)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.loading import load_pipeline, toyworld_vocabulary
+from ..models.loading import toyworld_vocabulary
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -47,8 +47,7 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
 
 def run_demo(out: Path, *, model: str | None = None, n: int = 16) -> Path:
     """Write ``out/index.html``; returns its path."""
-    pipe = load_pipeline(model)
-    tw = PipelineModel(pipe)
+    tw = PipelineModel.load(model)
     sections = []
     if toyworld_vocabulary(tw.folder) is not None:
         sections.append(_generation_section(tw, n))

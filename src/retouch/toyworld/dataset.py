@@ -1,4 +1,4 @@
-"""ToyWorld training data: rendered scenes, their masks, and caption batches with grounding targets."""
+"""ToyWorld training data: rendered scenes, masks, and caption batches with grounding targets."""
 
 from __future__ import annotations
 

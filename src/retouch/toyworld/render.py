@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 
 from .scene import BACKGROUNDS, COLORS, Scene
 
-__all__ = ["Rendering", "render", "shape_polygon", "signed_distance"]
+__all__ = ["Rendering", "render", "shape_polygon", "signed_distance", "stripe_bands"]
 
 OUTLINE_WIDTH = 0.05  # outline thickness, fraction of the image side
 STRIPE_PERIOD = 0.09  # diagonal stripe period, fraction of the image side
@@ -101,13 +101,22 @@ def _coverage(d: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - d, 0.0, 1.0)
 
 
+@lru_cache(maxsize=8)
+def stripe_bands(size: int) -> np.ndarray:
+    """(size, size) coverage of the colour bands of the striped style (the rest is gap)."""
+    c = (np.arange(size) + 0.5) / size
+    px, py = np.meshgrid(c, c)
+    phase = ((px + py) / STRIPE_PERIOD) % 1.0
+    period = STRIPE_PERIOD * size / math.sqrt(2.0)  # across the diagonal bands, pixels
+    dist = np.minimum(phase, 1 - phase) * period  # to the nearest band centre line
+    return _coverage(period / 4 - dist)  # half of each period is a colour band
+
+
 def render(scene: Scene, size: int = 64) -> Rendering:
     """Draw ``scene`` at ``size``×``size`` pixels."""
     bg = np.asarray(BACKGROUNDS[scene.background], dtype=np.float64) / 255.0
     img = np.broadcast_to(bg, (size, size, 3)).copy()
     masks, edges = [], np.zeros((size, size))
-    c = (np.arange(size) + 0.5) / size
-    px, py = np.meshgrid(c, c)
     for obj in scene.objects:
         d = signed_distance(obj.shape, obj.center, obj.radius, size)
         silhouette = _coverage(d)
@@ -120,10 +129,7 @@ def render(scene: Scene, size: int = 64) -> Rendering:
             alpha = _coverage(np.abs(d + w / 2) - w / 2)
             paint = alpha[..., None] * colour
         else:  # striped: diagonal bands of colour and a background-tinted colour
-            phase = ((px + py) / STRIPE_PERIOD) % 1.0
-            period = STRIPE_PERIOD * size / math.sqrt(2.0)  # across the diagonal bands, pixels
-            dist = np.minimum(phase, 1 - phase) * period  # to the nearest band centre line
-            band = _coverage(period / 4 - dist)  # half of each period is a colour band
+            band = stripe_bands(size)
             gap = STRIPE_GAP_MIX * bg + (1 - STRIPE_GAP_MIX) * colour
             mix = band[..., None] * colour + (1 - band[..., None]) * gap
             paint = silhouette[..., None] * mix

@@ -263,12 +263,9 @@ def parse_caption(text: str) -> dict:
     objects: list[dict] = []
     out: dict = {"objects": objects}
     current: dict | None = None
-    for i, w in enumerate(words):
+    for w in words:
         if w in SHAPES + RESERVED_SHAPES:
-            if current is None:
-                current = {}
-            current["shape"] = w
-            objects.append(current)
+            objects.append({**(current or {}), "shape": w})
             current = None
         elif w in COLORS or w in SIZES:
             current = current or {}

@@ -1,0 +1,87 @@
+"""Loading model folders safely, the pipeline adapter, generation, and the demo."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retouch.models.loading import ModelFolderError, check_model_folder, load_pipeline
+from retouch.models.pipeline import PipelineModel
+from retouch.recipes.generate import generate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_plain_diffusers_loads_and_generates(tiny_toy_pipeline):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_toy_pipeline))
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    assert pipe.text_encoder.dtype == torch.float32
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+    assert json.loads((tiny_toy_pipeline / "toyworld.json").read_text())["vocabulary"]
+
+
+def test_generate_is_seeded_and_shaped(tiny_toy_pipeline):
+    model = PipelineModel.load(tiny_toy_pipeline)
+    prompts = ["a red circle", "a big blue square on the left on a black background"]
+    a = generate(model, prompts, steps=3, seed=5, progress=False)
+    b = generate(model, prompts, steps=3, seed=5, progress=False)
+    c = generate(model, prompts, steps=3, seed=6, progress=False)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_out_of_vocabulary_prompt_is_refused_naming_words(tiny_toy_pipeline):
+    model = PipelineModel.load(tiny_toy_pipeline)
+    with pytest.raises(ValueError, match="does not know the word.*dog, pink.*vocabulary is"):
+        model.encode_prompt("a pink dog")
+    with pytest.raises(ValueError, match="unknown sampler 'nope'.*ddim"):
+        generate(model, "a red circle", steps=2, sampler="nope", progress=False)
+
+
+def test_time_grid_follows_the_scheduler_config(tiny_toy_pipeline):
+    model = PipelineModel.load(tiny_toy_pipeline)
+    # leading spacing, steps_offset 1, set_alpha_to_one False -> last step to t = 0
+    assert model.time_grid(4).tolist() == [751.0, 501.0, 251.0, 1.0, 0.0]
+
+
+def test_missing_corrupt_and_pickle_files_are_named(tiny_toy_pipeline, tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        check_model_folder(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_toy_pipeline, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00garbage")
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(ModelFolderError) as err:
+        load_pipeline(broken)
+    assert "corrupt weights file" in str(err.value) and str(weights) in str(err.value)
+    assert "missing folder" in str(err.value) and "scheduler" in str(err.value)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_toy_pipeline, pickled)
+    weights = pickled / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelFolderError, match="only pickle weights.*refuses"):
+        check_model_folder(pickled)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="model_index.json is missing"):
+        check_model_folder(tmp_path / "empty")
+
+
+def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
+    from retouch.report.demo import run_demo
+
+    index = run_demo(tmp_path / "demo", model=str(tiny_toy_pipeline), n=2)
+    html = index.read_text()
+    assert html.count("<figure") == 2 and "data:image/png;base64," in html
+    assert "checker:" in html
