@@ -49,7 +49,8 @@ def _cmd_bench(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    module.run(quick=args.quick, out=out)
+    extra = {"model": args.model} if args.model else {}
+    module.run(quick=args.quick, out=out, **extra)
     print(f"wrote {out / (args.name + '.json')} and {args.name}.md in {time.time() - t0:.0f} s")
 
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help=f"one of: {', '.join(sorted(BENCHMARKS))}")
     b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
     b.add_argument("--out", default="bench")
+    b.add_argument("--model", default=None, help="model folder, for benchmarks that use one")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")

@@ -23,13 +23,13 @@ from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import make_scenes
-from ..toyworld.scene import SHAPES, caption
+from ..toyworld.scene import SHAPES, caption, parse_caption
 from ..toyworld.train import grounding_loss, install_grounding
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
 __all__ = ["run", "benchmark_prompts"]
 
-ATTRIBUTES = ("color", "shape", "position", "size", "style", "background", "all")
+ATTRIBUTES = ("color", "shape", "position", "size", "style", "background", "count", "all")
 BENCH_SEED = 1234  # held-out scenes: the training set uses seed 0
 
 
@@ -88,7 +88,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         ]
     )
     seconds_per_image = (time.time() - t0) / n
-    scores = [checker.score(img, scene) for img, scene in zip(images, data.scenes)]
+    scores = [checker.score(img, parse_caption(p)) for img, p in zip(images, prompts)]
     adherence = {}
     for attr in ATTRIBUTES:
         vals = [s[attr] for s in scores if s.get(attr) is not None]

@@ -14,7 +14,7 @@ from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.render import render
-from ..toyworld.scene import SHAPES, caption, random_scene
+from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
 
 __all__ = ["run_demo"]
@@ -31,7 +31,7 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
     seconds = time.time() - t0
     figures, right = [], 0
     for img, scene, prompt in zip(images, scenes, prompts):
-        verdict = checker.score(img, scene)
+        verdict = checker.score(img, parse_caption(prompt))
         right += bool(verdict["all"])
         wrong = [k for k, v in verdict.items() if v is False and k != "all"]
         note = "checker: all attributes right" if verdict["all"] else f"checker: wrong {wrong}"

@@ -1,0 +1,352 @@
+"""One attention processor for every site, routing calls to a stack of controllers.
+
+::
+
+    with attention_control(unet, [store, p2p], layout=BatchLayout(("source", "target"))) as s:
+        den = s.denoiser(model.denoiser(prompts, cfg=7.5), times)   # tells s the step and time
+        x = sample(den, x, times, callbacks=[s.callback])            # s.callback: local blending
+
+:class:`ControlProcessor` is installed (through diffusers' ``set_attn_processor``) under every
+attention module's name and knows its :class:`~retouch.attention.sites.Site`. Per call it asks
+the controllers selected for that site whether they are active (step windows); with none it runs
+exactly diffusers' ``AttnProcessor2_0`` path (``F.scaled_dot_product_attention``, no attention
+matrix). Controllers may rewrite queries/keys/values (:meth:`Controller.qkv`, still SDPA), or read
+and rewrite the probabilities (:meth:`Controller.probs`, which materialises ``softmax(q k^T /
+sqrt(d))`` at that site only). The step index and time come from :meth:`AttentionSession.denoiser`,
+a denoiser wrapper that looks ``t`` up on the sampling grid; nothing counts calls.
+
+References: diffusers ``models/attention_processor.py`` (``AttnProcessor2_0``); Hertz et al. 2022
+(Prompt-to-Prompt, controllers over attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from retouch.attention.sites import BatchLayout, Site, describe_sites, find_sites
+
+__all__ = [
+    "Controller",
+    "StepInfo",
+    "AttnCall",
+    "ControlProcessor",
+    "AttentionSession",
+    "ControlledDenoiser",
+    "attention_control",
+]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the sampling loop is when the model runs."""
+
+    step: int  # index i of the grid time the model is evaluated at
+    t: float  # that time
+    num_steps: int  # steps of the grid (len(times) - 1)
+    layout: BatchLayout  # roles of the rows of the model call
+    latent_hw: tuple[int, int]  # spatial size of the latents
+
+
+@dataclass(frozen=True)
+class AttnCall(StepInfo):
+    """One attention call: the step, the site and the query grid."""
+
+    site: Site | None = None  # the attention site (None for feature hooks)
+    hw: tuple[int, int] = (0, 0)  # query grid (h, w) at this site
+    heads: int = 0  # attention heads
+
+
+class Controller:
+    """Base class: a controller reads or rewrites attention at the sites it selects.
+
+    Override :meth:`select` (static choice of sites), :meth:`active` (per call, e.g. a step
+    window), and any of :meth:`qkv`, :meth:`probs`, :meth:`after_step`, :meth:`hooks`. Set
+    ``uses_probs = True`` if :meth:`probs` must see the attention probabilities.
+    """
+
+    uses_probs: bool = False  # materialise softmax(q k^T / sqrt(d)) at active sites
+
+    def select(self, site: Site) -> bool:
+        """Whether this controller acts at ``site`` at all (decided once, at installation)."""
+        return True
+
+    def bind(self, sites: list[Site], all_sites: list[Site]) -> None:
+        """Called at installation with the selected sites and all sites of the model; set up
+        per-model state here (e.g. a common map resolution)."""
+
+    def active(self, call: AttnCall | StepInfo) -> bool:
+        """Whether to act on this call (default: always)."""
+        return True
+
+    def qkv(self, call: AttnCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rewrite queries (B, H, N, d), keys and values (B, H, M, d); default: unchanged."""
+        return q, k, v
+
+    def probs(self, call: AttnCall, p: Tensor) -> Tensor:
+        """Read or rewrite attention probabilities (B, H, N, M); default: unchanged."""
+        return p
+
+    def after_step(self, ctx, layout: BatchLayout) -> Tensor | None:
+        """Sampling-loop callback after each step (``ctx``: StepContext); may return new x."""
+        return None
+
+    def hooks(self) -> dict[str, Callable[[StepInfo, Tensor], Tensor]]:
+        """Forward hooks by module path: ``fn(info, output) -> output`` (feature injection)."""
+        return {}
+
+    def missing_sites_message(self) -> str:
+        """Why :meth:`select` matched nothing (shown with the model's available sites)."""
+        return f"{type(self).__name__} selects no attention site of this model"
+
+
+def _attend(q, k, v, mask, probs_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v``; through SDPA unless probabilities are needed."""
+    if probs_fn is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+    # SDPA's default scale 1/sqrt(d), which diffusers' AttnProcessor2_0 relies on too.
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
+            scores + mask.float()
+        )
+    p = probs_fn(scores.softmax(-1))
+    return (p @ v.float()).to(q.dtype)
+
+
+class ControlProcessor:
+    """The attention processor installed at one site; routes calls to the session's controllers.
+
+    Follows diffusers' ``AttnProcessor2_0`` step by step (spatial/group norm, projections,
+    q/k norms, output projection, residual, rescale) so that with no active controller the result
+    is the same computation.
+    """
+
+    def __init__(self, site: Site, session: AttentionSession):
+        self.site = site
+        self.session = session
+        self.controllers = session.controllers_at(site)  # selected at installation
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        active = self._active(query, attn.heads) if self.controllers else ()
+        if active:
+            call = active[0][1]
+            for ctrl, _ in active:
+                query, key, value = ctrl.qkv(call, query, key, value)
+            readers = [ctrl for ctrl, _ in active if ctrl.uses_probs]
+
+            def probs_fn(p: Tensor) -> Tensor:
+                for ctrl in readers:
+                    p = ctrl.probs(call, p)
+                return p
+
+            out = _attend(query, key, value, attention_mask, probs_fn if readers else None)
+        else:
+            out = _attend(query, key, value, attention_mask, None)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _active(self, query: Tensor, heads: int) -> list[tuple[Controller, AttnCall]]:
+        info = self.session.require_step(self.site)
+        if query.shape[0] != info.layout.size:
+            raise ValueError(
+                f"attention call at {self.site.name} has {query.shape[0]} rows but the batch "
+                f"layout {info.layout} has {info.layout.size} (latent rows x guidance halves)"
+            )
+        hw = self.site.grid(info.latent_hw)
+        if hw[0] * hw[1] != query.shape[2]:
+            raise ValueError(
+                f"{self.site.name}: {query.shape[2]} queries do not form the expected "
+                f"{hw[0]}x{hw[1]} grid for latents of size {info.latent_hw}"
+            )
+        call = AttnCall(**vars(info), site=self.site, hw=hw, heads=heads)
+        active = [(c, call) for c in self.controllers if c.active(call)]
+        for c, _ in active:
+            self.session.record(c)
+        return active
+
+
+class AttentionSession:
+    """Installed controllers, the sites they selected and the current step (see module doc)."""
+
+    def __init__(self, unet: torch.nn.Module, controllers: Sequence[Controller], *,
+                 layout: BatchLayout):
+        self.unet = unet
+        self.layout = layout  # rows of every model call in this session
+        self.controllers = list(controllers)
+        self.sites = find_sites(unet)  # processor name -> Site
+        self.info: StepInfo | None = None  # set by ControlledDenoiser around each model call
+        self.calls = {id(c): 0 for c in self.controllers}  # calls each controller acted on
+        self._selected = {}
+        for c in self.controllers:
+            chosen = [s for s in self.sites.values() if c.select(s)]
+            if not chosen and not c.hooks():
+                raise ValueError(
+                    f"{c.missing_sites_message()}; this model has "
+                    f"{describe_sites(self.sites.values())}"
+                )
+            c.bind(chosen, list(self.sites.values()))
+            self._selected[id(c)] = {s.name for s in chosen}
+
+    def controllers_at(self, site: Site) -> list[Controller]:
+        return [c for c in self.controllers if site.name in self._selected[id(c)]]
+
+    def record(self, controller: Controller) -> None:
+        self.calls[id(controller)] += 1
+
+    def require_step(self, site: Site | None = None) -> StepInfo:
+        if self.info is None:
+            where = f" at {site.name}" if site else ""
+            raise RuntimeError(
+                f"attention controllers ran{where} outside a sampling step: call the model "
+                "through session.denoiser(inner, times) so they know the step and time"
+            )
+        return self.info
+
+    @contextlib.contextmanager
+    def at_step(self, step: int, t: float, *, num_steps: int, latent_hw) -> Iterator[StepInfo]:
+        """Make ``(step, t)`` the current step for the model calls inside the block."""
+        self.info = StepInfo(step, t, num_steps, self.layout, (int(latent_hw[0]),
+                                                               int(latent_hw[1])))
+        try:
+            yield self.info
+        finally:
+            self.info = None
+
+    def denoiser(self, inner, times) -> ControlledDenoiser:
+        """Wrap ``inner`` so each call tells the controllers its step index and time."""
+        return ControlledDenoiser(inner, self, times)
+
+    def callback(self, ctx) -> Tensor | None:
+        """Sampling-loop callback running every controller's :meth:`Controller.after_step`."""
+        x = None
+        for c in self.controllers:
+            out = c.after_step(ctx, self.layout)
+            if out is not None:
+                ctx.x = x = out
+        return x
+
+    def _hook(self, controller: Controller, fn):
+        def hook(module, args, output):
+            info = self.require_step()
+            if not isinstance(output, Tensor) or output.shape[0] != info.layout.size:
+                raise ValueError(
+                    f"{type(controller).__name__} hooks a module whose output is not a tensor "
+                    f"of {info.layout.size} rows (the batch layout {info.layout})"
+                )
+            if not controller.active(info):
+                return None
+            self.record(controller)
+            return fn(info, output)
+
+        return hook
+
+    def check_called(self) -> None:
+        idle = [type(c).__name__ for c in self.controllers if self.calls[id(c)] == 0]
+        if idle:
+            raise RuntimeError(
+                f"controller(s) {', '.join(idle)} were installed but never called: the model "
+                "did not run through session.denoiser(...), or their steps/sites never occurred"
+            )
+
+
+class ControlledDenoiser:
+    """``denoiser(x, t)`` that sets the session's step from ``t``'s index on the time grid.
+
+    Heun's second evaluation at ``t_{i+1}`` is reported as step ``i + 1``.
+    """
+
+    def __init__(self, inner, session: AttentionSession, times):
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.session = session
+        ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
+        self.num_steps = len(ts) - 1
+        self.index = {t: i for i, t in enumerate(ts)}  # grid time -> step index
+
+    def __call__(self, x: Tensor, t: float, **kw) -> Tensor:
+        step = self.index.get(float(t))
+        if step is None:
+            raise ValueError(f"time {t} is not on this session's time grid")
+        with self.session.at_step(step, float(t), num_steps=self.num_steps,
+                                  latent_hw=x.shape[-2:]):
+            return self.inner(x, t, **kw)
+
+
+@contextlib.contextmanager
+def attention_control(
+    unet: torch.nn.Module,
+    controllers: Sequence[Controller] = (),
+    *,
+    layout: BatchLayout,
+) -> Iterator[AttentionSession]:
+    """Install :class:`ControlProcessor` on every attention module of ``unet`` for the block.
+
+    The previous processors (and forward hooks of feature controllers) are restored on exit,
+    errors included. On a normal exit, a controller that never acted raises RuntimeError.
+    Raises ValueError at entry if a controller selects no site (naming the model's sites).
+    """
+    session = AttentionSession(unet, controllers, layout=layout)
+    previous = dict(unet.attn_processors)
+    handles = []
+    ok = False
+    try:
+        unet.set_attn_processor(
+            {key: ControlProcessor(site, session) for key, site in session.sites.items()}
+        )
+        for c in session.controllers:
+            for name, fn in c.hooks().items():
+                module = unet.get_submodule(name)  # AttributeError names a missing module
+                handles.append(module.register_forward_hook(session._hook(c, fn)))
+        yield session
+        ok = True
+    finally:
+        for handle in handles:
+            handle.remove()
+        unet.set_attn_processor(previous)
+    if ok:
+        session.check_called()

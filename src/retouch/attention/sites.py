@@ -1,0 +1,216 @@
+"""Where an attention call happens (its *site*) and which batch rows play which role.
+
+A :class:`Site` is derived once, at installation, from the name diffusers gives the processor
+(``unet.attn_processors`` keys such as ``up_blocks.1.attentions.0.transformer_blocks.0.attn1``)
+and from structural attributes of the UNet (``downsamplers`` / ``upsamplers``, the module's
+``is_cross_attention``), never from class names or by counting calls.
+
+A :class:`BatchLayout` says what the rows of a model call are: the latent rows' roles
+(``("source", "target")``) repeated once per classifier-free-guidance half, unconditional half
+first (the order of :class:`~retouch.denoiser.CFGDenoiser`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from retouch.denoiser import CFGDenoiser
+
+__all__ = [
+    "Site",
+    "BatchLayout",
+    "find_sites",
+    "guidance_halves",
+    "coarse_resolution",
+    "describe_sites",
+    "in_window",
+    "Window",
+]
+
+#: Forward order of the UNet's three parts.
+PLACES = ("down", "mid", "up")
+_PLACE_OF = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+Window = float | tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module of the UNet, as controllers see it."""
+
+    name: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    kind: str  # "self" or "cross"
+    place: str  # "down", "mid" or "up"
+    block: int | None  # index in down_blocks / up_blocks (None for mid)
+    factor: int  # spatial downsampling factor of the latent at this site (1, 2, 4, ...)
+    resolution: int  # side of the attention grid at the config's sample_size (latent // factor)
+    layer: int  # index among sites of the same kind in forward order (MasaCtrl's "layer")
+    place_layer: int  # index among sites of the same kind and place in forward order
+
+    def grid(self, latent_hw: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of this site's query grid for a latent of spatial size ``latent_hw``."""
+        return _reduce(int(latent_hw[0]), self.factor), _reduce(int(latent_hw[1]), self.factor)
+
+
+def _reduce(n: int, factor: int) -> int:
+    """Side length after ``log2(factor)`` stride-2 convolutions with padding 1 (ceil(n / 2) each)."""
+    while factor > 1:
+        n, factor = (n + 1) // 2, factor // 2
+    return n
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Roles of the rows of one model call: ``halves x roles``, half-major.
+
+    ``roles`` are the latent rows the sampler holds (e.g. ``("source", "target")``);
+    ``halves`` are the guidance halves the denoiser stacks them into (``("uncond", "cond")``
+    for batched CFG, ``("cond",)`` without guidance).
+    """
+
+    roles: tuple[str, ...]  # role of each latent row
+    halves: tuple[str, ...] = ("uncond", "cond")  # CFG halves in batch order
+
+    def __post_init__(self):
+        if not self.roles:
+            raise ValueError("a batch layout needs at least one row")
+        if not self.halves or len(set(self.halves)) != len(self.halves):
+            raise ValueError(f"halves must be distinct and non-empty, got {self.halves}")
+
+    @property
+    def size(self) -> int:
+        """Rows of one model call."""
+        return len(self.roles) * len(self.halves)
+
+    def latent_rows(self, role: str) -> list[int]:
+        """Indices of ``role`` among the sampler's latent rows."""
+        rows = [i for i, r in enumerate(self.roles) if r == role]
+        if not rows:
+            raise ValueError(f"no row has role {role!r}; roles are {self.roles}")
+        return rows
+
+    def rows(self, role: str, half: str) -> list[int]:
+        """Indices of ``role`` rows in the ``half`` of a model call."""
+        if half not in self.halves:
+            raise ValueError(f"no {half!r} half in this layout; halves are {self.halves}")
+        offset = self.halves.index(half) * len(self.roles)
+        return [offset + i for i in self.latent_rows(role)]
+
+    def pairs(self, source: str, target: str, halves: Iterable[str]) -> tuple[list[int], list[int]]:
+        """Model rows ``(src, tgt)`` pairing every ``target`` row with the first ``source`` row
+        of the same half, for the requested halves present in the layout."""
+        src, tgt = [], []
+        for half in halves:
+            if half not in self.halves:
+                continue
+            s, ts = self.rows(source, half)[0], self.rows(target, half)
+            src += [s] * len(ts)
+            tgt += ts
+        return src, tgt
+
+
+def guidance_halves(denoiser) -> tuple[str, ...]:
+    """The guidance halves a denoiser stacks its rows into (see :class:`BatchLayout`)."""
+    if isinstance(denoiser, CFGDenoiser):
+        if not denoiser.batched:
+            raise ValueError(
+                "attention control needs CFG as one batched call (CFGDenoiser(batched=True)): "
+                "with two calls per step the rows of a call change between calls"
+            )
+        return ("uncond", "cond")
+    return ("cond",)
+
+
+def _downsample_counts(unet: torch.nn.Module) -> tuple[list[int], int, list[int]]:
+    """Downsampling level before each down block, at the mid block, and before each up block."""
+    down, level = [], 0
+    for block in unet.down_blocks:
+        down.append(level)
+        level += getattr(block, "downsamplers", None) is not None
+    up, up_level = [], level
+    for block in unet.up_blocks:
+        up.append(up_level)
+        up_level -= getattr(block, "upsamplers", None) is not None
+    return down, level, up
+
+
+def _sample_size(unet: torch.nn.Module) -> int:
+    size = getattr(unet.config, "sample_size", None)
+    if isinstance(size, list | tuple):
+        size = size[0]
+    if size is None:
+        raise ValueError("the UNet config has no sample_size; cannot name site resolutions")
+    return int(size)
+
+
+def find_sites(unet: torch.nn.Module) -> dict[str, Site]:
+    """Sites of every attention processor of a ``UNet2DConditionModel``, keyed by processor name.
+
+    Raises ValueError for processors outside ``down_blocks`` / ``mid_block`` / ``up_blocks``
+    (not a UNet this layer knows how to place).
+    """
+    down, mid, up = _downsample_counts(unet)
+    size = _sample_size(unet)
+    found = []
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        head, *rest = name.split(".")
+        if head not in _PLACE_OF:
+            raise ValueError(f"attention module {name!r} is outside down/mid/up blocks")
+        place = _PLACE_OF[head]
+        block = int(rest[0]) if place != "mid" else None
+        level = {"down": lambda: down[block], "mid": lambda: mid, "up": lambda: up[block]}[place]()
+        module = unet.get_submodule(name)
+        kind = "cross" if module.is_cross_attention else "self"
+        order = (PLACES.index(place), *map(int, re.findall(r"\.(\d+)(?=\.|$)", name)))
+        found.append((order, key, name, kind, place, block, 2**level))
+    found.sort()
+    sites, counts = {}, {}
+    for _, key, name, kind, place, block, factor in found:
+        layer = counts.get(kind, 0)
+        place_layer = counts.get((kind, place), 0)
+        counts[kind], counts[(kind, place)] = layer + 1, place_layer + 1
+        res = _reduce(size, factor)
+        sites[key] = Site(name, kind, place, block, factor, res, layer, place_layer)
+    return sites
+
+
+def coarse_resolution(sites: Iterable[Site], kind: str = "cross") -> int:
+    """The coarsest resolution of ``kind`` sites in the down/up blocks (SD1.x: 16 of 64).
+
+    Prompt-to-Prompt reads its blend maps and injects self-attention at this level and below.
+    """
+    res = [s.resolution for s in sites if s.kind == kind and s.place in ("down", "up")]
+    if not res:
+        raise ValueError(f"this model has no {kind}-attention in its down or up blocks")
+    return min(res)
+
+
+def describe_sites(sites: Iterable[Site]) -> str:
+    """'cross-attention at resolutions 8, 4 (...); self-attention at ...' for error messages."""
+    sites = list(sites)
+    parts = []
+    for kind in ("cross", "self"):
+        res = sorted({s.resolution for s in sites if s.kind == kind}, reverse=True)
+        n = sum(s.kind == kind for s in sites)
+        if res:
+            parts.append(
+                f"{kind}-attention at resolutions {', '.join(map(str, res))} ({n} layers)"
+            )
+    return "; ".join(parts) or "no attention layers"
+
+
+def in_window(step: int, num_steps: int, window: Window) -> bool:
+    """Whether step ``step`` of ``num_steps`` lies in ``window`` (fractions of the steps).
+
+    ``0.8`` means ``(0, 0.8)``; ``(a, b)`` covers steps ``int(a N) <= i < int(b N)``, as
+    Prompt-to-Prompt's injection schedules.
+    """
+    a, b = (0.0, window) if isinstance(window, int | float) else window
+    if not (0 <= a <= b <= 1):
+        raise ValueError(f"a step window must satisfy 0 <= start <= end <= 1, got {window}")
+    return int(a * num_steps) <= step < int(b * num_steps)
