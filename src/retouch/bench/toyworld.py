@@ -23,8 +23,8 @@ from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import make_scenes
+from ..toyworld.grounding import grounding_loss, install_grounding
 from ..toyworld.scene import SHAPES, caption, parse_caption
-from ..toyworld.train import grounding_loss, install_grounding
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
 __all__ = ["run", "benchmark_prompts"]

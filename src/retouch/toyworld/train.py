@@ -22,10 +22,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import configs
+from .checkpoint import (
+    atomic_save,
+    load,
+    optimizer_tensors,
+    prefixed,
+    restore_optimizer,
+    unprefixed,
+)
 from .dataset import SceneSet, caption_batch, make_scenes
+from .grounding import grounding_loss, install_grounding
 from .scene import SHAPES, VOCABULARY
 from .tokenizer import save_tokenizer
 
@@ -57,50 +66,6 @@ class TrainConfig:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"meta": json.dumps(meta)},
-    )
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    return load_file(str(path)), meta
-
-
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for name, value in st.items():
-            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
-    return tensors, sd["param_groups"]
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def build_models(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int):
@@ -148,9 +113,9 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
     step, best = 0, -1.0
     ckpt = out / "vae.safetensors"
     if resume and ckpt.exists():
-        tensors, meta = _load(ckpt)
-        vae.load_state_dict(_unprefixed("model", tensors))
-        _restore_optimizer(opt, _unprefixed("opt", tensors), meta["param_groups"])
+        tensors, meta = load(ckpt)
+        vae.load_state_dict(unprefixed("model", tensors))
+        restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
         gen.set_state(tensors["rng"])
         step, best = meta["step"], meta["best_psnr"]
     n_held = min(256, len(data) // 4)  # the last scenes are held out for PSNR
@@ -175,12 +140,12 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
             _log(out, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr})
             if psnr > best:
                 best = psnr
-                _atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"psnr": psnr})
-            tensors, groups = _optimizer_tensors(opt)
-            state = {**_prefixed("model", vae.state_dict()), **_prefixed("opt", tensors)}
+                atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"psnr": psnr})
+            tensors, groups = optimizer_tensors(opt)
+            state = {**prefixed("model", vae.state_dict()), **prefixed("opt", tensors)}
             state["rng"] = gen.get_state()
             meta = {"step": step, "best_psnr": best, "param_groups": groups}
-            _atomic_save(state, ckpt, meta)
+            atomic_save(state, ckpt, meta)
     bar.close()
     vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
     return best
@@ -205,63 +170,6 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 # UNet stage
 
 
-class GroundingProcessor:
-    """Cross-attention that also keeps its head-averaged probabilities (B, N, T) for the loss."""
-
-    def __init__(self, store: list):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        b = hidden_states.shape[0]
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
-        self.store.append(probs.view(b, attn.heads, *probs.shape[1:]).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def install_grounding(unet, resolutions: tuple[int, ...]) -> list:
-    """Route cross-attention at the given latent resolutions through GroundingProcessor."""
-    store: list = []
-    size = unet.config.sample_size
-    procs = dict(unet.attn_processors)
-    depth = {"down_blocks": lambda i: i, "up_blocks": lambda i: len(unet.up_blocks) - 1 - i}
-    for name in procs:
-        parts = name.split(".")
-        if not name.endswith("attn2.processor") or parts[0] not in depth:
-            continue
-        res = size // 2 ** depth[parts[0]](int(parts[1]))
-        if res in resolutions:
-            procs[name] = GroundingProcessor(store)
-    unet.set_attn_processor(procs)
-    return store
-
-
-def grounding_loss(store: list, masks: torch.Tensor, region: torch.Tensor):
-    """TokenCompose token loss: mean over grounded tokens of -log(mass inside their region).
-
-    ``masks`` (B, 3, M, M) soft regions; ``region`` (B, T) mask channel per token or -1.
-    Returns (loss, mean mass) over all stored maps.
-    """
-    grounded = region >= 0
-    if not grounded.any():
-        zero = masks.new_zeros(())
-        return zero, zero
-    losses, masses = [], []
-    for probs in store:
-        n = probs.shape[1]
-        m = int(math.isqrt(n))
-        regions = F.adaptive_avg_pool2d(masks, m).flatten(2)  # (B, 3, N)
-        target = torch.gather(regions, 1, region.clamp(min=0)[..., None].expand(-1, -1, n))
-        p = probs.transpose(1, 2)  # (B, T, N)
-        mass = (p * target).sum(-1) / p.sum(-1).clamp_min(1e-12)
-        losses.append(-torch.log(mass[grounded].clamp_min(1e-6)).mean())
-        masses.append(mass[grounded].mean())
-    return torch.stack(losses).mean(), torch.stack(masses).mean().detach()
-
-
 def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, progress=True):
     """Joint UNet + text-encoder training on cached latents with min-SNR and grounding losses."""
     from diffusers import DDPMScheduler
@@ -280,12 +188,12 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
     step = 0
     ckpt = out / "unet.safetensors"
     if resume and ckpt.exists():
-        tensors, meta = _load(ckpt)
-        unet.load_state_dict(_unprefixed("unet", tensors))
-        text.load_state_dict(_unprefixed("text", tensors))
+        tensors, meta = load(ckpt)
+        unet.load_state_dict(unprefixed("unet", tensors))
+        text.load_state_dict(unprefixed("text", tensors))
         for i, e in enumerate(ema):
             e.copy_(tensors[f"ema.{i}"])
-        _restore_optimizer(opt, _unprefixed("opt", tensors), meta["param_groups"])
+        restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
         gen.set_state(tensors["rng"])
         version, internal, gauss = meta["python_rng"]
         py_rng.setstate((version, tuple(internal), gauss))
@@ -335,16 +243,16 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             _log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
                        **running})
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
-            tensors, groups = _optimizer_tensors(opt)
+            tensors, groups = optimizer_tensors(opt)
             state = {
-                **_prefixed("unet", unet.state_dict()),
-                **_prefixed("text", text.state_dict()),
+                **prefixed("unet", unet.state_dict()),
+                **prefixed("text", text.state_dict()),
                 **{f"ema.{i}": e for i, e in enumerate(ema)},
-                **_prefixed("opt", tensors),
+                **prefixed("opt", tensors),
                 "rng": gen.get_state(),
             }
             meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
-            _atomic_save(state, ckpt, meta)
+            atomic_save(state, ckpt, meta)
     bar.close()
 
 
@@ -413,9 +321,9 @@ def load_components(run: Path, *, ema: bool = True):
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     )
     vae.load_state_dict(load_file(str(run / "vae_best.safetensors")))
-    tensors, _ = _load(run / "unet.safetensors")
-    unet.load_state_dict(_unprefixed("unet", tensors))
-    text.load_state_dict(_unprefixed("text", tensors))
+    tensors, _ = load(run / "unet.safetensors")
+    unet.load_state_dict(unprefixed("unet", tensors))
+    text.load_state_dict(unprefixed("text", tensors))
     if ema:
         params = list(unet.parameters()) + list(text.parameters())
         with torch.no_grad():

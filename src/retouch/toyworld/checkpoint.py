@@ -1,0 +1,67 @@
+"""Resumable training state in safetensors: atomic writes, prefixed state dicts, optimizers.
+
+Nothing here unpickles: tensors go to safetensors, everything else (steps, parameter groups,
+RNG states of Python) to its JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "atomic_save",
+    "load",
+    "prefixed",
+    "unprefixed",
+    "optimizer_tensors",
+    "restore_optimizer",
+]
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"meta": json.dumps(meta)},
+    )
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    return load_file(str(path)), meta
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
