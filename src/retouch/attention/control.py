@@ -52,6 +52,14 @@ class StepInfo:
     layout: BatchLayout  # roles of the rows of the model call
     latent_hw: tuple[int, int]  # spatial size of the latents
 
+    def pair_rows(self, source: str, target: str, halves, device=None) -> tuple[Tensor, Tensor]:
+        """Model rows ``(src, tgt)`` (int64) pairing each ``target`` row with the ``source``
+        row of its half, over the requested ``halves`` present in the layout."""
+        src, tgt = self.layout.pairs(source, target, halves)
+        if not tgt:
+            raise ValueError(f"the batch layout {self.layout} has none of the halves {halves}")
+        return torch.tensor(src, device=device), torch.tensor(tgt, device=device)
+
 
 @dataclass(frozen=True)
 class AttnCall(StepInfo):
@@ -65,9 +73,10 @@ class AttnCall(StepInfo):
 class Controller:
     """Base class: a controller reads or rewrites attention at the sites it selects.
 
-    Override :meth:`select` (static choice of sites), :meth:`active` (per call, e.g. a step
-    window), and any of :meth:`qkv`, :meth:`probs`, :meth:`after_step`, :meth:`hooks`. Set
-    ``uses_probs = True`` if :meth:`probs` must see the attention probabilities.
+    Override :meth:`select` (static choice of sites) or :meth:`bind` (a choice that depends on
+    the whole model), :meth:`active` (per call, e.g. a step window), and any of :meth:`qkv`,
+    :meth:`probs`, :meth:`after_step`, :meth:`hooks`. Set ``uses_probs = True`` if
+    :meth:`probs` must see the attention probabilities.
     """
 
     uses_probs: bool = False  # materialise softmax(q k^T / sqrt(d)) at active sites
@@ -76,9 +85,10 @@ class Controller:
         """Whether this controller acts at ``site`` at all (decided once, at installation)."""
         return True
 
-    def bind(self, sites: list[Site], all_sites: list[Site]) -> None:
-        """Called at installation with the selected sites and all sites of the model; set up
-        per-model state here (e.g. a common map resolution)."""
+    def bind(self, sites: list[Site]) -> list[Site]:
+        """Choose this controller's sites among all the model's ``sites`` (default: those
+        passing :meth:`select`). Called once at installation; per-model setup goes here."""
+        return [s for s in sites if self.select(s)]
 
     def active(self, call: AttnCall | StepInfo) -> bool:
         """Whether to act on this call (default: always)."""
@@ -223,13 +233,12 @@ class AttentionSession:
         self.calls = {id(c): 0 for c in self.controllers}  # calls each controller acted on
         self._selected = {}
         for c in self.controllers:
-            chosen = [s for s in self.sites.values() if c.select(s)]
+            chosen = c.bind(list(self.sites.values()))
             if not chosen and not c.hooks():
                 raise ValueError(
                     f"{c.missing_sites_message()}; this model has "
                     f"{describe_sites(self.sites.values())}"
                 )
-            c.bind(chosen, list(self.sites.values()))
             self._selected[id(c)] = {s.name for s in chosen}
 
     def controllers_at(self, site: Site) -> list[Controller]:
@@ -340,7 +349,12 @@ def attention_control(
         )
         for c in session.controllers:
             for name, fn in c.hooks().items():
-                module = unet.get_submodule(name)  # AttributeError names a missing module
+                try:
+                    module = unet.get_submodule(name)
+                except AttributeError as exc:
+                    raise ValueError(
+                        f"{type(c).__name__} hooks module {name!r}, which this model lacks"
+                    ) from exc
                 handles.append(module.register_forward_hook(session._hook(c, fn)))
         yield session
         ok = True

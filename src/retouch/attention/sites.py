@@ -57,7 +57,7 @@ class Site:
 
 
 def _reduce(n: int, factor: int) -> int:
-    """Side length after ``log2(factor)`` stride-2 convolutions with padding 1 (ceil(n / 2) each)."""
+    """Side after ``log2(factor)`` stride-2 convolutions with padding 1 (ceil(n / 2) each)."""
     while factor > 1:
         n, factor = (n + 1) // 2, factor // 2
     return n
@@ -99,6 +99,13 @@ class BatchLayout:
             raise ValueError(f"no {half!r} half in this layout; halves are {self.halves}")
         offset = self.halves.index(half) * len(self.roles)
         return [offset + i for i in self.latent_rows(role)]
+
+    def half_rows(self, half: str) -> list[int]:
+        """Model rows of ``half``, in latent-row order."""
+        if half not in self.halves:
+            raise ValueError(f"no {half!r} half in this layout; halves are {self.halves}")
+        offset = self.halves.index(half) * len(self.roles)
+        return list(range(offset, offset + len(self.roles)))
 
     def pairs(self, source: str, target: str, halves: Iterable[str]) -> tuple[list[int], list[int]]:
         """Model rows ``(src, tgt)`` pairing every ``target`` row with the first ``source`` row
@@ -163,7 +170,7 @@ def find_sites(unet: torch.nn.Module) -> dict[str, Site]:
             raise ValueError(f"attention module {name!r} is outside down/mid/up blocks")
         place = _PLACE_OF[head]
         block = int(rest[0]) if place != "mid" else None
-        level = {"down": lambda: down[block], "mid": lambda: mid, "up": lambda: up[block]}[place]()
+        level = mid if place == "mid" else (down if place == "down" else up)[block]
         module = unet.get_submodule(name)
         kind = "cross" if module.is_cross_attention else "self"
         order = (PLACES.index(place), *map(int, re.findall(r"\.(\d+)(?=\.|$)", name)))
