@@ -14,6 +14,7 @@ __all__ = ["main", "BENCHMARKS"]
 BENCHMARKS = {
     "samplers": "retouch.bench.samplers",
     "toyworld": "retouch.bench.toyworld",
+    "inversion": "retouch.bench.inversion",
 }
 
 
@@ -38,6 +39,21 @@ def _cmd_demo(args) -> None:
 
     index = run_demo(Path(args.out), model=args.model)
     print(f"wrote {index}")
+
+
+def _cmd_attention(args) -> None:
+    from .images import read_image
+    from .models.pipeline import PipelineModel
+    from .recipes.attention_maps import attention_maps, save_attention_maps
+
+    model = PipelineModel.load(args.model)
+    image = read_image(args.image, model.image_size) if args.image else None
+    maps = attention_maps(model, args.prompt, image=image, words=args.tokens, steps=args.steps,
+                          cfg=args.cfg, seed=args.seed, progress=True)
+    for path in save_attention_maps(maps, Path(args.out)):
+        print(f"wrote {path}")
+    for seg, (word, score) in sorted(maps.segment_words.items()):
+        print(f"segment {seg}: {word} ({score:.2f})")
 
 
 def _cmd_bench(args) -> None:
@@ -97,12 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None)
     d.set_defaults(func=_cmd_demo)
 
+    a = sub.add_parser("attention", help="per-word cross-attention heatmaps and segments")
+    a.add_argument("--prompt", required=True)
+    a.add_argument("--image", default=None, help="read the model's attention on this image")
+    a.add_argument("--tokens", nargs="*", default=None, help="words to map (default: all)")
+    a.add_argument("--model", default=None)
+    a.add_argument("--steps", type=int, default=25)
+    a.add_argument("--cfg", type=float, default=5.0)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="output folder")
+    a.set_defaults(func=_cmd_attention)
+
     b = sub.add_parser("bench", help="benchmarks: NAME.json, NAME.md and plots in --out")
     b.add_argument("name", help=f"one of: {', '.join(sorted(BENCHMARKS))}")
     b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
     b.add_argument("--out", default="bench")
     b.add_argument("--model", default=None, help="model folder, for benchmarks that use one")
     b.set_defaults(func=_cmd_bench)
+
+    from .inversion.cli import register as register_invert
+
+    register_invert(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

@@ -1,0 +1,303 @@
+"""``invert`` and ``reconstruct``: one entry point for every method, at denoiser or pipeline level.
+
+``model`` may be a :class:`~retouch.models.pipeline.PipelineModel` (images are VAE-encoded,
+the prompt is encoded, the scheduler's own grid is used), a :class:`DenoiserFactory` (a
+conditional network plus the source / null embeddings) or a plain denoiser (``cfg = 1`` only,
+e.g. the analytic GMM). A ``torch.Tensor`` input is always a latent; PIL images and uint8
+arrays are images.
+
+**Editing.** ``reconstruct(..., target=E)`` runs a batch of ``2B`` rows: the ``B`` source rows
+get the method's corrections (Direct Inversion's offsets go to the source rows only), the ``B``
+target rows start from the same latent(s) and are conditioned on ``E``. Per-step null
+embeddings, edit-friendly noise maps and EDICT / BDIA coupling apply to both branches, as the
+papers' editing procedures do; negative-prompt inversion uses the source prompt as the target
+rows' unconditional embedding. Callbacks (local blending, ...) see every row of every step
+(with CFG the network sees ``[uncond rows; cond rows]``); EDICT's two-chain loop takes none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retouch.inversion.core import DenoiserFactory
+from retouch.inversion.ddim import (
+    DDIMConfig,
+    DirectConfig,
+    NegativePromptConfig,
+    ReNoiseConfig,
+    invert_ddim,
+    invert_direct,
+    invert_negative_prompt,
+    invert_renoise,
+)
+from retouch.inversion.exact import (
+    BDIAConfig,
+    BDIAStep,
+    EDICTConfig,
+    EditFriendlyConfig,
+    edict_step,
+    invert_bdia,
+    invert_ddpm_edit_friendly,
+    invert_edict,
+)
+from retouch.inversion.null_text import NullTextConfig, invert_null_text
+from retouch.inversion.result import Inversion
+from retouch.samplers import StepContext, ddim_step, sample
+
+__all__ = ["METHODS", "invert", "reconstruct", "as_factory", "method_config", "fingerprint_of"]
+
+
+@dataclass(frozen=True)
+class _Method:
+    invert: Callable[..., Inversion]  # invert_xxx(factory, x, times, *, cfg, config, progress)
+    config: type  # the method's options dataclass
+
+
+_REGISTRY = {
+    "ddim": _Method(invert_ddim, DDIMConfig),
+    "null_text": _Method(invert_null_text, NullTextConfig),
+    "negative_prompt": _Method(invert_negative_prompt, NegativePromptConfig),
+    "edict": _Method(invert_edict, EDICTConfig),
+    "bdia": _Method(invert_bdia, BDIAConfig),
+    "direct": _Method(invert_direct, DirectConfig),
+    "ddpm_edit_friendly": _Method(invert_ddpm_edit_friendly, EditFriendlyConfig),
+    "renoise": _Method(invert_renoise, ReNoiseConfig),
+}
+#: Inversion methods by name.
+METHODS = tuple(_REGISTRY)
+
+
+def _method(name: str) -> _Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown inversion method {name!r}; valid: {', '.join(METHODS)}")
+    return _REGISTRY[name]
+
+
+def method_config(method: str, config: Any = None) -> Any:
+    """The options dataclass of ``method`` from None (defaults), a dict or an instance."""
+    cls = _method(method).config
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for {method}; "
+                f"valid: {', '.join(sorted(valid)) or 'none'}"
+            )
+        return cls(**config)
+    raise TypeError(f"config for {method} must be a {cls.__name__} or a dict")
+
+
+def _is_pipeline(model: Any) -> bool:
+    from retouch.models.pipeline import PipelineModel
+
+    return isinstance(model, PipelineModel)
+
+
+def as_factory(model: Any, prompt: str | list[str] | None = None) -> DenoiserFactory:
+    """A :class:`DenoiserFactory` for a PipelineModel (with ``prompt``), a factory or a plain
+    denoiser."""
+    if isinstance(model, DenoiserFactory):
+        if prompt is not None:
+            raise ValueError("a DenoiserFactory carries its embeddings; do not pass a prompt")
+        return model
+    if _is_pipeline(model):
+        if prompt is None:
+            raise ValueError("inverting with a pipeline model needs the source prompt")
+        from retouch.models.unet import UNetDenoiser
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        inner = UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
+        return DenoiserFactory(
+            inner,
+            cond=model.encode_prompt(prompts),
+            uncond=model.encode_prompt([""]),
+            time_grid=model.time_grid,
+        )
+    if callable(model) and hasattr(model, "schedule"):
+        if prompt is not None:
+            raise ValueError("a plain denoiser has no text conditioning; do not pass a prompt")
+        return DenoiserFactory(model)
+    raise TypeError(f"cannot invert with a {type(model).__name__}")
+
+
+def fingerprint_of(model: Any) -> str:
+    """The fingerprint inversions made with ``model`` carry (see :func:`model_fingerprint`)."""
+    if isinstance(model, DenoiserFactory):
+        return model.fingerprint
+    if _is_pipeline(model):
+        from retouch.inversion.core import model_fingerprint
+        from retouch.models.unet import UNetDenoiser
+
+        return model_fingerprint(
+            UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
+        )
+    return as_factory(model).fingerprint
+
+
+def invert(
+    model: Any,
+    image_or_latent: Any,
+    prompt: str | list[str] | None = None,
+    *,
+    method: str = "ddim",
+    steps: int | None = None,
+    cfg: float = 1.0,
+    times: Tensor | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> Inversion:
+    """Invert an image or latent (B, C, H, W) with ``method`` (one of :data:`METHODS`).
+
+    ``steps`` (default 50) picks the model's sampling grid, or pass ``times`` (decreasing,
+    ending at the input's time). ``cfg`` is the guidance the reconstruction will use;
+    ``config`` the method's options (its dataclass or a dict).
+    """
+    entry = _method(method)
+    options = method_config(method, config)
+    if _is_pipeline(model):
+        for p in [prompt] if isinstance(prompt, str) else list(prompt or []):
+            model.check_prompt(p)
+    factory = as_factory(model, prompt)
+    if isinstance(image_or_latent, Tensor):
+        x = image_or_latent
+    elif _is_pipeline(model):
+        x = model.encode_image(image_or_latent)
+    else:
+        raise TypeError("without a pipeline model the input must be a latent tensor")
+    if times is None:
+        times = factory.time_grid(50 if steps is None else steps)
+    elif steps is not None and steps != len(times) - 1:
+        raise ValueError(f"steps={steps} disagrees with a grid of {len(times) - 1} steps")
+    inv = entry.invert(factory, x, times, cfg=cfg, config=options, progress=progress)
+    inv.prompt = prompt if _is_pipeline(model) else None
+    return inv
+
+
+def _rows(e: Tensor, b: int, copies: int) -> Tensor:
+    """A (1 or b, ...) tensor as ``copies`` stacked blocks of b rows."""
+    e = e.expand(b, *e.shape[1:]) if e.shape[0] == 1 else e
+    return torch.cat([e] * copies) if copies > 1 else e
+
+
+class _PerStepUncond:
+    """CFG with the current step's null embedding: ``x0(∅_k) + w (x0(c) - x0(∅_k))``."""
+
+    def __init__(
+        self,
+        factory: DenoiserFactory,
+        *,
+        cond: Tensor,
+        embeddings: list[Tensor],
+        times: Tensor,
+        scale: float,
+    ):
+        self.factory, self.cond, self.embeddings, self.scale = factory, cond, embeddings, scale
+        self.schedule = factory.schedule
+        self._step = {float(t): k for k, t in enumerate(times[:-1])}  # t_k -> k
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        uncond = self.embeddings[self._step[float(t)]]
+        return self.factory.denoiser(cfg=self.scale, cond=self.cond, uncond=uncond)(x, t)
+
+
+def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Tensor | None):
+    b, copies = inv.batch, 1 if target is None else 2
+    if not factory.conditional:
+        if target is not None:
+            raise ValueError("a target branch needs a text-conditional model")
+        return factory.denoiser(cfg=inv.cfg)
+    cond = _rows(factory.cond, b, 1)
+    if target is not None:
+        cond = torch.cat([cond, _rows(target.to(cond), b, 1)])
+    if inv.cfg == 1.0:
+        return factory.branch(cond)
+    nulls = inv.uncond_embeddings
+    if nulls is not None and len(nulls) > 1:
+        embeddings = [_rows(e.to(cond), b, copies) for e in nulls]
+        return _PerStepUncond(
+            factory, cond=cond, embeddings=embeddings, times=inv.times, scale=inv.cfg
+        )
+    uncond = factory.uncond if nulls is None else nulls[0]
+    return factory.denoiser(cfg=inv.cfg, cond=cond, uncond=_rows(uncond.to(cond), b, copies))
+
+
+def _offset_callback(inv: Inversion, copies: int, shift: int):
+    """Add ``o_k`` after step ``k``: to every row, or (``offset_rows="source"``) to the source
+    rows, where ``x + o_k`` is written as the stored trajectory ``x*_{k+1}`` itself: equal to
+    ``x + o_k`` in exact arithmetic, it cannot drift by round-off amplified over the steps
+    (nor by the source rows being batched with target rows in an edit)."""
+    b = inv.batch
+
+    def add_offset(ctx: StepContext) -> Tensor:
+        k = ctx.i + shift
+        x = ctx.x.clone()
+        if inv.offset_rows == "all":
+            return x + _rows(inv.offsets[k].to(x), b, copies)
+        x[:b] = inv.trajectory[k + 1].to(x)  # = x[:b] + o_k, o_k = x*_{k+1} - x[:b]
+        return x
+
+    return add_offset
+
+
+def reconstruct(
+    inversion: Inversion,
+    model: Any,
+    *,
+    target: Tensor | str | list[str] | None = None,
+    callbacks: Sequence[Callable[[StepContext], Tensor | None]] = (),
+    progress: bool = True,
+) -> Tensor:
+    """The latents the inversion's sampler lands on: (B, ...), or (2B, ...) = [source; target]
+    rows when a ``target`` embedding (or prompt, for a pipeline model) is given.
+
+    Refuses an inversion made with another model. ``callbacks`` are run after the method's own
+    per-step corrections (BDIA's loop starts at step 1, so its ``ctx.i`` is ``k - 1``).
+    """
+    inv = inversion
+    factory = as_factory(model, inv.prompt if _is_pipeline(model) else None)
+    inv.check_compatible(fingerprint=factory.fingerprint)
+    if isinstance(target, str | list):
+        if not _is_pipeline(model):
+            raise ValueError("a target prompt needs a pipeline model; pass an embedding")
+        target = model.encode_prompt(target)
+    copies = 1 if target is None else 2
+    with torch.no_grad():
+        den = _denoiser(inv, factory, target)
+        x0, ts = _rows(inv.trajectory[0], inv.batch, copies), inv.times
+        if inv.method == "edict":
+            if callbacks:
+                raise ValueError("edict's coupled two-chain loop does not take callbacks")
+            return _edict_replay(inv, den, x0, _rows(inv.coupled, inv.batch, copies), progress)
+        step, noises, shift = ddim_step, None, 0
+        if inv.method == "bdia":
+            step = BDIAStep(x_prev=x0, t_prev=float(ts[0]), gamma=inv.options["gamma"])
+            x0, ts, shift = _rows(inv.coupled, inv.batch, copies), ts[1:], 1
+        elif inv.method == "ddpm_edit_friendly":
+            step = partial(ddim_step, eta=inv.options["eta"])
+            noises = [_rows(z, inv.batch, copies) for z in inv.noises]
+        own = [] if inv.offsets is None else [_offset_callback(inv, copies, shift)]
+        return sample(
+            den, x0, ts, step=step, callbacks=[*own, *callbacks], progress=progress, noises=noises
+        )
+
+
+def _edict_replay(inv: Inversion, den, x: Tensor, y: Tensor, progress: bool) -> Tensor:
+    from tqdm.auto import tqdm
+
+    ts = [float(t) for t in inv.times]
+    for k in tqdm(range(len(ts) - 1), desc="reconstruct edict", disable=not progress, leave=False):
+        x, y = edict_step(
+            den, x, y, ts[k], ts[k + 1], k=k, p=inv.options["p"], leapfrog=inv.options["leapfrog"]
+        )
+    return x

@@ -1,0 +1,135 @@
+"""The ``retouch invert`` sub-command: invert an image, save the inversion and its reconstruction.
+
+``retouch invert IMAGE --prompt P --method M [--steps N] [--cfg S] [--model DIR] --out DIR``
+writes ``DIR/input.png`` (the image as the model sees it), ``DIR/reconstruction.png``,
+``DIR/inversion.safetensors`` (tensors + JSON metadata) and ``DIR/inversion.json`` (the
+metadata and the reconstruction's scores). ``--from-inversion FILE`` reconstructs a saved
+inversion instead; it is refused, naming the mismatch, if it was made with another model, or
+with another step count / method / prompt than ones given explicitly.
+
+Input rules: those of :func:`retouch.images.prepare_image` (mode converted and size
+adapted with a note on stderr; other aspect ratios refused). Prompt words outside a ToyWorld
+model's vocabulary are refused, naming them.
+
+Wire-in: ``register(subparsers)`` from ``retouch.cli.build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from PIL import Image
+
+from retouch.images import read_image
+
+__all__ = ["register", "run_invert"]
+
+def _psnr(a, b) -> float:
+    """PSNR in dB of two uint8 arrays."""
+    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def run_invert(args: argparse.Namespace) -> None:
+    """Handler of ``retouch invert``."""
+    import numpy as np
+    import torch
+
+    from retouch.inversion import (
+        METHODS,
+        fingerprint_of,
+        invert,
+        load_inversion,
+        reconstruct,
+    )
+    from retouch.models.pipeline import PipelineModel
+
+    if args.method is not None and args.method not in METHODS:
+        raise ValueError(f"unknown inversion method {args.method!r}; valid: {', '.join(METHODS)}")
+    if args.from_inversion is None and args.prompt is None:
+        raise ValueError("--prompt is required (the caption of the image)")
+    model = PipelineModel.load(args.model)
+    if args.prompt is not None:
+        model.check_prompt(args.prompt)
+    image = read_image(args.image, model.image_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image.save(out / "input.png")
+    if args.from_inversion is not None:
+        inv = load_inversion(
+            args.from_inversion,
+            fingerprint=fingerprint_of(model),
+            steps=args.steps,
+            method=args.method,
+        )
+        for name, given, saved in (("prompt", args.prompt, inv.prompt), ("cfg", args.cfg, inv.cfg)):
+            if given is not None and given != saved:
+                raise ValueError(
+                    f"refusing {args.from_inversion}: it was made with {name} {saved!r}, "
+                    f"not {given!r}"
+                )
+    else:
+        inv = invert(
+            model,
+            image,
+            args.prompt,
+            method=args.method or "ddim",
+            steps=args.steps or 50,
+            cfg=1.0 if args.cfg is None else args.cfg,
+        )
+        inv.save(out / "inversion.safetensors")
+    latent = reconstruct(inv, model)
+    rec = model.decode(latent)[0]
+    Image.fromarray(rec).save(out / "reconstruction.png")
+    target = np.asarray(image)
+    with torch.no_grad():
+        ceiling = model.decode(model.encode_image(image))[0]
+    report = {
+        "method": inv.method,
+        "steps": inv.steps,
+        "cfg": inv.cfg,
+        "prompt": inv.prompt,
+        "fingerprint": inv.fingerprint,
+        "options": inv.options,
+        "nfe_invert": inv.nfe,
+        "psnr": _psnr(rec, target),
+        "psnr_ceiling": _psnr(ceiling, target),
+        "latent_rel_error": float((latent - inv.trajectory[-1]).norm() / inv.trajectory[-1].norm()),
+    }
+    (out / "inversion.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"wrote {out / 'reconstruction.png'}: PSNR {report['psnr']:.2f} dB "
+        f"(VAE ceiling {report['psnr_ceiling']:.2f} dB), latent error "
+        f"{report['latent_rel_error']:.2e}; inversion in {out / 'inversion.safetensors'}"
+    )
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``invert`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from retouch.inversion.api import METHODS
+
+    p = subparsers.add_parser(
+        "invert",
+        help="invert an image into the model's noise space and reconstruct it",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("--prompt", default=None, help="caption of the image (the source prompt)")
+    p.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    p.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale of the reconstruction (default 1)"
+    )
+    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--from-inversion",
+        default=None,
+        metavar="FILE",
+        help="reconstruct this saved inversion instead of inverting",
+    )
+    p.set_defaults(func=run_invert)
+    return p

@@ -1,0 +1,277 @@
+"""What every inversion method shares: the model factory, fingerprints, and DDIM run upwards.
+
+**Time and indices.** An inversion works on the *sampling* grid ``t_0 > t_1 > ... > t_N``
+(``t_N`` the final, usually clean, time) and its trajectory is stored in sampling order:
+``x_k`` is the latent at ``t_k``, ``x_N`` the input latent, ``x_0`` where reconstruction starts.
+An inversion step goes from ``t_{k+1}`` up to ``t_k`` and evaluates the model at the **target**
+time ``t_k`` (on the latent it has, ``x_{k+1}``) -- the convention of diffusers'
+``DDIMInverseScheduler`` and of the null-text / EDICT reference code. It is the one that can
+leave a clean time: the model is evaluated only at ``t_0 ... t_{N-1}``, the times the sampler
+will evaluate it at when reconstructing.
+
+**Which prediction is held.** A DDIM step keeps ``(x0_hat, eps_hat)`` fixed while it moves
+``x = alpha x0_hat + sigma eps_hat`` from ``t`` to ``t'``. Run upwards with a prediction made at
+the target time, part of it must be re-derived at the current latent ``x``; ``hold`` names the
+part that is kept, and the step is then :func:`retouch.samplers.ddim_step` with time running up:
+
+* ``"eps"`` (default for discrete VP): diffusers' ``DDIMInverseScheduler`` and the papers'
+  code. Its error coefficient grows like ``h / alpha``, so near ``alpha = 0`` (rectified flow
+  at ``t = 1``) it is poor; at a pure-noise target ``eps_hat`` is the input itself and ``x0_hat``
+  is kept instead.
+* ``"velocity"`` (default for rectified flow): keep the flow velocity ``eps - x0`` of the view
+  ``z = x / (alpha + sigma) = (1 - tau) x0 + tau eps``: Euler in ``tau``, first order all the
+  way from clean to pure noise.
+* ``"x0"``: keep ``x0_hat``; cannot leave a clean time.
+
+``"eps"`` and ``"velocity"`` leave a clean time (``x0 = x`` there) by the DDIM formula itself.
+
+References: Song et al. 2021 (DDIM, eq. 13 as an ODE run backwards); Dhariwal & Nichol 2021
+(DDIM inversion for editing); diffusers ``DDIMInverseScheduler``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retouch.denoiser import CFGDenoiser, Denoiser, eps_from_x0
+from retouch.samplers import SamplerState, ddim_step
+from retouch.schedules import DiscreteVPSchedule, Schedule, discrete_grid, uniform_grid
+
+__all__ = [
+    "DenoiserFactory",
+    "model_fingerprint",
+    "default_grid",
+    "predict",
+    "ddim_eps_step",
+    "inverse_ddim_step",
+    "default_hold",
+    "step_state",
+    "HOLDS",
+]
+
+#: What an inversion step keeps of the model's prediction at the target time.
+HOLDS = ("eps", "x0", "velocity")
+
+
+class _Counted:
+    """A denoiser wrapper counting network evaluations (a batched CFG pair counts once)."""
+
+    def __init__(self, inner: Callable[..., Tensor]):
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
+        self.calls += 1
+        return self.inner(x, t, **cond)
+
+
+class _Bound:
+    """The conditional denoiser for one embedding: ``x0_hat(x, t | c)``."""
+
+    def __init__(self, inner: _Counted, embedding: Tensor | None):
+        self.inner, self.embedding, self.schedule = inner, embedding, inner.schedule
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        if self.embedding is None:
+            return self.inner(x, t)
+        return self.inner(x, t, encoder_hidden_states=self.embedding)
+
+
+class DenoiserFactory:
+    """Makes the denoisers an inversion needs from one text-conditional network.
+
+    ``inner(x, t, encoder_hidden_states=E) -> x0_hat`` (e.g. a
+    :class:`~retouch.models.UNetDenoiser`); ``cond`` is the source prompt's embedding ``c`` and
+    ``uncond`` the empty prompt's ``∅``, each (1 or B, L, D). A plain denoiser (no
+    embeddings, e.g. the analytic GMM) is accepted too; it supports ``cfg = 1`` only.
+    Counts network evaluations in :attr:`calls`.
+    """
+
+    def __init__(
+        self,
+        inner: Callable[..., Tensor],
+        *,
+        cond: Tensor | None = None,
+        uncond: Tensor | None = None,
+        fingerprint: str | None = None,
+        time_grid: Callable[[int], Tensor] | None = None,
+    ):
+        if (cond is None) != (uncond is None):
+            raise ValueError("give both cond and uncond embeddings, or neither")
+        self.inner = _Counted(inner)
+        self.schedule: Schedule = inner.schedule
+        self.cond = cond  # (1 or B, L, D) source-prompt embedding c
+        self.uncond = uncond  # (1 or B, L, D) null-text embedding ∅
+        self.fingerprint = fingerprint or model_fingerprint(inner)  # identifies the network
+        self._time_grid = time_grid  # the model's own sampling grid for N steps, if it has one
+
+    @property
+    def conditional(self) -> bool:
+        return self.cond is not None
+
+    @property
+    def calls(self) -> int:
+        """Network evaluations so far."""
+        return self.inner.calls
+
+    def require_conditional(self, what: str) -> None:
+        if not self.conditional:
+            raise ValueError(
+                f"{what} needs a text-conditional model (a DenoiserFactory with cond/uncond "
+                "embeddings); got a plain denoiser"
+            )
+
+    def branch(self, embedding: Tensor | None) -> Denoiser:
+        """The conditional denoiser ``x0_hat(x, t | embedding)`` (one network call)."""
+        if embedding is not None:
+            self.require_conditional("an embedding")
+        return _Bound(self.inner, embedding)
+
+    def denoiser(
+        self, *, cfg: float, cond: Tensor | None = None, uncond: Tensor | None = None
+    ) -> Denoiser:
+        """CFG ``x0 = x0(∅) + w (x0(c) - x0(∅))`` in one batched call; ``cfg = 1`` is ``x0(c)``.
+
+        ``cond`` / ``uncond`` default to the factory's embeddings.
+        """
+        cond = self.cond if cond is None else cond
+        if cfg == 1.0:
+            return self.branch(cond)
+        self.require_conditional(f"classifier-free guidance (cfg={cfg:g})")
+        uncond = self.uncond if uncond is None else uncond
+        return CFGDenoiser(
+            self.inner,
+            cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond},
+            scale=cfg,
+        )
+
+    def time_grid(self, steps: int) -> Tensor:
+        """The model's sampling grid for ``steps`` steps (else :func:`default_grid`)."""
+        if self._time_grid is not None:
+            return self._time_grid(steps)
+        return default_grid(self.schedule, steps)
+
+
+def default_grid(schedule: Schedule, steps: int) -> Tensor:
+    """``steps`` DDIM steps ending clean: ``leading`` spacing for VP, uniform for flow."""
+    if isinstance(schedule, DiscreteVPSchedule):
+        return discrete_grid(schedule, steps)
+    return uniform_grid(schedule, steps)
+
+
+def _tensor_digest(h: Any, name: str, p: Tensor) -> None:
+    h.update(f"{name}:{tuple(p.shape)}".encode())
+    h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash naming a network: its config, its schedule and three of its weight tensors.
+
+    Understands :class:`~retouch.models.UNetDenoiser` (or a bare ``torch.nn.Module``) and
+    :class:`~retouch.analytic.GMMDenoiser`; anything else is named by its class only.
+    Weights are hashed as float32, so the same model loaded in another dtype matches.
+    """
+    h = hashlib.sha256()
+    schedule = getattr(model, "schedule", None)
+    if schedule is not None:
+        h.update(f"{type(schedule).__name__}:{schedule.name}".encode())
+    h.update(str(getattr(model, "prediction_type", "")).encode())
+    net = getattr(model, "unet", model)
+    if isinstance(net, torch.nn.Module):
+        config = getattr(net, "config", None)
+        h.update(json.dumps(dict(config) if config else {}, sort_keys=True, default=str).encode())
+        params = list(net.named_parameters())
+        for i in sorted({0, len(params) // 2, len(params) - 1} if params else ()):
+            _tensor_digest(h, *params[i])
+    elif hasattr(model, "gmm"):
+        for name in ("means", "variances", "log_weights"):
+            _tensor_digest(h, name, getattr(model.gmm, name))
+    else:
+        h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    return h.hexdigest()[:16]
+
+
+# --- DDIM with time running either way ------------------------------------------------------
+
+
+def step_state(noise: Tensor | None = None) -> SamplerState:
+    """A one-step :class:`SamplerState` for calling a step function outside the loop."""
+    return SamplerState(times=[], noises=None if noise is None else [noise])
+
+
+def predict(denoiser: Denoiser, z: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """``(x0_hat, eps_hat)`` of the model at ``(z, t)``, ``eps_hat = (z - alpha x0_hat)/sigma``.
+
+    Shapes: z (B, ...). ``t`` must not be clean (the model is never evaluated there).
+    """
+    x0 = denoiser(z, t)
+    return x0, eps_from_x0(denoiser.schedule, z, t, x0)
+
+
+def ddim_eps_step(denoiser: Denoiser, x: Tensor, t: float, t_next: float, eps: Tensor) -> Tensor:
+    """DDIM with ``eps_hat`` held: ``x' = alpha' x0 + sigma' eps``, ``x0 = (x - sigma eps)/alpha``.
+
+    Works in either direction and is its own inverse with the same ``eps`` (EDICT's affine
+    step ``a x + b eps``). Shapes: x, eps (B, ...). References: Song et al. 2021, eq. 12.
+    """
+    alpha, sigma = denoiser.schedule.coeffs(t)
+    if alpha == 0:
+        raise ValueError(f"an eps-held DDIM step needs alpha(t) > 0; t={t} is pure noise")
+    x0 = (x - sigma * eps) / alpha
+    if sigma == 0:  # ddim_step cannot leave a clean time; there x0 = x and the formula is direct
+        alpha_n, sigma_n = denoiser.schedule.coeffs(t_next)
+        return alpha_n * x0 + sigma_n * eps
+    return ddim_step(denoiser, x, t, t_next, x0, step_state())
+
+
+def default_hold(schedule: Schedule) -> str:
+    """``"eps"`` for discrete VP schedules (diffusers' convention), ``"velocity"`` otherwise."""
+    return "eps" if isinstance(schedule, DiscreteVPSchedule) else "velocity"
+
+
+def inverse_ddim_step(
+    denoiser: Denoiser,
+    x: Tensor,
+    t: float,
+    t_next: float,
+    x0_hat: Tensor,
+    eps_hat: Tensor,
+    *,
+    hold: str | None = None,
+) -> Tensor:
+    """One DDIM inversion step from ``x`` at ``t`` to ``t_next > t``.
+
+    ``(x0_hat, eps_hat)`` is the model's prediction at the target time ``t_next``; ``hold``
+    (see the module docstring; default :func:`default_hold`) says which part of it is kept
+    while ``(x0, eps)`` are re-derived at ``x``; then it is ``ddim_step`` with time running up.
+    Shapes: (B, ...).
+    """
+    schedule = denoiser.schedule
+    hold = default_hold(schedule) if hold is None else hold
+    alpha, sigma = schedule.coeffs(t)
+    alpha_n, sigma_n = schedule.coeffs(t_next)
+    if hold == "eps" and alpha_n == 0:
+        hold = "x0"  # at a pure-noise target eps_hat is the input itself: keep x0_hat there
+    if hold == "eps":
+        x0, eps = (x - sigma * eps_hat) / alpha, eps_hat
+    elif hold == "x0":
+        if sigma == 0:
+            raise ValueError("an x0-held inversion step cannot leave a clean time")
+        x0, eps = x0_hat, (x - alpha * x0_hat) / sigma
+    elif hold == "velocity":  # flow view z = x / (alpha + sigma) = (1 - tau) x0 + tau eps
+        c, tau = alpha + sigma, sigma / (alpha + sigma)
+        v = eps_hat - x0_hat  # dz/dtau, the flow velocity
+        x0, eps = x / c - tau * v, x / c + (1 - tau) * v
+    else:
+        raise ValueError(f"unknown hold {hold!r}; valid: {', '.join(HOLDS)}")
+    if sigma == 0:  # ddim_step cannot leave a clean time; there x0 = x and the formula is direct
+        return alpha_n * x0 + sigma_n * eps
+    return ddim_step(denoiser, x, t, t_next, x0, step_state())

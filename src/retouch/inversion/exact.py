@@ -1,0 +1,290 @@
+"""Exact inversions: EDICT, BDIA-DDIM and the edit-friendly DDPM noise space.
+
+Each makes the sampler's step algebraically invertible, so reconstruction returns the input
+latent up to floating-point round-off, at any guidance scale:
+
+* ``edict``: two coupled chains ``(x, y)``; each is moved by an eps-held DDIM step whose
+  ``eps`` comes from the *other* chain, then the pair is averaged with weight ``p``
+  (``x <- p x + (1-p) y``, ``y <- p y + (1-p) x``). Every sub-step is affine in the chain it
+  moves, so it runs backwards exactly. 2 network calls per step.
+* ``bdia``: ``x_{k+1} = gamma (x_{k-1} - DDIM(x_k; t_k -> t_{k-1})) + DDIM(x_k; t_k -> t_{k+1})``
+  -- the forward DDIM step plus a correction of the previous interval by the backward DDIM step,
+  both from one call at ``x_k``. Solved for ``x_{k-1}`` it is the inversion; the first interval
+  is a DDIM inversion step and the pair ``(x_0, x_1)`` starts the reconstruction. 1 call per
+  step, works for VP and rectified flow.
+* ``ddpm_edit_friendly``: ``x_k = alpha_k x0 + sigma_k eps_k`` with *independent* ``eps_k``;
+  the noise maps ``z_k = (x_{k+1} - mu_k(x_k)) / c_k`` make the stochastic DDIM/DDPM sampler
+  (``ddim_step`` with ``eta``) land on each ``x_{k+1}``. A step with ``c_k = 0`` (to a clean
+  time) keeps its residual as an offset applied to every branch. 1 call per step.
+
+References: Wallace et al. 2023 ("EDICT", eq. 14-15, ``p = 0.93``); Zhang et al. 2024
+("Exact Diffusion Inversion via Bi-directional Integration Approximation", eq. 13-16);
+Huberman-Spiegelglas et al. 2024 ("An Edit Friendly DDPM Noise Space", eq. 5-6, Alg. 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from retouch.denoiser import Denoiser
+from retouch.inversion.core import (
+    DenoiserFactory,
+    ddim_eps_step,
+    inverse_ddim_step,
+    predict,
+    step_state,
+)
+from retouch.inversion.result import Inversion
+from retouch.samplers import SamplerState, ddim_step
+
+__all__ = [
+    "EDICTConfig",
+    "BDIAConfig",
+    "EditFriendlyConfig",
+    "BDIAStep",
+    "edict_step",
+    "edict_inverse_step",
+    "invert_edict",
+    "invert_bdia",
+    "invert_ddpm_edit_friendly",
+]
+
+
+@dataclass(frozen=True)
+class EDICTConfig:
+    """Options of ``edict``."""
+
+    p: float = 0.93  # mixing weight of the averaging layers (paper: 0.93)
+    leapfrog: bool = True  # alternate which chain moves first each step (reference code)
+
+
+@dataclass(frozen=True)
+class BDIAConfig:
+    """Options of ``bdia``."""
+
+    gamma: float = 1.0  # weight of the backward correction; 1 = time-symmetric, 0 = DDIM
+
+
+@dataclass(frozen=True)
+class EditFriendlyConfig:
+    """Options of ``ddpm_edit_friendly``."""
+
+    eta: float = 1.0  # stochasticity of the sampler (1 = DDPM posterior, the paper)
+    seed: int = 0  # seed of the independent noises eps_k of x_k = alpha x0 + sigma eps_k
+
+
+def _record(factory: DenoiserFactory, method: str, times, traj, cfg, calls0, config, **extra):
+    return Inversion(
+        method=method,
+        times=times.to(torch.float64).cpu(),
+        trajectory=traj,
+        cfg=float(cfg),
+        fingerprint=factory.fingerprint,
+        options=asdict(config),
+        nfe=factory.calls - calls0,
+        **extra,
+    )
+
+
+# --- EDICT ------------------------------------------------------------------------------------
+
+
+def _eps(den: Denoiser, z: Tensor, t: float) -> Tensor:
+    return predict(den, z, t)[1]
+
+
+def _order(x: Tensor, y: Tensor, k: int, leapfrog: bool) -> tuple[Tensor, Tensor, bool]:
+    swap = leapfrog and k % 2 == 1
+    return (y, x, swap) if swap else (x, y, swap)
+
+
+def edict_step(
+    den: Denoiser,
+    x: Tensor,
+    y: Tensor,
+    t: float,
+    t_next: float,
+    *,
+    k: int,
+    p: float,
+    leapfrog: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One EDICT sampling step ``t -> t_next`` of the pair; 2 network calls at ``t``."""
+    first, second, swap = _order(x, y, k, leapfrog)
+    first = ddim_eps_step(den, first, t, t_next, _eps(den, second, t))
+    second = ddim_eps_step(den, second, t, t_next, _eps(den, first, t))
+    x, y = (second, first) if swap else (first, second)
+    x = p * x + (1 - p) * y
+    y = p * y + (1 - p) * x
+    return x, y
+
+
+def edict_inverse_step(
+    den: Denoiser,
+    x: Tensor,
+    y: Tensor,
+    t: float,
+    t_next: float,
+    *,
+    k: int,
+    p: float,
+    leapfrog: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Exact inverse of :func:`edict_step` (pair at ``t_next`` -> pair at ``t``)."""
+    y = (y - (1 - p) * x) / p
+    x = (x - (1 - p) * y) / p
+    first, second, swap = _order(x, y, k, leapfrog)
+    second = ddim_eps_step(den, second, t_next, t, _eps(den, first, t))
+    first = ddim_eps_step(den, first, t_next, t, _eps(den, second, t))
+    return (second, first) if swap else (first, second)
+
+
+@torch.no_grad()
+def invert_edict(
+    factory: DenoiserFactory,
+    x: Tensor,
+    times: Tensor,
+    *,
+    cfg: float,
+    config: EDICTConfig,
+    progress: bool = True,
+) -> Inversion:
+    """EDICT inversion from ``x = y = x_N``; stores the x-chain and ``y_0``."""
+    if not 0 < config.p <= 1:
+        raise ValueError(f"edict needs 0 < p <= 1, got {config.p}")
+    calls0 = factory.calls
+    den = factory.denoiser(cfg=cfg)
+    ts = [float(t) for t in times]
+    n = len(ts) - 1
+    xs, y = [x] * (n + 1), x
+    for k in tqdm(range(n - 1, -1, -1), desc="invert edict", disable=not progress, leave=False):
+        xs[k], y = edict_inverse_step(
+            den, xs[k + 1], y, ts[k], ts[k + 1], k=k, p=config.p, leapfrog=config.leapfrog
+        )
+    return _record(factory, "edict", times, torch.stack(xs), cfg, calls0, config, coupled=y)
+
+
+# --- BDIA -------------------------------------------------------------------------------------
+
+
+class BDIAStep:
+    """BDIA-DDIM as a step function for :func:`retouch.samplers.sample` (it remembers ``x_{k-1}``).
+
+    Start the loop at ``x_1`` on ``times[1:]`` with ``BDIAStep(x_prev=x_0, t_prev=times[0])``.
+    """
+
+    def __init__(self, *, x_prev: Tensor, t_prev: float, gamma: float = 1.0):
+        self.x_prev = x_prev  # x_{k-1}, (B, ...)
+        self.t_prev = float(t_prev)  # t_{k-1}
+        self.gamma = gamma  # weight of the backward correction
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        t: float,
+        t_next: float,
+        x0_hat: Tensor,
+        state: SamplerState,
+    ) -> Tensor:
+        down = ddim_step(denoiser, x, t, t_next, x0_hat, state)  # DDIM(x_k; t_k -> t_{k+1})
+        up = ddim_step(denoiser, x, t, self.t_prev, x0_hat, state)  # DDIM(x_k; t_k -> t_{k-1})
+        out = self.gamma * (self.x_prev - up) + down
+        self.x_prev, self.t_prev = x, t
+        return out
+
+
+@torch.no_grad()
+def invert_bdia(
+    factory: DenoiserFactory,
+    x: Tensor,
+    times: Tensor,
+    *,
+    cfg: float,
+    config: BDIAConfig,
+    progress: bool = True,
+) -> Inversion:
+    """BDIA-DDIM inversion; N network calls. Stores the chain and ``x_1`` (coupled)."""
+    if not config.gamma > 0:
+        raise ValueError(f"bdia needs gamma > 0 to be invertible, got {config.gamma}")
+    if len(times) < 3:
+        raise ValueError("bdia needs at least 2 steps")
+    calls0 = factory.calls
+    den = factory.denoiser(cfg=cfg)
+    ts = [float(t) for t in times]
+    n = len(ts) - 1
+    xs = [x] * (n + 1)
+    x0, eps = predict(den, x, ts[n - 1])  # the first interval is a DDIM inversion step
+    xs[n - 1] = inverse_ddim_step(den, x, ts[n], ts[n - 1], x0, eps)
+    state = step_state()
+    for k in tqdm(range(n - 1, 0, -1), desc="invert bdia", disable=not progress, leave=False):
+        x_k = xs[k]
+        x0 = den(x_k, ts[k])
+        down = ddim_step(den, x_k, ts[k], ts[k + 1], x0, state)
+        up = ddim_step(den, x_k, ts[k], ts[k - 1], x0, state)
+        xs[k - 1] = (xs[k + 1] - down) / config.gamma + up
+    return _record(factory, "bdia", times, torch.stack(xs), cfg, calls0, config, coupled=xs[1])
+
+
+# --- edit-friendly DDPM -----------------------------------------------------------------------
+
+
+def noise_scale(den: Denoiser, t: float, t_next: float, eta: float) -> float:
+    """``c`` of :func:`~retouch.samplers.ddim_step`: ``eta sigma' sqrt(1 - e^{-2h})``."""
+    alpha, sigma = den.schedule.coeffs(t)
+    alpha_n, sigma_n = den.schedule.coeffs(t_next)
+    if eta == 0 or sigma_n == 0:
+        return 0.0
+    ratio = alpha * sigma_n / (alpha_n * sigma)
+    return eta * sigma_n * math.sqrt(max(0.0, 1 - ratio**2))
+
+
+@torch.no_grad()
+def invert_ddpm_edit_friendly(
+    factory: DenoiserFactory,
+    x: Tensor,
+    times: Tensor,
+    *,
+    cfg: float,
+    config: EditFriendlyConfig,
+    progress: bool = True,
+) -> Inversion:
+    """Edit-friendly noise maps ``z_k`` (N, B, ...) for ``ddim_step(eta)``; N network calls."""
+    calls0 = factory.calls
+    den = factory.denoiser(cfg=cfg)
+    ts = [float(t) for t in times]
+    n = len(ts) - 1
+    gen = torch.Generator().manual_seed(config.seed)
+    xs = []
+    for k in range(n):  # x_k = alpha_k x0 + sigma_k eps_k, eps_k independent across k
+        alpha, sigma = den.schedule.coeffs(ts[k])
+        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        xs.append(alpha * x + sigma * eps)
+    xs.append(x)
+    noises, offsets = [], []
+    zero = torch.zeros_like(x)
+    for k in tqdm(range(n), desc="invert ddpm_edit_friendly", disable=not progress, leave=False):
+        mean = ddim_step(
+            den, xs[k], ts[k], ts[k + 1], den(xs[k], ts[k]), step_state(zero), eta=config.eta
+        )  # mu_k: the step with zero noise
+        c = noise_scale(den, ts[k], ts[k + 1], config.eta)
+        residual = xs[k + 1] - mean
+        noises.append(residual / c if c > 0 else zero)
+        offsets.append(zero if c > 0 else residual)
+    return _record(
+        factory,
+        "ddpm_edit_friendly",
+        times,
+        torch.stack(xs),
+        cfg,
+        calls0,
+        config,
+        noises=torch.stack(noises),
+        offsets=torch.stack(offsets),
+        offset_rows="all",
+    )
