@@ -22,7 +22,7 @@ from torch import Tensor
 from retouch.attention.control import AttnCall, Controller
 from retouch.attention.sites import Site, Window, in_window
 
-__all__ = ["AttentionStore", "resize_maps", "token_heatmaps", "save_heatmaps"]
+__all__ = ["AttentionStore", "resize_maps", "token_heatmaps", "save_heatmaps", "colorize"]
 
 
 def resize_maps(maps: Tensor, hw: tuple[int, int], size: int) -> Tensor:
@@ -148,7 +148,7 @@ def token_heatmaps(
     return out
 
 
-def _colorize(m: np.ndarray) -> np.ndarray:
+def colorize(m: np.ndarray) -> np.ndarray:
     """A [0, 1] map as RGB uint8 (black -> red -> yellow -> white)."""
     m = np.clip(m, 0, 1)
     rgb = np.stack([np.clip(3 * m, 0, 1), np.clip(3 * m - 1, 0, 1), np.clip(3 * m - 2, 0, 1)], -1)
@@ -169,7 +169,7 @@ def save_heatmaps(
     from PIL import Image, ImageDraw
 
     tiles = [] if image is None else [("", Image.fromarray(image))]
-    tiles += [(w, Image.fromarray(_colorize(m))) for w, m in heatmaps.items()]
+    tiles += [(w, Image.fromarray(colorize(m))) for w, m in heatmaps.items()]
     caption = 14
     sheet = Image.new("RGB", (cell * len(tiles), cell + caption), "white")
     draw = ImageDraw.Draw(sheet)

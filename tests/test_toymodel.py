@@ -1,0 +1,64 @@
+"""The shipped ToyWorld model: loads offline with plain diffusers, is small, and is grounded."""
+
+import numpy as np
+import pytest
+import torch
+
+from retouch.models.loading import toyworld_model_dir
+from retouch.models.pipeline import PipelineModel
+from retouch.toyworld.render import render
+from retouch.toyworld.scene import caption
+
+pytestmark = pytest.mark.toymodel
+
+MAX_SHIPPED_MB = 25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return PipelineModel.load()
+
+
+def test_shipped_weights_are_small_safetensors_and_load_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    folder = toyworld_model_dir()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < MAX_SHIPPED_MB * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    out = pipe("a big red circle", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_attention_is_local_on_renders(model):
+    """Object nouns put most of their cross-attention inside their objects (the grounding)."""
+    from retouch.bench.toyworld import attention_mass, benchmark_prompts
+
+    data = benchmark_prompts(8)
+    mass = attention_mass(model, data, timesteps=(300, 600))
+    areas = data.masks[:, :2].mean((2, 3))  # (N, 2) object area fractions, 0 if absent
+    object_area = float(areas[areas > 0].mean())  # what uniform attention would put inside
+    assert object_area < 0.1 and mass > 0.5
+
+
+@pytest.mark.parametrize("method", ["edict", "bdia", "direct", "ddpm_edit_friendly"])
+def test_exact_inversions_reach_the_vae_ceiling_at_cfg_5(model, method):
+    from retouch.inversion import invert, reconstruct
+    from retouch.toyworld.dataset import make_scenes
+
+    scene = make_scenes(1, seed=5, size=64, mask_size=16, progress=False).scenes[0]
+    image = render(scene).image
+    z = model.encode_image(image)
+    inv = invert(model, image, caption(scene).text, method=method, steps=10, cfg=5.0,
+                 progress=False)
+    rec = reconstruct(inv, model, progress=False)
+    assert float((rec - z).norm() / z.norm()) < 1e-3
