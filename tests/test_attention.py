@@ -1,9 +1,5 @@
 """Attention control on tiny random SD1.x, SD2 (v, linear projection) and SDXL UNets."""
 
-import functools
-from pathlib import Path
-
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -34,10 +30,7 @@ from retouch.denoiser import CFGDenoiser
 from retouch.models import UNetDenoiser
 from retouch.samplers import sample
 from retouch.schedules import discrete_grid, get_schedule
-
-CONFIGS = ("sd1", "sd2v", "sdxl")
-TEXT_DIM, TOKENS = 32, 16
-WORDS = ("a", "red", "blue", "green", "big", "small", "square", "circle", "cat", "dog", "on")
+from tiny_models import CONFIGS, TEXT_DIM, TOKENS, tiny_tokenizer, tiny_unet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,34 +41,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@functools.cache
-def tiny_unet(kind: str) -> diffusers.UNet2DConditionModel:
-    """Tiny random UNets with three levels (latent 8: attention at 8, 4 and 2)."""
-    torch.manual_seed(0)
-    common = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
-                  layers_per_block=1, cross_attention_dim=TEXT_DIM, norm_num_groups=8)
-    sd_blocks = dict(
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    if kind == "sd1":
-        cfg = dict(**sd_blocks, attention_head_dim=2)
-    elif kind == "sd2v":  # per-block head counts, linear projections, upcast attention
-        cfg = dict(**sd_blocks, attention_head_dim=(2, 4, 4), use_linear_projection=True,
-                   upcast_attention=True)
-    elif kind == "sdxl":  # no attention at full resolution; 2 transformer layers at the bottom
-        cfg = dict(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + TEXT_DIM,
-        )
-    else:
-        raise ValueError(kind)
-    return diffusers.UNet2DConditionModel(**common, **cfg).eval()
-
-
 def unet_kwargs(kind: str, batch: int, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     kw = {"encoder_hidden_states": torch.randn(batch, 5, TEXT_DIM, generator=g)}
@@ -83,19 +48,6 @@ def unet_kwargs(kind: str, batch: int, seed: int = 1) -> dict:
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, TEXT_DIM, generator=g),
                                    "time_ids": torch.randn(batch, 6, generator=g)}
     return kw
-
-
-@functools.cache
-def tiny_tokenizer():
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    from retouch.toyworld.tokenizer import save_tokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        save_tokenizer(WORDS, Path(d), max_length=TOKENS)
-        return CLIPTokenizer.from_pretrained(d)
 
 
 LAYOUT = BatchLayout(("source", "target"))  # model rows: [u_src, u_tgt, c_src, c_tgt]

@@ -1,18 +1,24 @@
-"""edit_generated on tiny random SD1.x, SD2-v and SDXL pipelines (same code path for all)."""
+"""Editing on tiny random SD1.x, SD2-v and SDXL pipelines: edit_generated, real-image edit
+(every inversion x every editor), SDEdit, the edit CLI and the editing bench's plumbing."""
 
 import functools
-from types import SimpleNamespace
 
-import diffusers
+import numpy as np
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from retouch.denoiser import CFGDenoiser
-from retouch.models.pipeline import PipelineModel
-from retouch.models.unet import UNetDenoiser
-from retouch.recipes.edit import edit_generated
-from test_attention import TEXT_DIM, TOKENS, tiny_tokenizer, tiny_unet
+import retouch.inversion
+from retouch.cli import main
+from retouch.inversion import METHODS, invert
+from retouch.recipes.edit import (
+    EDITORS,
+    changed_tokens,
+    edit,
+    edit_generated,
+    edit_inverted,
+    sdedit,
+)
+from tiny_models import tiny_model, tiny_model_f64, tiny_tokenizer
 
 STEPS = 4
 
@@ -23,47 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class SDXLModel(PipelineModel):
-    """A PipelineModel whose denoiser adds SDXL's pooled-text and size conditioning."""
-
-    def _added(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=TOKENS,
-                             return_tensors="pt").input_ids
-        pooled = self.text_encoder(ids)[1]  # (B, TEXT_DIM)
-        size = self.image_size
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
-        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
-
-    @torch.no_grad()
-    def denoiser(self, prompts, *, cfg=5.0, negative=""):
-        cond = {"encoder_hidden_states": self.encode_prompt(prompts),
-                "added_cond_kwargs": self._added(prompts)}
-        uncond = {"encoder_hidden_states": self.encode_prompt(negative),
-                  "added_cond_kwargs": self._added([negative])}
-        inner = UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type)
-        return CFGDenoiser(inner, cond=cond, uncond=uncond, scale=cfg)
-
-
-@functools.cache
-def tiny_model(kind: str) -> PipelineModel:
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=TOKENS, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, sample_size=16).eval()
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-        prediction_type="v_prediction" if kind == "sd2v" else "epsilon")
-    pipe = SimpleNamespace(unet=tiny_unet(kind), vae=vae, tokenizer=tok, text_encoder=text,
-                           scheduler=scheduler)
-    return (SDXLModel if kind == "sdxl" else PipelineModel)(pipe)
 
 
 def run(kind="sd1", source="a red square", target="a blue square", **kw):
@@ -132,3 +97,168 @@ def test_options_are_checked():
         run(editor="magic")
     with pytest.raises(RuntimeError, match="never called"):  # default S = 4 of 4 steps
         run(editor="masactrl", start_layer=0)
+
+
+# --- real images: inversion x editor -------------------------------------------------------
+
+EDIT_STEPS = 5  # BDIA's loop starts at step 1: P2P's self window 0.4 must reach step 1
+EXACT = ("edict", "bdia", "ddpm_edit_friendly")  # corrections on both rows, exact
+MASACTRL = {"start_step": 1, "start_layer": 3}  # tiny UNets have 7 self-attention layers
+
+
+@functools.cache
+def tiny_image() -> np.ndarray:
+    """A smooth 16x16 RGB image (what the tiny VAE takes)."""
+    g = torch.Generator().manual_seed(3)
+    small = torch.rand(1, 3, 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(small, size=16, mode="bilinear")[0]
+    return (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_identical_prompts_give_back_the_source_reconstruction(method):
+    m = tiny_model_f64("sd1")  # float64: the exact inversions are exact to round-off
+    z = m.encode_image(tiny_image()).double()
+    r = edit(m, z, "a red square", "a red square", inversion=method, editor="p2p",
+             steps=EDIT_STEPS, cfg=3.0, blend_words="changed")
+    assert r.latents.dtype == torch.float64
+    torch.testing.assert_close(r.latents[1], r.latents[0], rtol=0, atol=1e-12)
+    assert np.array_equal(r.edited, r.source)
+    # ... and that reconstruction is the image's latent (an exact inversion).
+    torch.testing.assert_close(r.latents[0], z[0], rtol=0, atol=1e-9)
+
+
+def test_direct_inversion_pins_the_source_row_only():
+    m = tiny_model("sd1")
+    inv = invert(m, tiny_image(), "a red square", method="direct", steps=EDIT_STEPS, cfg=3.0,
+                 progress=False)
+    r = edit_inverted(m, inv, "a red square", editor="p2p")
+    assert torch.equal(r.latents[0], inv.trajectory[-1][0])  # the source row is the pivot's end
+    # The paper's choice: the target row runs without offsets, so even the same prompt moves.
+    assert (r.latents[1] - r.latents[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_inversion_runs_every_editor_or_refuses(method):
+    m = tiny_model_f64("sd1")  # float64: source rows compare to round-off across editors
+    inv = invert(m, m.encode_image(tiny_image()).double(), "a red square", method=method,
+                 steps=EDIT_STEPS, cfg=3.0, progress=False)
+    runs = {"none": {}, "p2p": {}, "p2p+blend": {"blend_words": "changed"},
+            "masactrl": MASACTRL, "pnp": {}}
+    assert set(EDITORS) == {k.split("+")[0] for k in runs}
+    sources = []
+    for name, options in runs.items():
+        editor = name.split("+")[0]
+        if method == "edict" and "blend_words" in options:
+            with pytest.raises(ValueError, match=r"EDICT's coupled two-chain loop.*Valid: edict "
+                                                 r"with p2p without local blending"):
+                edit_inverted(m, inv, "a blue square", editor=editor, **options)
+            continue
+        r = edit_inverted(m, inv, "a blue square", editor=editor, **options)
+        assert r.edited.shape == r.source.shape == (16, 16, 3)
+        assert torch.isfinite(r.latents).all()
+        assert not torch.allclose(r.latents[1], r.latents[0])  # the target prompt changed it
+        assert ("local_blend" in r.masks) == ("blend_words" in options)
+        sources.append(r.latents[0])
+    for s in sources[1:]:  # the editor acts on the target row only
+        torch.testing.assert_close(s, sources[0], rtol=0, atol=1e-9)
+
+
+def test_edit_refuses_before_paying_for_the_inversion(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the inversion ran")
+
+    monkeypatch.setattr(retouch.inversion, "invert", never)
+    m, image = tiny_model("sd1"), tiny_image()
+    with pytest.raises(ValueError, match="inversion 'edict' cannot run LocalBlend"):
+        edit(m, image, "a red square", "a blue square", inversion="edict",
+             blend_words="changed")
+    with pytest.raises(ValueError, match="unknown inversion method 'magic'"):
+        edit(m, image, "a red square", "a blue square", inversion="magic")
+    with pytest.raises(ValueError, match="unknown option.*for null_text"):
+        edit(m, image, "a red square", "a blue square", inversion="null_text",
+             inversion_options={"lr_typo": 1})
+    with pytest.raises(TypeError, match="start_step"):
+        edit(m, image, "a red square", "a blue square", editor="p2p", start_step=2)
+
+
+def test_changed_tokens():
+    tok = tiny_tokenizer()
+    assert changed_tokens(tok, "a red square", "a blue square") == ([2], [2])
+    assert changed_tokens(tok, "a square", "a big red square") == ([], [2, 3])
+    assert changed_tokens(tok, "a red square", "a red square") == ([], [])
+
+
+def test_sdedit():
+    m, image = tiny_model("sd1"), tiny_image()
+    z = m.encode_image(image)
+    roundtrip = m.decode(z)[0]
+    r0 = sdedit(m, image, "a blue square", strength=0.0, steps=4)
+    assert np.array_equal(r0.edited, roundtrip) and np.array_equal(r0.source, roundtrip)
+    r = sdedit(m, image, "a blue square", strength=0.5, steps=4, cfg=3.0, seed=1)
+    assert r.edited.shape == (16, 16, 3) and r.latents.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(r.latents[0], z[0])
+    assert not torch.allclose(r.latents[1], r.latents[0])
+    again = sdedit(m, image, "a blue square", strength=0.5, steps=4, cfg=3.0, seed=1)
+    assert torch.equal(again.latents, r.latents)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        sdedit(m, image, "a blue square", strength=1.5)
+
+
+# --- the CLI and the bench on a (barely trained) ToyWorld pipeline ---------------------------
+
+
+def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    from retouch.toyworld.editbench import make_cases
+
+    case = make_cases(1, seed=5, edit_types=("color",))[0]
+    src = tmp_path / "src.png"
+    Image.fromarray(case.source_image).save(src)
+    common = [str(src), "--source", case.source_prompt, "--target", case.target_prompt,
+              "--steps", "4", "--model", str(tiny_toy_pipeline)]
+    assert main(["edit", *common, "--blend", "changed", "--out", str(tmp_path / "p2p")]) == 0
+    out = tmp_path / "p2p"
+    for name in ("input.png", "edited.png", "source_reconstruction.png",
+                 "mask_local_blend.png", "attention.png", "edit.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert Image.open(out / "edited.png").size == Image.open(src).size
+    assert main(["edit", *common, "--inversion", "edict", "--blend", "changed",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "EDICT's coupled two-chain loop" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert main(["edit", *common, "--editor", "sdedit", "--inversion", "direct",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert main(["edit", *common, "--editor", "sdedit", "--strength", "0.5",
+                 "--out", str(tmp_path / "sd")]) == 0
+    assert (tmp_path / "sd" / "edited.png").exists()
+
+
+def test_bench_plumbing_on_two_cases(tiny_toy_pipeline):
+    from retouch.bench.editing import aggregate, edit_case, methods, processor_overhead, score_case
+    from retouch.models.pipeline import PipelineModel
+    from retouch.toyworld.editbench import make_cases
+
+    pm = PipelineModel.load(tiny_toy_pipeline)
+    cases = make_cases(2, seed=1, edit_types=("size", "color"))
+    chosen = methods(quick=True)
+    records = []
+    for case in cases:
+        edits = edit_case(pm, case, chosen, steps=EDIT_STEPS)
+        want = {m.label for m in chosen if case.edit_type in m.edit_types}
+        assert set(edits) == want | {"reconstruction", "ceiling"}
+        for label, (image, seconds) in edits.items():
+            assert image.shape == case.source_image.shape and image.dtype == np.uint8
+            score = score_case(image, case)
+            assert score["success"] in (0.0, 1.0) and np.isfinite(score["bg_psnr"])
+            records.append({"label": label, "method": label, "inversion": "x",
+                            "edit_type": case.edit_type, "seconds": seconds, **score})
+    rows = aggregate(records)
+    by = {(r["method"], r["edit_type"]): r for r in rows}
+    assert by[("masactrl/direct", "size")]["n"] == 1
+    assert ("masactrl/direct", "color") not in by  # MasaCtrl runs on position / size only
+    assert by[("p2p/direct", "all")]["n"] == 2
+    assert by[("ceiling", "all")]["seconds"] != by[("ceiling", "all")]["seconds"]  # NaN: no edit
+    o = processor_overhead(pm, repeats=1, forwards=1)
+    assert o["ratio_no_controller"] > 0 and o["ratio_store"] > 0

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "samplers": "retouch.bench.samplers",
     "toyworld": "retouch.bench.toyworld",
     "inversion": "retouch.bench.inversion",
+    "editing": "retouch.bench.editing",
 }
 
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .inversion.cli import register as register_invert
 
     register_invert(sub)
+    importlib.import_module("retouch.recipes.edit_cli").register(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

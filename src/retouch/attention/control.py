@@ -120,13 +120,15 @@ def _attend(q, k, v, mask, probs_fn: Callable[[Tensor], Tensor] | None) -> Tenso
     if probs_fn is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
     # SDPA's default scale 1/sqrt(d), which diffusers' AttnProcessor2_0 relies on too.
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    # At least float32 (half precision upcast), never below the input's (float64 stays exact).
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
-            scores + mask.float()
+            scores + mask.to(dtype)
         )
     p = probs_fn(scores.softmax(-1))
-    return (p @ v.float()).to(q.dtype)
+    return (p @ v.to(dtype)).to(q.dtype)
 
 
 class ControlProcessor:

@@ -1,18 +1,31 @@
-"""Edit a generated image by changing its prompt: two branches, one batch, attention control.
+"""Edit an image by changing its prompt: two branches, one batch, attention control.
 
 The source row (``source_prompt``) and the target row (``target_prompt``) start from the same
-noise and share every sampler noise; an *editor* (a list of attention controllers) makes the
-target keep what it should of the source. Editors: ``"none"`` (the baseline), ``"p2p"``
-(Prompt-to-Prompt word swap / refinement / re-weighting / local blending), ``"masactrl"``
-(mutual self-attention), ``"pnp"`` (Plug-and-Play feature and self-attention injection).
+latent; an *editor* (a list of attention controllers) makes the target keep what it should of
+the source. Editors (:data:`EDITORS`): ``"none"`` (the baseline), ``"p2p"`` (Prompt-to-Prompt
+word swap / refinement / re-weighting / local blending), ``"masactrl"`` (mutual self-attention),
+``"pnp"`` (Plug-and-Play feature and self-attention injection).
 
-Real images later reuse this with an inversion: ``start`` gives the start latents and
-``source_trajectory`` (the inversion's latents on the same grid) pins the source row at every
-step; ``callbacks`` run first each step (per-step corrections of the source branch), and
-``denoiser`` replaces the default CFG denoiser (e.g. per-step null-text embeddings).
+* :func:`edit_generated`: both rows from the same noise (a generated source).
+* :func:`edit` (a real image): any inversion of :data:`retouch.inversion.METHODS` with any
+  editor. The inversion's reconstruction runs as the source row and a target row beside it in
+  one batch (:func:`retouch.inversion.reconstruct` with a target): the controllers sit inside
+  the network (a controlled denoiser under the inversion's own guidance, per-step null
+  embeddings, EDICT / BDIA coupling, edit-friendly noise maps) and local blending is a callback
+  of the inversion's own loop. :func:`edit_inverted` edits a ready :class:`Inversion`.
+  ``editor="none"`` is re-generation from the inverted noise with the target prompt.
+  One combination is refused: EDICT's two-chain loop takes no per-step callbacks, so no
+  local blending with ``inversion="edict"`` (p2p without ``blend_*``, masactrl, pnp and none
+  run; every other inversion takes every editor). BDIA's loop starts at step 1 (its ``x_1``
+  is stored): a controller whose window holds step 0 only never runs, and is reported.
+  **Identical prompts** give back the source reconstruction (target row = source row) for
+  every inversion whose corrections act on both rows -- all but ``direct``, whose offsets pin
+  the source row only and leave the target free, as the paper does; with ``edict``, ``bdia``
+  and ``ddpm_edit_friendly`` that reconstruction is the input latent to round-off.
+* :func:`sdedit`: the no-inversion baseline (noise to strength ``s``, denoise with the target).
 
 References: Hertz et al. 2022 (Prompt-to-Prompt); Cao et al. 2023 (MasaCtrl); Tumanyan et al.
-2023 (Plug-and-Play).
+2023 (Plug-and-Play); Ju et al. 2023 (Direct Inversion); Meng et al. 2022 (SDEdit).
 """
 
 from __future__ import annotations
@@ -40,12 +53,17 @@ from ..attention import (
     word_swap,
 )
 from ..attention.sites import Window
-from ..samplers import StepContext, get_step, sample
+from ..attention.tokens import refinement_map, token_ids
+from ..samplers import StepContext, ddim_step, get_step, sample
 
 __all__ = [
     "EditResult",
     "EDITORS",
+    "edit",
+    "edit_inverted",
     "edit_generated",
+    "sdedit",
+    "changed_tokens",
     "p2p_editor",
     "masactrl_editor",
     "pnp_editor",
@@ -57,14 +75,23 @@ ROLES = ("source", "target")  # latent rows of an edit
 
 @dataclass
 class EditResult:
-    """What :func:`edit_generated` returns."""
+    """What :func:`edit_generated`, :func:`edit` and :func:`sdedit` return."""
 
-    source: np.ndarray  # uint8 (H, W, 3), the source prompt's image
+    source: np.ndarray  # uint8 (H, W, 3): source prompt's image / the source's reconstruction
     edited: np.ndarray  # uint8 (H, W, 3), the target prompt's image under the editor
     latents: Tensor  # (2, C, h, w) final latents, rows [source, target]
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "local_blend": (h, w)
     controllers: list[Controller] = field(default_factory=list)  # what ran (stores keep maps)
     store: AttentionStore | None = None  # cross-attention maps, if ``maps=True``
+
+
+def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
+    """Encoder positions of the tokens one prompt has and the other lacks (the edited words):
+    (source positions, target positions), from the refinement alignment."""
+    mapper, mask = refinement_map(tokenizer, source, target)
+    n_src, n_tgt = len(token_ids(tokenizer, source)), len(token_ids(tokenizer, target))
+    kept = {int(mapper[j]) for j in range(n_tgt) if mask[j] > 0}
+    return [i for i in range(n_src) if i not in kept], [j for j in range(n_tgt) if mask[j] == 0]
 
 
 def p2p_editor(
@@ -77,7 +104,8 @@ def p2p_editor(
     self_steps: Window = 0.4,
     word_steps: Mapping[str, Window] | None = None,
     weights: Mapping[str, float] | None = None,
-    blend_words: tuple[str | Sequence[str], str | Sequence[str]] | None = None,
+    blend_words: tuple[str | Sequence[str], str | Sequence[str]] | str | None = None,
+    blend_positions: tuple[Sequence[int], Sequence[int]] | None = None,
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
     blend_dilation: int = 1,
@@ -87,10 +115,11 @@ def p2p_editor(
     ``mode``: "swap" (word swap; refused unless words swap one for one with equal token
     counts), "refine" (aligned tokens; words added or removed), "auto" (swap when allowed,
     else refine). ``cross_steps`` / ``self_steps``: injection windows (fractions of the steps);
-    ``word_steps``: per-target-word cross windows; ``weights``: re-weighting of target words;
-    ``blend_words``: (source words, target words) for local blending, with its
-    ``blend_threshold``, first step ``blend_start`` (fraction) and max-pool radius
-    ``blend_dilation``.
+    ``word_steps``: per-target-word cross windows; ``weights``: re-weighting of target words.
+    Local blending: ``blend_words`` = (source words, target words), or ``"changed"`` for the
+    tokens that differ (:func:`changed_tokens`; none for identical prompts), or
+    ``blend_positions`` = (source, target) encoder positions; with its ``blend_threshold``,
+    first step ``blend_start`` (fraction) and max-pool radius ``blend_dilation``.
     """
     kw = dict(steps=cross_steps, word_steps=word_steps)
     if mode == "swap":
@@ -108,10 +137,19 @@ def p2p_editor(
     if weights:
         controllers.append(reweight(tokenizer, target, weights, steps=cross_steps))
     controllers.append(SelfAttentionInjection(steps=self_steps))
-    if blend_words is not None:
-        controllers.append(local_blend(tokenizer, source, target, *blend_words,
-                                       threshold=blend_threshold, start=blend_start,
-                                       dilation=blend_dilation))
+    blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation)
+    if blend_words is not None and blend_positions is not None:
+        raise ValueError("give blend_words or blend_positions, not both")
+    if blend_words == "changed":
+        blend_positions = changed_tokens(tokenizer, source, target)
+        blend_positions = blend_positions if any(blend_positions) else None
+    elif isinstance(blend_words, str):
+        raise ValueError(f"blend_words is 'changed' or a (source words, target words) pair, "
+                         f"got {blend_words!r}")
+    elif blend_words is not None:
+        controllers.append(local_blend(tokenizer, source, target, *blend_words, **blend))
+    if blend_positions is not None:
+        controllers.append(LocalBlend(*blend_positions, **blend))
     return controllers
 
 
@@ -200,14 +238,9 @@ def edit_generated(
     pinning the source row), ``callbacks`` (run first each step), ``denoiser`` (for rows
     [source, target], replacing ``model.denoiser``).
     """
-    if editor not in EDITORS:
-        raise ValueError(f"unknown editor {editor!r}; valid: {', '.join(EDITORS)}")
     step = get_step(sampler)
-    controllers = EDITORS[editor](model.tokenizer, source_prompt, target_prompt,
-                                  **editor_options)
-    store = AttentionStore() if maps else None
-    if store is not None:
-        controllers = [store, *controllers]
+    controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
+                                      editor_options)
     times = model.time_grid(steps)
     if source_trajectory is not None:
         if len(source_trajectory) != len(times):
@@ -227,9 +260,159 @@ def edit_generated(
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         latents = sample(session.denoiser(den, times), x, times, step=step, noises=noises,
                          callbacks=[*extra, session.callback], progress=progress)
+    return _result(model, latents, controllers, store)
+
+
+def _controllers(model, source: str, target: str, editor: str, maps: bool, options):
+    """The editor's controllers (an AttentionStore first if ``maps``) and the store."""
+    if editor not in EDITORS:
+        raise ValueError(f"unknown editor {editor!r}; valid: {', '.join(EDITORS)}")
+    controllers = EDITORS[editor](model.tokenizer, source, target, **options)
+    store = AttentionStore() if maps else None
+    return ([] if store is None else [store]) + controllers, store
+
+
+def _result(model, latents: Tensor, controllers, store) -> EditResult:
     images = model.decode(latents)
     masks = {}
     for c in controllers:
         if isinstance(c, LocalBlend) and c.mask is not None:
             masks["local_blend"] = c.mask.cpu().numpy()  # (h, w), 1 = edited region
     return EditResult(images[0], images[1], latents, masks, list(controllers), store)
+
+
+# --- real images: an inversion's reconstruction as the source branch ------------------------
+
+
+def _stepwise(controllers: Sequence[Controller]) -> list[Controller]:
+    """Controllers acting through the loop's per-step callback (local blending)."""
+    return [c for c in controllers if type(c).after_step is not Controller.after_step]
+
+
+def _check_loop(method: str, controllers: Sequence[Controller]) -> None:
+    if method == "edict" and _stepwise(controllers):
+        names = ", ".join(type(c).__name__ for c in _stepwise(controllers))
+        raise ValueError(
+            f"inversion 'edict' cannot run {names}: EDICT's coupled two-chain loop takes no "
+            "per-step callbacks, so no local blending (blend_words / blend_positions). Valid: "
+            "edict with p2p without local blending, masactrl, pnp or none; local blending with "
+            "any other inversion (direct, bdia, ddpm_edit_friendly, null_text, ...)"
+        )
+
+
+def edit_inverted(
+    model,
+    inversion,
+    target_prompt: str,
+    *,
+    editor: str = "p2p",
+    maps: bool = False,
+    progress: bool = False,
+    **editor_options,
+) -> EditResult:
+    """Edit the image of ``inversion`` (one image, made from ``model`` with its source prompt)
+    towards ``target_prompt``: its reconstruction is the source row (see the module doc).
+
+    Steps and guidance are the inversion's. ``editor_options`` go to the editor.
+    """
+    source = inversion.prompt
+    if not isinstance(source, str) or inversion.batch != 1:
+        raise ValueError("edit_inverted needs the inversion of one image made from a pipeline "
+                         "model with its source prompt (invert(model, image, prompt, ...))")
+    model.check_prompt(target_prompt)
+    controllers, store = _controllers(model, source, target_prompt, editor, maps,
+                                      editor_options)
+    _check_loop(inversion.method, controllers)
+    return _run_inverted(model, inversion, target_prompt, controllers, store, progress)
+
+
+def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -> EditResult:
+    from ..inversion import DenoiserFactory, fingerprint_of, reconstruct
+    from ..models.unet import UNetDenoiser
+
+    # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call.
+    layout = BatchLayout(ROLES, ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
+    inner = UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
+    stepwise = bool(_stepwise(controllers))
+    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+        factory = DenoiserFactory(
+            session.denoiser(inner, inv.times),  # the controllers learn step and time here
+            cond=model.encode_prompt([inv.prompt]),
+            uncond=model.encode_prompt([""]),
+            fingerprint=fingerprint_of(model),
+        )
+        latents = reconstruct(inv, factory, target=model.encode_prompt([target]),
+                              callbacks=[session.callback] if stepwise else (),
+                              progress=progress)
+    return _result(model, latents, controllers, store)
+
+
+def edit(
+    model,
+    image,
+    source_prompt: str,
+    target_prompt: str,
+    *,
+    inversion: str = "direct",
+    editor: str = "p2p",
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    inversion_options: Mapping | None = None,
+    maps: bool = False,
+    progress: bool = False,
+    **editor_options,
+) -> EditResult:
+    """Edit a real ``image`` (PIL / uint8 array, or a latent tensor (1, C, h, w)) captioned
+    ``source_prompt`` towards ``target_prompt``: invert with ``inversion`` (one of
+    :data:`retouch.inversion.METHODS`, options ``inversion_options``), then
+    :func:`edit_inverted` with ``editor``. ``seed`` seeds the inversion's randomness
+    (``ddpm_edit_friendly``'s noises; the other methods are deterministic). Combinations are
+    checked before the inversion is paid for (see the module doc).
+    """
+    from ..inversion import invert, method_config
+
+    model.check_prompt(source_prompt)
+    model.check_prompt(target_prompt)
+    options = dict(inversion_options or {})
+    if inversion == "ddpm_edit_friendly":
+        options.setdefault("seed", seed)
+    config = method_config(inversion, options)
+    controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
+                                      editor_options)
+    _check_loop(inversion, controllers)
+    inv = invert(model, image, source_prompt, method=inversion, steps=steps, cfg=cfg,
+                 config=config, progress=progress)
+    return _run_inverted(model, inv, target_prompt, controllers, store, progress)
+
+
+def sdedit(
+    model,
+    image,
+    target_prompt: str,
+    *,
+    strength: float = 0.6,
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> EditResult:
+    """SDEdit: noise the image's latent ``x0`` to ``x_t = alpha_t x0 + sigma_t eps`` at the
+    time ``strength`` of the way up the ``steps``-step grid, and denoise it (DDIM) with the
+    target prompt. ``result.source`` is the VAE round trip; ``strength=0`` returns it as the
+    edit. No attention control. References: Meng et al. 2022 (SDEdit), diffusers img2img.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
+    model.check_prompt(target_prompt)
+    z = image.to(model.device) if isinstance(image, Tensor) else model.encode_image(image)
+    run = min(int(steps * strength), steps)  # steps actually run, as diffusers' img2img
+    x = z
+    if run > 0:
+        times = model.time_grid(steps)[steps - run:]
+        alpha, sigma = model.schedule.coeffs(float(times[0]))
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+        with torch.no_grad():
+            x = sample(model.denoiser([target_prompt], cfg=cfg), alpha * z + sigma * eps, times,
+                       step=ddim_step, progress=progress)
+    return _result(model, torch.cat([z, x]), [], None)

@@ -1,0 +1,374 @@
+"""Editing benchmark: real (rendered, then inverted) ToyBench images edited by each method.
+
+Setup: ToyBench cases (:mod:`retouch.toyworld.editbench`: a rendered source scene, a one-word
+edit of its caption, and the rendered correct result) cycle through the edit types colour,
+shape, size, background and position. The source *render* is VAE-encoded, inverted under its
+caption and edited towards the target caption with CFG 5 on the scheduler's DDIM grid (10
+steps quick, 25 full). Methods (:func:`methods`):
+
+* ``p2p`` with Direct Inversion and BDIA (exact inversions); with EDICT (2 calls a step, the
+  dearest exact one) and null-text (its per-step Adam tuning alone takes ~6 s an image at 10
+  steps, more than all quick methods together) in the full run only, which keeps --quick at
+  a few minutes (the full run takes ~3 hours on 2 cores); word swap, cross window 0.8,
+  self-attention window 0.4, and local blending on the edited word (the token that differs,
+  threshold 0.3 of the max-normalised map, from 20 % of the steps, 3x3 max-pool), as the paper
+  does -- except with EDICT, whose loop takes no callbacks; ``p2p (no blend)`` with Direct
+  Inversion is the ablation that shows where blending helps;
+* ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
+  S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
+  self-attention layer finer than the coarsest level;
+* ``none``: re-generation from the inverted noise with the target caption (no control);
+* ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
+* reference rows: ``reconstruction`` (Direct Inversion's source row: no edit at all) and
+  ``ceiling`` (the rendered target through the VAE: the best any method can score).
+
+Columns (means over cases): ``success`` / ``preserved`` (the checker reads the target attribute
+/ everything else as in the target scene), ``bg_psnr`` / ``bg_ssim`` (against the source
+render outside the edit mask), ``gt_psnr`` (against the rendered target, whole image), ``n``
+cases; ``seconds``: median per case (inversion + edit; a shared inversion is charged to each
+method; a median, as the machine may be busy with other work).
+
+``overhead``: one ToyWorld UNet forward (2 rows x CFG) with retouch's processor and no
+controller, and with an :class:`~retouch.attention.AttentionStore`, over diffusers' own
+processors: ratios of medians of interleaved repeats in the same run.
+
+Outputs: ``editing.json`` (``{"rows": [...], "overhead": {...}, "settings": {...}}``),
+``editing.md``, ``editing.png`` (per edit type: source | ground truth | each method).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases, masked_psnr, masked_ssim
+from ..toyworld.editbench import score_edit as checker_score
+from .common import atomic_write_text, image_grid, write_json, write_markdown_table
+
+__all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
+           "processor_overhead", "COLUMNS"]
+
+CASES = {True: 40, False: 300}  # ToyBench cases, by quick
+STEPS = {True: 10, False: 25}  # DDIM steps, by quick
+CFG = 5.0  # guidance of inversion reconstruction and edit (ToyWorld's generation default)
+SEED = 2024  # ToyBench case seed
+SDEDIT_STRENGTH = 0.6  # fraction of the grid SDEdit noises to
+BLEND = dict(blend_words="changed", blend_threshold=0.3, blend_start=0.2, blend_dilation=1)
+MASACTRL_START = 0.08  # MasaCtrl's S as a fraction of the steps (paper: 4 of 50)
+REPEATS = {True: 7, False: 15}  # overhead: interleaved repeats (median)
+COLUMNS = ("method", "inversion", "edit_type", "success", "preserved", "bg_psnr", "bg_ssim",
+           "gt_psnr", "n", "seconds")
+METRICS = ("success", "preserved", "bg_psnr", "bg_ssim", "gt_psnr")
+REFERENCES = ("reconstruction", "ceiling")  # rows that are not edits
+FLOOR_MARGIN = 0.1  # success within this of the unedited reconstruction's is "at the floor"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked editing method."""
+
+    name: str  # row "method"
+    inversion: str  # inversion method, or "-" (SDEdit inverts nothing)
+    editor: str  # retouch.recipes.edit.EDITORS name, or "sdedit"
+    options: dict = field(default_factory=dict)  # editor options
+    edit_types: tuple[str, ...] = EDIT_TYPES  # the cases it runs on
+    quick: bool = True  # part of --quick
+
+    @property
+    def label(self) -> str:
+        return self.name if self.inversion == "-" else f"{self.name}/{self.inversion}"
+
+
+def methods(quick: bool) -> list[Method]:
+    """The methods of a run (see the module doc)."""
+    every = [
+        Method("p2p", "direct", "p2p", BLEND),
+        Method("p2p (no blend)", "direct", "p2p"),
+        Method("p2p", "bdia", "p2p", BLEND),
+        Method("p2p", "edict", "p2p", quick=False),  # its loop takes no callbacks: no blending
+        Method("p2p", "null_text", "p2p", BLEND, quick=False),
+        Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
+        Method("none", "direct", "none"),
+        Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
+    ]
+    return [m for m in every if m.quick or not quick]
+
+
+def _masactrl_options(unet, steps: int) -> dict:
+    from ..attention import coarse_resolution, find_sites
+
+    sites = list(find_sites(unet).values())
+    coarse = coarse_resolution(sites)
+    fine = [s.layer for s in sites if s.kind == "self" and s.place == "up"
+            and s.resolution > coarse]
+    return {"start_step": max(1, round(MASACTRL_START * steps)), "start_layer": min(fine)}
+
+
+def edit_case(
+    model, case: EditCase, chosen: Sequence[Method], *, steps: int, cfg: float = CFG
+) -> dict[str, tuple[np.ndarray, float]]:
+    """Edit one case with every applicable method: ``{label: (image uint8 (H, W, 3),
+    seconds)}``, plus ``"reconstruction"`` (the first Direct Inversion's source row) and
+    ``"ceiling"`` (the rendered target through the VAE)."""
+    from ..inversion import invert
+    from ..recipes.edit import edit_inverted, sdedit
+
+    out: dict[str, tuple[np.ndarray, float]] = {}
+    inversions: dict[str, tuple[object, float]] = {}
+    for m in chosen:
+        if case.edit_type not in m.edit_types:
+            continue
+        t0 = time.perf_counter()
+        if m.editor == "sdedit":
+            res = sdedit(model, case.source_image, case.target_prompt, steps=steps, cfg=cfg,
+                         seed=SEED, **m.options)
+            out[m.label] = (res.edited, time.perf_counter() - t0)
+            continue
+        if m.inversion not in inversions:
+            inv = invert(model, case.source_image, case.source_prompt, method=m.inversion,
+                         steps=steps, cfg=cfg, progress=False)
+            inversions[m.inversion] = (inv, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        inv, inv_seconds = inversions[m.inversion]
+        options = dict(m.options)
+        if m.editor == "masactrl":
+            options = {**_masactrl_options(model.unet, steps), **options}
+        res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
+        out[m.label] = (res.edited, inv_seconds + time.perf_counter() - t0)
+        if m.inversion == "direct" and "reconstruction" not in out:
+            out["reconstruction"] = (res.source, float("nan"))
+    with torch.no_grad():
+        ceiling = model.decode(model.encode_image(case.target_image))[0]
+    out["ceiling"] = (ceiling, float("nan"))
+    return out
+
+
+def score_case(image: np.ndarray, case: EditCase) -> dict[str, float]:
+    """The checker's ``success`` / ``preserved`` and the masked fidelities of one edit."""
+    keep = ~case.edit_mask
+    everywhere = np.ones_like(keep)
+    return {
+        **{k: float(v) for k, v in checker_score(image, case).items()},
+        "bg_psnr": masked_psnr(image, case.source_image, keep),
+        "bg_ssim": masked_ssim(image, case.source_image, keep),
+        "gt_psnr": masked_psnr(image, case.target_image, everywhere),
+    }
+
+
+def aggregate(records: Sequence[dict], order: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """Rows of :data:`COLUMNS` from per-case records ``{"method", "inversion", "edit_type",
+    "seconds", **metrics}``: per (method, inversion, edit type) and ``"all"``; sorted by edit
+    type, then by ``order`` of (method, inversion) (others after, as first seen)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        for edit_type in (r["edit_type"], "all"):
+            groups.setdefault((r["method"], r["inversion"], edit_type), []).append(r)
+    rows = []
+    for (method, inversion, edit_type), rs in groups.items():
+        row = {"method": method, "inversion": inversion, "edit_type": edit_type, "n": len(rs)}
+        for k in (*METRICS, "seconds"):
+            vals = [r[k] for r in rs if np.isfinite(r[k])]
+            mean = np.median if k == "seconds" else np.mean
+            row[k] = float(mean(vals)) if vals else float("nan")
+        rows.append(row)
+    types = {t: i for i, t in enumerate((*EDIT_TYPES, "all"))}
+    rank = {pair: i for i, pair in enumerate(order)}
+    return sorted(rows, key=lambda r: (types[r["edit_type"]],
+                                       rank.get((r["method"], r["inversion"]), len(rank))))
+
+
+@torch.no_grad()
+def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
+    """Median time of one UNet forward (2 latent rows x CFG) with diffusers' processors, with
+    retouch's processor and no controller, and with an AttentionStore; ratios to diffusers'."""
+    from ..attention import AttentionStore, BatchLayout, attention_control
+
+    unet, layout = model.unet, BatchLayout(("source", "target"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(model.latent_shape(layout.size), generator=g).to(model.device)
+    ehs = model.encode_prompt(["a red square on a white background"] * layout.size)
+    t, hw = 500.0, tuple(x.shape[-2:])
+
+    def timed(session=None) -> float:
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            if session is None:
+                unet(x, t, encoder_hidden_states=ehs)
+            else:
+                with session.at_step(0, t, num_steps=1, latent_hw=hw):
+                    unet(x, t, encoder_hidden_states=ehs)
+        return (time.perf_counter() - t0) / forwards
+
+    def retouch(controllers) -> float:
+        with attention_control(unet, controllers, layout=layout) as session:
+            return timed(session)
+
+    modes = {"diffusers": timed, "retouch": lambda: retouch([]),
+             "retouch_store": lambda: retouch([AttentionStore()])}
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    timed()  # warm-up
+    for r in range(repeats):
+        names = list(modes)
+        for name in names[r % 3:] + names[: r % 3]:  # rotate the order: no fixed position bias
+            times[name].append(modes[name]())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return {
+        "diffusers_processor": ", ".join(processors),
+        "batch_rows": layout.size,
+        "repeats": repeats,
+        "seconds": med,
+        "ratio_no_controller": med["retouch"] / med["diffusers"],
+        "ratio_store": med["retouch_store"] / med["diffusers"],
+    }
+
+
+def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+    """Run the benchmark; writes ``editing.{json,md,png}`` in ``out`` and returns the JSON.
+
+    ``model``: a diffusers folder (default: the shipped ToyWorld model).
+    """
+    from tqdm.auto import tqdm
+
+    from ..models.pipeline import PipelineModel
+
+    out = Path(out)
+    pm = PipelineModel.load(model)
+    steps, chosen = STEPS[quick], methods(quick)
+    cases = make_cases(CASES[quick], seed=SEED)
+    records, examples = [], {}
+    for case in tqdm(cases, desc="bench editing", leave=False):
+        edits = edit_case(pm, case, chosen, steps=steps)
+        examples.setdefault(case.edit_type, (case, {k: im for k, (im, _) in edits.items()}))
+        for label, (image, seconds) in edits.items():
+            m = next((m for m in chosen if m.label == label), None)
+            method, inversion = (m.name, m.inversion) if m else (
+                label, "direct" if label == "reconstruction" else "-")
+            records.append({"label": label, "method": method, "inversion": inversion,
+                            "edit_type": case.edit_type, "seconds": seconds,
+                            **score_case(image, case)})
+    order = [(m.name, m.inversion) for m in chosen] + [("reconstruction", "direct")]
+    rows = aggregate(records, order)
+    overhead = processor_overhead(pm, repeats=REPEATS[quick])
+    settings = {"cases": len(cases), "steps": steps, "cfg": CFG, "seed": SEED,
+                "sdedit_strength": SDEDIT_STRENGTH, "blend": BLEND,
+                "masactrl": _masactrl_options(pm.unet, steps),
+                "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
+    result = {"rows": rows, "overhead": overhead, "settings": settings}
+    write_json(out / "editing.json", result)
+    labels = [m.label for m in chosen]
+    images, names = _sheet(examples, labels)
+    image_grid(images, out / "editing.png", columns=len(labels) + 2, labels=names)
+    atomic_write_text(out / "editing.md", _markdown(result, quick=quick))
+    return result
+
+
+def _sheet(examples: dict, labels: list[str]) -> tuple[list[np.ndarray], list[str]]:
+    """Tiles and captions: per edit type, source | ground truth | each method (blank: n/a)."""
+    images, names = [], []
+    for edit_type in EDIT_TYPES:
+        if edit_type not in examples:
+            continue
+        case, edits = examples[edit_type]
+        blank = np.full_like(case.source_image, 255)
+        images += [case.source_image, case.target_image,
+                   *(edits.get(label, blank) for label in labels)]
+        names += [f"src: {edit_type}", "truth", *labels]
+    return images, names
+
+
+def _get(rows, method: str, inversion: str, edit_type: str) -> dict | None:
+    return next((r for r in rows if (r["method"], r["inversion"], r["edit_type"])
+                 == (method, inversion, edit_type)), None)
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """One line per edit type: does P2P (Direct Inversion) beat the other methods, does local
+    blending help, and does any method's success rise above the checker's floor at all."""
+    lines = []
+    for edit_type in EDIT_TYPES:
+        p2p = _get(rows, "p2p", "direct", edit_type)
+        others = [r for r in rows if r["edit_type"] == edit_type and r is not p2p
+                  and r["method"] not in (*REFERENCES, "p2p (no blend)")]
+        if p2p is None or not others:
+            continue
+        best = max(others, key=lambda r: (r["success"], r["bg_psnr"]))
+        name = f"{best['method']}/{best['inversion']}".removesuffix("/-")
+        sign = np.sign(p2p["success"] - best["success"])
+        verdict = {1: "wins", 0: "ties", -1: "loses"}[int(sign)]
+        keep = "better" if p2p["bg_psnr"] >= best["bg_psnr"] else "worse"
+        line = (f"* **{edit_type}**: P2P {verdict} on success ({p2p['success']:.2f} vs "
+                f"{best['success']:.2f} for {name}) and keeps the unedited region {keep} "
+                f"({p2p['bg_psnr']:.1f} vs {best['bg_psnr']:.1f} dB)")
+        ablation = _get(rows, "p2p (no blend)", "direct", edit_type)
+        if ablation is not None:
+            helps = (p2p["success"], p2p["bg_psnr"]) > (ablation["success"],
+                                                        ablation["bg_psnr"])
+            line += (f"; local blending {'helps' if helps else 'does not help'} (no blend: "
+                     f"{ablation['success']:.2f}, {ablation['bg_psnr']:.1f} dB)")
+        floor = _get(rows, "reconstruction", "direct", edit_type)
+        top = max(p2p["success"], best["success"])
+        if floor is not None and top <= floor["success"] + FLOOR_MARGIN:
+            line += (f". Caution: no method is clearly above the unedited reconstruction's "
+                     f"{floor['success']:.2f} (the checker's floor): the model does not follow "
+                     "this edit yet, so compare preservation, not success")
+        lines.append(line + ".")
+    return lines
+
+
+def _markdown(result: dict, *, quick: bool) -> str:
+    rows, o, st = result["rows"], result["overhead"], result["settings"]
+    summary = [r for r in rows if r["edit_type"] == "all"]
+    per_type = [r for r in rows if r["edit_type"] != "all"]
+    ref = {r["method"]: r for r in summary if r["method"] in REFERENCES}
+    lines = [
+        "# Editing benchmark (real images)",
+        "",
+        f"Model: `{st['model']}`; {st['cases']} ToyBench cases (seed {st['seed']}), the source "
+        f"*render* VAE-encoded and inverted under its caption; {st['steps']} DDIM steps on the "
+        f"scheduler's grid, CFG {st['cfg']:g}. P2P: word swap, cross window 0.8, self window "
+        f"0.4, local blending on the edited word (threshold {BLEND['blend_threshold']}, from "
+        f"{BLEND['blend_start']:.0%} of the steps, 3x3 max-pool) except with EDICT (its loop "
+        f"takes no callbacks). MasaCtrl (position and size only): S = "
+        f"{st['masactrl']['start_step']}, L = {st['masactrl']['start_layer']}. SDEdit: strength "
+        f"{st['sdedit_strength']}. `seconds`: median per case, inversion + edit."
+        + (" EDICT and null-text inversion run in the full benchmark only (cost)."
+           if quick else ""),
+        "",
+        "## All edit types",
+        "",
+        write_markdown_table(summary, COLUMNS),
+        "## Per edit type",
+        "",
+        write_markdown_table(per_type, COLUMNS),
+        "## Where Prompt-to-Prompt wins and where it does not",
+        "",
+        "Best other editing method per type (reference rows excluded):",
+        "",
+        *_verdicts(rows),
+        "",
+        "Reference rows: `reconstruction` is the inverted source without any edit (its "
+        "success is the checker's false-positive floor), `ceiling` the rendered target through "
+        "the VAE "
+        f"(success {ref.get('ceiling', {}).get('success', float('nan')):.2f}: the best a method "
+        "can score through this VAE). P2P keeps the source layout by construction, so it "
+        "cannot move objects (position) and struggles to resize them; MasaCtrl is the paper's "
+        "method for those (compare its rows with `none`: at these S and L it touches only the "
+        "finest decoder layers). On *generated* images same-seed regeneration already keeps "
+        "ToyWorld's layout, which is why this benchmark edits real (rendered) images.",
+        "",
+        f"**Processor overhead** (one UNet forward, {o['batch_rows']} rows, median of "
+        f"{o['repeats']} interleaved repeats, diffusers' `{o['diffusers_processor']}` = 1): "
+        f"retouch's processor with no controller {o['ratio_no_controller']:.3f}x, with an "
+        f"AttentionStore {o['ratio_store']:.3f}x.",
+        "",
+        "![examples](editing.png)",
+        "",
+    ]
+    return "\n".join(lines)
