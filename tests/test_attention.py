@@ -33,14 +33,6 @@ from retouch.schedules import discrete_grid, get_schedule
 from tiny_models import CONFIGS, TEXT_DIM, TOKENS, tiny_tokenizer, tiny_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unet_kwargs(kind: str, batch: int, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     kw = {"encoder_hidden_states": torch.randn(batch, 5, TEXT_DIM, generator=g)}

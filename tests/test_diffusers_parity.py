@@ -20,14 +20,6 @@ RTOL = 1e-4
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def tiny_unet() -> diffusers.UNet2DConditionModel:
     torch.manual_seed(0)

@@ -23,14 +23,6 @@ from tiny_models import tiny_model, tiny_model_f64, tiny_tokenizer
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(kind="sd1", source="a red square", target="a blue square", **kw):
     kw.setdefault("steps", STEPS)
     kw.setdefault("cfg", 3.0)

@@ -38,14 +38,6 @@ SD = dict(
 NULL_TEXT = dict(lr=0.05, inner_steps=20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def tiny_unet(seed: int = 0) -> diffusers.UNet2DConditionModel:
     torch.manual_seed(seed)

@@ -12,14 +12,6 @@ from retouch.models.pipeline import PipelineModel
 from retouch.recipes.generate import generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_plain_diffusers_loads_and_generates(tiny_toy_pipeline):
     from diffusers import StableDiffusionPipeline
 
@@ -83,5 +75,7 @@ def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
 
     index = run_demo(tmp_path / "demo", model=str(tiny_toy_pipeline), n=2)
     html = index.read_text()
-    assert html.count("<figure") == 2 and "data:image/png;base64," in html
-    assert "checker:" in html
+    for title in ("Text-to-image", "Samplers", "Inversion", "Where each word looks"):
+        assert f"<h2>{title}" in html
+    assert html.count("checker:") == 2  # one verdict per generated image
+    assert "src='http" not in html and "data:image/png;base64," in html  # self-contained

@@ -2,20 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 
 from retouch.models.pipeline import PipelineModel
 from retouch.recipes.attention_maps import attention_maps, save_attention_maps
 from retouch.toyworld.render import render
 from retouch.toyworld.scene import ObjectSpec, Scene
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("given_image", [False, True])

@@ -20,16 +20,6 @@ from retouch.samplers import (
 )
 from retouch.schedules import discrete_grid, get_schedule, log_snr_grid, uniform_grid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 FIRST_ORDER = ("ddim", "euler")
 

@@ -25,16 +25,6 @@ from retouch.schedules import (
     uniform_grid,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 VP_NAMES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 SCHEDULERS = {

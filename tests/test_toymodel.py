@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from retouch.models.loading import toyworld_model_dir
 from retouch.models.pipeline import PipelineModel
@@ -12,14 +11,6 @@ from retouch.toyworld.scene import caption
 pytestmark = pytest.mark.toymodel
 
 MAX_SHIPPED_MB = 25
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,6 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
     from retouch.toyworld.train import TrainConfig, train
 
-    torch.set_num_threads(1)
     common = dict(dataset_size=48, vae_steps=2, batch=2, unet_width=32,
                   checkpoint_every=2, log_every=1)
     train(TrainConfig(out=str(tmp_path / "a"), unet_steps=4, **common), progress=False)

@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     from .inversion.cli import register as register_invert
+    from .recipes.edit_cli import register as register_edit
 
     register_invert(sub)
-    importlib.import_module("retouch.recipes.edit_cli").register(sub)
+    register_edit(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)
