@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases, masked_psnr, masked_ssim
+from ..metrics import psnr, ssim
+from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
@@ -152,12 +153,11 @@ def edit_case(
 def score_case(image: np.ndarray, case: EditCase) -> dict[str, float]:
     """The checker's ``success`` / ``preserved`` and the masked fidelities of one edit."""
     keep = ~case.edit_mask
-    everywhere = np.ones_like(keep)
     return {
         **{k: float(v) for k, v in checker_score(image, case).items()},
-        "bg_psnr": masked_psnr(image, case.source_image, keep),
-        "bg_ssim": masked_ssim(image, case.source_image, keep),
-        "gt_psnr": masked_psnr(image, case.target_image, everywhere),
+        "bg_psnr": psnr(image, case.source_image, keep=keep),
+        "bg_ssim": ssim(image, case.source_image, keep=keep),
+        "gt_psnr": psnr(image, case.target_image),
     }
 
 

@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..metrics import psnr
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -70,8 +70,7 @@ def attention_mass(model: PipelineModel, data, *, timesteps=(200, 400, 600, 800)
 @torch.no_grad()
 def vae_psnr(model: PipelineModel, images: torch.Tensor) -> float:
     rec = model.decode(model.encode_image(images), output="tensor")
-    mse = torch.mean(((rec.clamp(-1, 1) + 1) / 2 - (images.to(rec) + 1) / 2) ** 2).item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
+    return psnr(rec.clamp(-1, 1), images, data_range=2.0)
 
 
 def run(*, quick: bool, out: Path, model: str | None = None) -> dict:

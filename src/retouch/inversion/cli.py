@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from PIL import Image
 
 from retouch.images import read_image
+from retouch.metrics import psnr
 
 __all__ = ["register", "run_invert"]
-
-def _psnr(a, b) -> float:
-    """PSNR in dB of two uint8 arrays."""
-    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
 
 def run_invert(args: argparse.Namespace) -> None:
     """Handler of ``retouch invert``."""
@@ -95,8 +89,8 @@ def run_invert(args: argparse.Namespace) -> None:
         "fingerprint": inv.fingerprint,
         "options": inv.options,
         "nfe_invert": inv.nfe,
-        "psnr": _psnr(rec, target),
-        "psnr_ceiling": _psnr(ceiling, target),
+        "psnr": psnr(rec, target),
+        "psnr_ceiling": psnr(ceiling, target),
         "latent_rel_error": float((latent - inv.trajectory[-1]).norm() / inv.trajectory[-1].norm()),
     }
     (out / "inversion.json").write_text(json.dumps(report, indent=2) + "\n")

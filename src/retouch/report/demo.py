@@ -9,13 +9,13 @@ minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..metrics import psnr
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -27,11 +27,6 @@ __all__ = ["run_demo"]
 
 DEMO_SEED = 7
 GENERIC_PROMPTS = ("a photograph of a red apple on a wooden table", "a watercolor of a lighthouse")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def _generation_section(model: PipelineModel, n: int) -> Section:
@@ -80,13 +75,13 @@ def _inversion_section(model: PipelineModel, scene) -> Section:
     image = render(scene, model.image_size).image
     ceiling = model.decode(model.encode_image(image))[0]
     figures = [Figure(image, "input (a render: a real image to the model)"),
-               Figure(ceiling, f"VAE round trip (the ceiling): {_psnr(image, ceiling):.1f} dB")]
+               Figure(ceiling, f"VAE round trip (the ceiling): {psnr(image, ceiling):.1f} dB")]
     for method in ("ddim", "negative_prompt", "direct", "edict", "bdia"):
         t0 = time.time()
         inv = invert(model, image, prompt, method=method, steps=25, cfg=5.0, progress=False)
         rec = model.decode(reconstruct(inv, model, progress=False))[0]
         seconds = time.time() - t0
-        figures.append(Figure(rec, f"{method}: {_psnr(image, rec):.1f} dB, {inv.nfe} NFE "
+        figures.append(Figure(rec, f"{method}: {psnr(image, rec):.1f} dB, {inv.nfe} NFE "
                                    f"inverting, {seconds:.1f} s"))
     text = (f"Invert a rendered image under its caption at CFG 5 (25 steps), then reconstruct. "
             f"PSNR to the input, NFE and time are measured in this run. Prompt: '{prompt}'.")

@@ -25,7 +25,7 @@ from . import checker
 from .render import render
 from .scene import COLORS, SHAPES, SIZES, Scene, caption, random_scene
 
-__all__ = ["EDIT_TYPES", "EditCase", "make_cases", "score_edit", "masked_psnr", "masked_ssim"]
+__all__ = ["EDIT_TYPES", "EditCase", "make_cases", "score_edit"]
 
 EDIT_TYPES = ("color", "shape", "size", "background", "position")
 MASK_DILATION = 2  # pixels the edit mask grows by (anti-aliased edges and VAE blur)
@@ -137,28 +137,3 @@ def score_edit(image: np.ndarray, case: EditCase) -> dict[str, bool]:
                 continue
             preserved &= m is not None and getattr(m, attr) == getattr(obj, attr)
     return {"success": bool(success), "preserved": bool(preserved)}
-
-
-def masked_psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
-    """PSNR (dB) between uint8 images over the pixels where ``keep`` is True."""
-    if not keep.any():
-        return float("nan")
-    diff = (a.astype(np.float64) - b.astype(np.float64))[keep] / 255.0
-    mse = float(np.mean(diff**2))
-    return 10 * np.log10(1.0 / max(mse, 1e-10))
-
-
-def masked_ssim(a: np.ndarray, b: np.ndarray, keep: np.ndarray, *, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004, Gaussian window) over the pixels where ``keep`` is True."""
-    if not keep.any():
-        return float("nan")
-    x, y = a.astype(np.float64) / 255.0, b.astype(np.float64) / 255.0
-    c1, c2 = 0.01**2, 0.03**2
-
-    def blur(z):
-        return ndimage.gaussian_filter(z, sigma=(sigma, sigma, 0))
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(ssim.mean(-1)[keep].mean())

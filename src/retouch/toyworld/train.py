@@ -13,7 +13,6 @@ is written atomically to ``<out>/<stage>.safetensors``; ``resume=True`` continue
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..metrics import psnr
 from . import configs
 from .checkpoint import (
     atomic_save,
@@ -93,15 +93,6 @@ def _scenes(cfg: TrainConfig) -> SceneSet:
     )
 
 
-def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = F.mse_loss((x.clamp(-1, 1) + 1) / 2, (y + 1) / 2).item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
-# --------------------------------------------------------------------------------------------
-# VAE stage
-
-
 def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: bool = True):
     """Train the autoencoder (MSE + tiny KL), keep the best checkpoint by held-out PSNR."""
     from tqdm.auto import tqdm
@@ -156,7 +147,7 @@ def _vae_psnr(vae, images: torch.Tensor) -> float:
     vae.eval()
     rec = torch.cat([vae.decode(vae.encode(x).latent_dist.mode()).sample for x in images.split(64)])
     vae.train()
-    return _psnr(rec, images)
+    return psnr(rec.clamp(-1, 1), images, data_range=2.0)
 
 
 @torch.no_grad()
