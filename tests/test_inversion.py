@@ -223,7 +223,7 @@ def test_target_branch_runs_free_beside_the_exact_source_branch():
     both = reconstruct(inv, f, target=cond, progress=False)
     assert both.shape[0] == 2
     assert rel(both[:1], x) < 1e-6  # source rows: offsets added
-    assert float(inv.offsets.norm()) > 1e-2 * float(x.norm())  # ... and they are not nothing
+    assert inv.nfe == STEPS  # the offsets cost nothing extra: they act in the pass that runs
     with torch.no_grad():
         plain = sample(f.denoiser(cfg=7.5), inv.latent, inv.times, progress=False)
     assert rel(both[1:], plain) < 1e-10  # target rows: free DDIM with the target prompt

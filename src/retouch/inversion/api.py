@@ -233,10 +233,10 @@ def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Tensor | None):
 
 
 def _offset_callback(inv: Inversion, copies: int, shift: int):
-    """Add ``o_k`` after step ``k``: to every row, or (``offset_rows="source"``) to the source
-    rows, where ``x + o_k`` is written as the stored trajectory ``x*_{k+1}`` itself: equal to
-    ``x + o_k`` in exact arithmetic, it cannot drift by round-off amplified over the steps
-    (nor by the source rows being batched with target rows in an edit)."""
+    """Add ``o_k`` after step ``k``: the stored offsets to every row (``offset_rows="all"``),
+    or Direct Inversion's ``o_k = x*_{k+1} - x`` to the source rows, written as the stored
+    trajectory ``x*_{k+1}`` itself: it cannot drift by round-off amplified over the steps (nor
+    by the source rows being batched with target rows in an edit)."""
     b = inv.batch
 
     def add_offset(ctx: StepContext) -> Tensor:
@@ -286,7 +286,8 @@ def reconstruct(
         elif inv.method == "ddpm_edit_friendly":
             step = partial(ddim_step, eta=inv.options["eta"])
             noises = [_rows(z, inv.batch, copies) for z in inv.noises]
-        own = [] if inv.offsets is None else [_offset_callback(inv, copies, shift)]
+        corrected = inv.offsets is not None or inv.method == "direct"
+        own = [_offset_callback(inv, copies, shift)] if corrected else []
         return sample(
             den, x0, ts, step=step, callbacks=[*own, *callbacks], progress=progress, noises=noises
         )

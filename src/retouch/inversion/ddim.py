@@ -35,10 +35,8 @@ from retouch.inversion.core import (
     DenoiserFactory,
     inverse_ddim_step,
     predict,
-    step_state,
 )
 from retouch.inversion.result import Inversion
-from retouch.samplers import ddim_step
 
 __all__ = [
     "DDIMConfig",
@@ -219,27 +217,15 @@ def invert_direct(
     config: DirectConfig,
     progress: bool = True,
 ) -> Inversion:
-    """Direct Inversion: pivot pass at ``invert_cfg``, then ``o_k = x*_{k+1} - DDIM_w(x*_k)``
-    (2N network calls)."""
+    """Direct Inversion: the pivot pass at ``invert_cfg`` (N network calls).
+
+    The offsets ``o_k = x*_{k+1} - DDIM_w(x_k)`` are not computed here: the reconstruction or
+    edit pass evaluates the source rows anyway, and adding ``o_k`` there is writing
+    ``x*_{k+1}`` into them (as PnP Inversion's reference code does), so inversion plus
+    reconstruction costs what DDIM's does.
+    """
     calls0 = factory.calls
     pivot = ddim_trajectory(
         factory.denoiser(cfg=config.invert_cfg), x, times, progress=progress, desc="invert direct"
     )
-    den = factory.denoiser(cfg=cfg)
-    ts = _times(times)
-    offsets = []
-    for k in range(len(ts) - 1):
-        x_k = pivot[k]
-        x_next = ddim_step(den, x_k, ts[k], ts[k + 1], den(x_k, ts[k]), step_state())
-        offsets.append(pivot[k + 1] - x_next)
-    return _record(
-        factory,
-        "direct",
-        times,
-        pivot,
-        cfg,
-        calls0,
-        config,
-        offsets=torch.stack(offsets),
-        offset_rows="source",
-    )
+    return _record(factory, "direct", times, pivot, cfg, calls0, config, offset_rows="source")
