@@ -32,9 +32,9 @@ def test_shipped_weights_are_small_safetensors_and_load_with_plain_diffusers():
 
 def test_attention_is_local_on_renders(model):
     """Object nouns put most of their cross-attention inside their objects (the grounding)."""
-    from retouch.bench.toyworld import attention_mass, benchmark_prompts
+    from retouch.bench.toyworld import attention_mass, benchmark_scenes
 
-    data = benchmark_prompts(8)
+    data = benchmark_scenes(8)
     mass = attention_mass(model, data, timesteps=(300, 600))
     areas = data.masks[:, :2].mean((2, 3))  # (N, 2) object area fractions, 0 if absent
     object_area = float(areas[areas > 0].mean())  # what uniform attention would put inside

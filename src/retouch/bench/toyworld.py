@@ -22,19 +22,19 @@ from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
-from ..toyworld.dataset import make_scenes
+from ..toyworld.dataset import SceneSet, make_scenes
 from ..toyworld.grounding import grounding_loss, install_grounding
 from ..toyworld.scene import SHAPES, caption, parse_caption
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
-__all__ = ["run", "benchmark_prompts"]
+__all__ = ["run", "benchmark_scenes"]
 
 ATTRIBUTES = ("color", "shape", "position", "size", "style", "background", "count", "all")
 BENCH_SEED = 1234  # held-out scenes: the training set uses seed 0
 
 
-def benchmark_prompts(n: int) -> list:
-    """A fixed list of ``n`` scenes (one and two objects) with their canonical captions."""
+def benchmark_scenes(n: int) -> SceneSet:
+    """``n`` fixed held-out scenes (one and two objects), rendered, with their masks."""
     return make_scenes(n, seed=BENCH_SEED, size=64, mask_size=16, progress=False, shapes=SHAPES)
 
 
@@ -77,7 +77,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
-    data = benchmark_prompts(n)
+    data = benchmark_scenes(n)
     prompts = [caption(s).text for s in data.scenes]
     t0 = time.time()
     images = np.concatenate(
@@ -110,7 +110,5 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     return result
 
 
-def _subset(data, k: int):
-    from ..toyworld.dataset import SceneSet
-
+def _subset(data: SceneSet, k: int) -> SceneSet:
     return SceneSet(scenes=data.scenes[:k], images=data.images[:k], masks=data.masks[:k])
