@@ -139,3 +139,19 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="unet_width"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**common, "unet_width": 64}),
               resume=True, progress=False)
+
+
+def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_path):
+    """--init-from starts the UNet stage from a pipeline folder's weights (lr 0: unchanged)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from retouch.toyworld.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path / "c"), init_from=str(tiny_toy_pipeline), dataset_size=48,
+                      unet_steps=1, batch=2, unet_width=32, lr=0.0, checkpoint_every=1)
+    train(cfg, progress=False)
+    saved = load_file(str(tmp_path / "c" / "unet.safetensors"))
+    shipped = UNet2DConditionModel.from_pretrained(str(tiny_toy_pipeline), subfolder="unet")
+    for k, v in shipped.float().state_dict().items():
+        assert torch.equal(saved[f"unet.{k}"], v), k

@@ -83,6 +83,7 @@ def _cmd_train(args) -> None:
         batch=args.batch,
         lr=args.lr,
         grounding_weight=args.grounding_weight,
+        init_from=args.init_from,
     )
     train(cfg, resume=args.resume)
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=32)
     tr.add_argument("--lr", type=float, default=3e-4)
     tr.add_argument("--grounding-weight", type=float, default=0.1)
+    tr.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.set_defaults(func=_cmd_train)
     ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")
     ex.add_argument("run")

@@ -59,6 +59,7 @@ class TrainConfig:
     grounding_weight: float = 0.1
     grounding_resolutions: tuple[int, ...] = (16, 8)
     unet_width: int = 64
+    init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     text_layers: int = 2
     checkpoint_every: int = 200
     log_every: int = 50
@@ -287,6 +288,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     )
     data = _scenes(cfg)
+    scale = None
+    if cfg.init_from is not None and not (out / "unet.safetensors").exists():
+        scale = _init_from_pipeline(out, Path(cfg.init_from), vae, unet, text)
     if not (out / "vae_done.json").exists():
         psnr = train_vae(cfg, data, vae, resume=resume, progress=progress)
         (out / "vae_done.json").write_text(json.dumps({"psnr": psnr}))
@@ -294,10 +298,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
         vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
     vae.to(_device())
     latents = encode_latents(vae, data.images)
-    scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents
+    if scale is None and (out / "scale.json").exists() and cfg.init_from is not None:
+        scale = json.loads((out / "scale.json").read_text())["scaling_factor"]
+    if scale is None:
+        scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents
     (out / "scale.json").write_text(json.dumps({"scaling_factor": scale}))
     train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=True, progress=progress)
     return out
+
+
+def _init_from_pipeline(out: Path, folder: Path, vae, unet, text) -> float:
+    """Load an exported pipeline's weights (e.g. the shipped model) to continue training it;
+    the VAE stage is taken as done. Returns the pipeline's latent scaling factor."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").float()
+    vae.load_state_dict(src.state_dict())
+    unet.load_state_dict(
+        UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").float().state_dict()
+    )
+    text.load_state_dict(
+        CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float().state_dict()
+    )
+    atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"init_from": str(folder)})
+    (out / "vae_done.json").write_text(json.dumps({"init_from": str(folder)}))
+    return float(src.config.scaling_factor)
 
 
 def load_components(run: Path, *, ema: bool = True):
