@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from retouch.denoiser import CFGDenoiser, Denoiser, eps_from_x0
+from retouch.inversion.result import Inversion
 from retouch.samplers import SamplerState, ddim_step
 from retouch.schedules import DiscreteVPSchedule, Schedule, discrete_grid, uniform_grid
 
@@ -53,6 +54,7 @@ __all__ = [
     "default_hold",
     "step_state",
     "HOLDS",
+    "record_inversion",
 ]
 
 #: What an inversion step keeps of the model's prediction at the target time.
@@ -275,3 +277,23 @@ def inverse_ddim_step(
     if sigma == 0:  # ddim_step cannot leave a clean time; there x0 = x and the formula is direct
         return alpha_n * x0 + sigma_n * eps
     return ddim_step(denoiser, x, t, t_next, x0, step_state())
+
+
+def record_inversion(
+    factory: DenoiserFactory, method: str, times: Tensor, traj: Tensor, cfg: float,
+    calls0: int, config: Any, **extra: Any,
+) -> Inversion:
+    """The :class:`Inversion` of ``method``: trajectory, float64 grid, the factory's
+    fingerprint, the config's options, and the network calls made since ``calls0``."""
+    from dataclasses import asdict
+
+    return Inversion(
+        method=method,
+        times=times.to(torch.float64).cpu(),
+        trajectory=traj,
+        cfg=float(cfg),
+        fingerprint=factory.fingerprint,
+        options=asdict(config),
+        nfe=factory.calls - calls0,
+        **extra,
+    )

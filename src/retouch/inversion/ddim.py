@@ -24,7 +24,7 @@ Ju et al. 2023 ("Direct Inversion / PnP Inversion", Alg. 1).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ from retouch.inversion.core import (
     DenoiserFactory,
     inverse_ddim_step,
     predict,
+    record_inversion,
 )
 from retouch.inversion.result import Inversion
 
@@ -108,28 +109,6 @@ def ddim_trajectory(
     return torch.stack(traj)
 
 
-def _record(
-    factory: DenoiserFactory,
-    method: str,
-    times: Tensor,
-    traj: Tensor,
-    cfg: float,
-    calls0: int,
-    config,
-    **extra,
-) -> Inversion:
-    return Inversion(
-        method=method,
-        times=times.to(torch.float64).cpu(),
-        trajectory=traj,
-        cfg=float(cfg),
-        fingerprint=factory.fingerprint,
-        options=asdict(config),
-        nfe=factory.calls - calls0,
-        **extra,
-    )
-
-
 @torch.no_grad()
 def invert_ddim(
     factory: DenoiserFactory,
@@ -144,7 +123,7 @@ def invert_ddim(
     calls0 = factory.calls
     den = factory.denoiser(cfg=cfg if config.invert_cfg is None else config.invert_cfg)
     traj = ddim_trajectory(den, x, times, hold=config.hold, progress=progress, desc="invert ddim")
-    return _record(factory, "ddim", times, traj, cfg, calls0, config)
+    return record_inversion(factory, "ddim", times, traj, cfg, calls0, config)
 
 
 @torch.no_grad()
@@ -164,7 +143,7 @@ def invert_negative_prompt(
         factory.denoiser(cfg=1.0), x, times, progress=progress, desc="invert negative_prompt"
     )
     uncond = factory.cond.expand(x.shape[0], *factory.cond.shape[1:])[None].clone()
-    return _record(
+    return record_inversion(
         factory, "negative_prompt", times, traj, cfg, calls0, config, uncond_embeddings=uncond
     )
 
@@ -204,7 +183,7 @@ def invert_renoise(
             eps = torch.stack([e[1] for e in last]).mean(0)
             z = inverse_ddim_step(den, x_low, ts[k + 1], ts[k], x0, eps, hold=config.hold)
         traj[k] = z
-    return _record(factory, "renoise", times, torch.stack(traj), cfg, calls0, config)
+    return record_inversion(factory, "renoise", times, torch.stack(traj), cfg, calls0, config)
 
 
 @torch.no_grad()
@@ -228,4 +207,6 @@ def invert_direct(
     pivot = ddim_trajectory(
         factory.denoiser(cfg=config.invert_cfg), x, times, progress=progress, desc="invert direct"
     )
-    return _record(factory, "direct", times, pivot, cfg, calls0, config, offset_rows="source")
+    return record_inversion(
+        factory, "direct", times, pivot, cfg, calls0, config, offset_rows="source"
+    )

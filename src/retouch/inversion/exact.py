@@ -25,7 +25,7 @@ Huberman-Spiegelglas et al. 2024 ("An Edit Friendly DDPM Noise Space", eq. 5-6, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from retouch.inversion.core import (
     ddim_eps_step,
     inverse_ddim_step,
     predict,
+    record_inversion,
     step_state,
 )
 from retouch.inversion.result import Inversion
@@ -76,19 +77,6 @@ class EditFriendlyConfig:
 
     eta: float = 1.0  # stochasticity of the sampler (1 = DDPM posterior, the paper)
     seed: int = 0  # seed of the independent noises eps_k of x_k = alpha x0 + sigma eps_k
-
-
-def _record(factory: DenoiserFactory, method: str, times, traj, cfg, calls0, config, **extra):
-    return Inversion(
-        method=method,
-        times=times.to(torch.float64).cpu(),
-        trajectory=traj,
-        cfg=float(cfg),
-        fingerprint=factory.fingerprint,
-        options=asdict(config),
-        nfe=factory.calls - calls0,
-        **extra,
-    )
 
 
 # --- EDICT ------------------------------------------------------------------------------------
@@ -166,7 +154,9 @@ def invert_edict(
         xs[k], y = edict_inverse_step(
             den, xs[k + 1], y, ts[k], ts[k + 1], k=k, p=config.p, leapfrog=config.leapfrog
         )
-    return _record(factory, "edict", times, torch.stack(xs), cfg, calls0, config, coupled=y)
+    return record_inversion(
+        factory, "edict", times, torch.stack(xs), cfg, calls0, config, coupled=y
+    )
 
 
 # --- BDIA -------------------------------------------------------------------------------------
@@ -228,7 +218,9 @@ def invert_bdia(
         down = ddim_step(den, x_k, ts[k], ts[k + 1], x0, state)
         up = ddim_step(den, x_k, ts[k], ts[k - 1], x0, state)
         xs[k - 1] = (xs[k + 1] - down) / config.gamma + up
-    return _record(factory, "bdia", times, torch.stack(xs), cfg, calls0, config, coupled=xs[1])
+    return record_inversion(
+        factory, "bdia", times, torch.stack(xs), cfg, calls0, config, coupled=xs[1]
+    )
 
 
 # --- edit-friendly DDPM -----------------------------------------------------------------------
@@ -276,7 +268,7 @@ def invert_ddpm_edit_friendly(
         residual = xs[k + 1] - mean
         noises.append(residual / c if c > 0 else zero)
         offsets.append(zero if c > 0 else residual)
-    return _record(
+    return record_inversion(
         factory,
         "ddpm_edit_friendly",
         times,

@@ -22,14 +22,14 @@ Diffusion Models", Alg. 1 and sec. 4.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retouch.inversion.core import DenoiserFactory, step_state
+from retouch.inversion.core import DenoiserFactory, record_inversion, step_state
 from retouch.inversion.ddim import ddim_trajectory
 from retouch.inversion.result import Inversion
 from retouch.samplers import ddim_step
@@ -93,16 +93,8 @@ def invert_null_text(
             x0_u = factory.branch(emb)(x_bar, t) if cfg != 1.0 else x0_c
             x0 = x0_u + cfg * (x0_c - x0_u)
             x_bar = ddim_step(cond, x_bar, t, t_next, x0, step_state())
-    return Inversion(
-        method="null_text",
-        times=times.to(torch.float64).cpu(),
-        trajectory=pivot,
-        cfg=float(cfg),
-        fingerprint=factory.fingerprint,
-        uncond_embeddings=torch.stack(embeddings),
-        options=asdict(config),
-        nfe=factory.calls - calls0,
-    )
+    return record_inversion(factory, "null_text", times, pivot, cfg, calls0, config,
+                            uncond_embeddings=torch.stack(embeddings))
 
 
 def _tune(factory, emb, x_bar, x0_c, target, t, t_next, *, cfg, lr, threshold, iterations):
