@@ -16,12 +16,21 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_toy_pipeline(tmp_path_factory) -> Path:
-    """A diffusers folder made by `train` + `export_pipeline` (barely trained: plumbing only)."""
-    from retouch.toyworld.train import TrainConfig, export_pipeline, train
+def tiny_toy_run(tmp_path_factory) -> Path:
+    """A `retouch toyworld train` run directory (barely trained: plumbing only). Read-only:
+    tests that change a run copy it first."""
+    from retouch.toyworld.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("toyrun")
     cfg = TrainConfig(out=str(run), dataset_size=48, vae_steps=2, unet_steps=2, batch=2,
                       unet_width=32, checkpoint_every=2, log_every=1)
     train(cfg, progress=False)
-    return export_pipeline(run, tmp_path_factory.mktemp("toypipe") / "pipe")
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_pipeline(tiny_toy_run, tmp_path_factory) -> Path:
+    """A diffusers folder exported from :func:`tiny_toy_run`."""
+    from retouch.toyworld.train import export_pipeline
+
+    return export_pipeline(tiny_toy_run, tmp_path_factory.mktemp("toypipe") / "pipe")

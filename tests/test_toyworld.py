@@ -155,3 +155,37 @@ def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_pat
     shipped = UNet2DConditionModel.from_pretrained(str(tiny_toy_pipeline), subfolder="unet")
     for k, v in shipped.float().state_dict().items():
         assert torch.equal(saved[f"unet.{k}"], v), k
+
+
+def test_decoder_tuning_keeps_the_encoder_and_resumes(tiny_toy_run, tmp_path):
+    """tune-decoder trains the decoder only (the latent space a UNet learnt stays), keeps the
+    starting VAE, and a resumed run ends bit-identical to an uninterrupted one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from retouch.toyworld.decoder import DecoderConfig, tune_decoder
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        shutil.copytree(tiny_toy_run, run)
+    start = load_file(str(tiny_toy_run / "vae_best.safetensors"))
+    common = dict(dataset_size=8, held_out=4, batch=2, checkpoint_every=1, lr=1e-3)
+    tune_decoder(DecoderConfig(run=str(runs[0]), steps=2, **common), progress=False)
+    tune_decoder(DecoderConfig(run=str(runs[1]), steps=1, **common), progress=False)
+    tune_decoder(DecoderConfig(run=str(runs[1]), steps=2, **common), resume=True, progress=False)
+
+    a = load_file(str(runs[0] / "decoder.safetensors"))
+    b = load_file(str(runs[1] / "decoder.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    kept = load_file(str(runs[0] / "vae_base.safetensors"))
+    for k, v in start.items():
+        assert torch.equal(kept[k], v), k
+        tuned = a[f"model.{k}"]
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(tuned, v), k
+    assert any(not torch.equal(a[f"model.{k}"], v) for k, v in start.items()
+               if k.startswith("decoder."))
+    with pytest.raises(FileNotFoundError, match="vae_best"):
+        tune_decoder(DecoderConfig(run=str(tmp_path)), progress=False)

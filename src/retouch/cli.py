@@ -88,6 +88,15 @@ def _cmd_train(args) -> None:
     train(cfg, resume=args.resume)
 
 
+def _cmd_tune_decoder(args) -> None:
+    from .toyworld.decoder import DecoderConfig, tune_decoder
+
+    cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight)
+    best = tune_decoder(cfg, resume=args.resume)
+    print(f"best decoder at step {best['step']}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in best.items() if k != "step"))
+
+
 def _cmd_export(args) -> None:
     from .models.loading import toyworld_model_dir
     from .toyworld.train import export_pipeline
@@ -154,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.set_defaults(func=_cmd_train)
+    td = tsub.add_parser(
+        "tune-decoder",
+        help="fine-tune a run's VAE decoder (encoder frozen) so colours and edges decode right",
+    )
+    td.add_argument("run", help="a `retouch toyworld train` run directory")
+    td.add_argument("--steps", type=int, default=3000)
+    td.add_argument("--object-weight", type=float, default=10.0,
+                    help="loss weight of object pixels relative to background pixels")
+    td.add_argument("--resume", action="store_true")
+    td.set_defaults(func=_cmd_tune_decoder)
     ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")
     ex.add_argument("run")
     ex.add_argument("--dest", default=None, help="default: the package's shipped weights")

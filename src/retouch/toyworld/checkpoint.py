@@ -20,6 +20,7 @@ __all__ = [
     "unprefixed",
     "optimizer_tensors",
     "restore_optimizer",
+    "append_log",
 ]
 
 
@@ -65,3 +66,9 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def append_log(run: Path, record: dict) -> None:
+    """Append one JSON line to the run's ``log.jsonl``."""
+    with open(Path(run) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")

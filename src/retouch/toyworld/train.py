@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from ..metrics import psnr
 from . import configs
 from .checkpoint import (
+    append_log,
     atomic_save,
     load,
     optimizer_tensors,
@@ -129,7 +130,7 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
             psnr = _vae_psnr(vae, held_out)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
-            _log(out, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr})
+            append_log(out, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr})
             if psnr > best:
                 best = psnr
                 atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"psnr": psnr})
@@ -232,7 +233,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             running[k] = 0.98 * running.get(k, v) + 0.02 * v
         if step % cfg.log_every == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-            _log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
+            append_log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
                        **running})
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
             tensors, groups = optimizer_tensors(opt)
@@ -251,11 +252,6 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
 def _ddpm_kwargs() -> dict:
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
     return {k: configs.scheduler_config()[k] for k in keys}
-
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,9 +373,10 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     # transformers 5 writes only tokenizer.json; older versions need vocab.json + merges.txt.
     save_tokenizer(VOCABULARY, tmp / "tokenizer", max_length=configs.MAX_TOKENS)
-    meta = json.loads((Path(run) / "log.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    last = {r["stage"]: r for r in records}  # each stage's latest record
     (tmp / "toyworld.json").write_text(
-        json.dumps({"vocabulary": list(VOCABULARY), "trained": meta}, indent=2)
+        json.dumps({"vocabulary": list(VOCABULARY), "trained": last}, indent=2)
     )
     if dest.exists():
         old = dest.with_name(dest.name + ".old")
