@@ -109,6 +109,7 @@ def p2p_editor(
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
     blend_dilation: int = 1,
+    blend_resolutions: Sequence[int] | None = None,
 ) -> list[Controller]:
     """Prompt-to-Prompt controllers.
 
@@ -119,7 +120,9 @@ def p2p_editor(
     Local blending: ``blend_words`` = (source words, target words), or ``"changed"`` for the
     tokens that differ (:func:`changed_tokens`; none for identical prompts), or
     ``blend_positions`` = (source, target) encoder positions; with its ``blend_threshold``,
-    first step ``blend_start`` (fraction) and max-pool radius ``blend_dilation``.
+    first step ``blend_start`` (fraction), max-pool radius ``blend_dilation`` and the
+    cross-attention resolutions whose maps make the mask, ``blend_resolutions`` (default: the
+    coarsest down/up level, as the paper's 16 x 16 on SD1.x).
     """
     kw = dict(steps=cross_steps, word_steps=word_steps)
     if mode == "swap":
@@ -137,7 +140,8 @@ def p2p_editor(
     if weights:
         controllers.append(reweight(tokenizer, target, weights, steps=cross_steps))
     controllers.append(SelfAttentionInjection(steps=self_steps))
-    blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation)
+    blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation,
+                 resolutions=blend_resolutions)
     if blend_words is not None and blend_positions is not None:
         raise ValueError("give blend_words or blend_positions, not both")
     if blend_words == "changed":

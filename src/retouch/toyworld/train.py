@@ -375,6 +375,9 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
     save_tokenizer(VOCABULARY, tmp / "tokenizer", max_length=configs.MAX_TOKENS)
     records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
     last = {r["stage"]: r for r in records}  # each stage's latest record
+    _, vae_meta = load(Path(run) / "vae_best.safetensors")
+    if "decoder" in vae_meta:  # tune-decoder's selected checkpoint, not its latest
+        last["decoder"] = {"stage": "decoder", **vae_meta["decoder"]}
     (tmp / "toyworld.json").write_text(
         json.dumps({"vocabulary": list(VOCABULARY), "trained": last}, indent=2)
     )
