@@ -260,3 +260,33 @@ def test_prepare_image_converts_resizes_or_refuses():
     assert img.mode == "RGB" and notes == ["converted the P image to RGB"]
     with pytest.raises(ValueError, match=re.escape("is 128x64") + ".*crop"):
         prepare_image(Image.new("L", (128, 64)), 64)
+
+
+def test_bdia_target_rows_take_the_source_correction():
+    """In an edit, BDIA's target row is its own DDIM step plus the source row's backward
+    correction (a one-step scheme; its own correction would make a leapfrog that never damps
+    what the edit changes), and the source row stays exact."""
+    from retouch.inversion import BDIAStep
+    from retouch.inversion.core import step_state
+    from retouch.samplers import ddim_step
+
+    x, cond, _ = data()
+    f = factory()
+    inv = inverted("bdia", 7.5)
+    target = cond + 0.5 * torch.randn(cond.shape, generator=torch.Generator().manual_seed(9),
+                                      dtype=cond.dtype)
+    both = reconstruct(inv, f, target=target, progress=False)
+    assert rel(both[:1], x) < 1e-10
+
+    den = GMMDenoiser(GaussianMixture.random(dim=16, components=2), get_schedule("linear"))
+    g = torch.Generator().manual_seed(4)
+    prev, cur = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    t_prev, t, t_next = 700.0, 600.0, 500.0
+    step = BDIAStep(x_prev=prev, t_prev=t_prev, source_rows=1)
+    out = step(den, cur, t, t_next, den(cur, t), step_state())
+    state = step_state()
+    down = ddim_step(den, cur, t, t_next, den(cur, t), state)
+    up = ddim_step(den, cur, t, t_prev, den(cur, t), state)
+    source_correction = prev[0] - up[0]
+    assert torch.allclose(out[0], down[0] + source_correction, atol=1e-12)
+    assert torch.allclose(out[1], down[1] + source_correction, atol=1e-12)

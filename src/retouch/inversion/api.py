@@ -281,7 +281,8 @@ def reconstruct(
             return _edict_replay(inv, den, x0, _rows(inv.coupled, inv.batch, copies), progress)
         step, noises, shift = ddim_step, None, 0
         if inv.method == "bdia":
-            step = BDIAStep(x_prev=x0, t_prev=float(ts[0]), gamma=inv.options["gamma"])
+            step = BDIAStep(x_prev=x0, t_prev=float(ts[0]), gamma=inv.options["gamma"],
+                            source_rows=inv.batch if copies > 1 else None)
             x0, ts, shift = _rows(inv.coupled, inv.batch, copies), ts[1:], 1
         elif inv.method == "ddpm_edit_friendly":
             step = partial(ddim_step, eta=inv.options["eta"])
