@@ -189,3 +189,27 @@ def test_decoder_tuning_keeps_the_encoder_and_resumes(tiny_toy_run, tmp_path):
                if k.startswith("decoder."))
     with pytest.raises(FileNotFoundError, match="vae_best"):
         tune_decoder(DecoderConfig(run=str(tmp_path)), progress=False)
+
+
+def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline, tmp_path):
+    """--init-from with --extended: the VAE learns outlined/striped renders first (encoder
+    included, solid latents anchored), then the UNet trains on extended captions."""
+    import json
+
+    from retouch.toyworld.dataset import make_scenes, vocabulary
+    from retouch.toyworld.train import TrainConfig, train
+
+    scenes = make_scenes(64, seed=0, size=16, mask_size=4, progress=False,
+                         **vocabulary(True)).scenes
+    assert {s.style for s in scenes} == {"solid", "outlined", "striped"}
+    assert {o.position for s in scenes for o in s.objects} >= {"top", "bottom"}
+    run = tmp_path / "ext"
+    cfg = TrainConfig(out=str(run), init_from=str(tiny_toy_pipeline), extended=True,
+                      dataset_size=48, vae_steps=2, unet_steps=1, batch=2, unet_width=32,
+                      checkpoint_every=1, log_every=1)
+    train(cfg, progress=False)
+    stages = {json.loads(line)["stage"] for line in (run / "log.jsonl").read_text().splitlines()}
+    assert stages == {"decoder", "unet"}
+    assert (run / "vae_base.safetensors").exists() and (run / "unet.safetensors").exists()
+    with pytest.raises(ValueError, match="extended"):
+        train(TrainConfig(**{**cfg.__dict__, "extended": False}), resume=True, progress=False)

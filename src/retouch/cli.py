@@ -84,6 +84,7 @@ def _cmd_train(args) -> None:
         lr=args.lr,
         grounding_weight=args.grounding_weight,
         init_from=args.init_from,
+        extended=args.extended,
     )
     train(cfg, resume=args.resume)
 
@@ -91,7 +92,8 @@ def _cmd_train(args) -> None:
 def _cmd_tune_decoder(args) -> None:
     from .toyworld.decoder import DecoderConfig, tune_decoder
 
-    cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight)
+    cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight,
+                        extended=args.extended, train_encoder=args.train_encoder)
     best = tune_decoder(cfg, resume=args.resume)
     print(f"best decoder at step {best['step']}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in best.items() if k != "step"))
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grounding-weight", type=float, default=0.1)
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
+    tr.add_argument("--extended", action="store_true",
+                    help="the extended vocabulary (top/bottom, outlined/striped); with "
+                         "--init-from the VAE first learns the new renders (--vae-steps)")
     tr.set_defaults(func=_cmd_train)
     td = tsub.add_parser(
         "tune-decoder",
@@ -171,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--steps", type=int, default=3000)
     td.add_argument("--object-weight", type=float, default=10.0,
                     help="loss weight of object pixels relative to background pixels")
+    td.add_argument("--extended", action="store_true", help="extended-vocabulary renders")
+    td.add_argument("--train-encoder", action="store_true",
+                    help="also train the encoder (solid-fill latents anchored to the old ones)")
     td.add_argument("--resume", action="store_true")
     td.set_defaults(func=_cmd_tune_decoder)
     ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")

@@ -10,13 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from .render import render
-from .scene import Scene, caption, random_scene
+from .scene import POSITIONS, SHAPES, STYLES, Scene, caption, random_scene
 
-__all__ = ["SceneSet", "make_scenes", "CaptionBatch", "caption_batch", "DROP"]
+__all__ = ["SceneSet", "make_scenes", "vocabulary", "CaptionBatch", "caption_batch", "DROP"]
 
 # Per-attribute caption-word omission probabilities during training (the model learns to sample
 # an attribute whose word is missing).
 DROP = {"size": 0.1, "color": 0.1, "position": 0.15, "background": 0.2, "style": 0.2}
+
+
+def vocabulary(extended: bool) -> dict:
+    """``random_scene`` options of the training world: the core vocabulary (solid fill; left,
+    right, center), or the extended one (also top/bottom and outlined/striped). Star and heart
+    are never in either: personalization teaches them."""
+    if not extended:
+        return {"shapes": SHAPES}
+    return {"shapes": SHAPES, "styles": STYLES, "positions": tuple(POSITIONS)}
 
 
 @dataclass

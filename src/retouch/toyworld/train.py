@@ -34,9 +34,9 @@ from .checkpoint import (
     restore_optimizer,
     unprefixed,
 )
-from .dataset import SceneSet, caption_batch, make_scenes
+from .dataset import SceneSet, caption_batch, make_scenes, vocabulary
 from .grounding import grounding_loss, install_grounding
-from .scene import SHAPES, VOCABULARY
+from .scene import VOCABULARY
 from .tokenizer import save_tokenizer
 
 __all__ = ["TrainConfig", "train", "export_pipeline", "load_components"]
@@ -61,6 +61,7 @@ class TrainConfig:
     grounding_resolutions: tuple[int, ...] = (16, 8)
     unet_width: int = 64
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
+    extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     text_layers: int = 2
     checkpoint_every: int = 200
     log_every: int = 50
@@ -91,7 +92,7 @@ def _scenes(cfg: TrainConfig) -> SceneSet:
         seed=cfg.seed,
         size=configs.IMAGE_SIZE,
         mask_size=configs.LATENT_SIZE,
-        shapes=SHAPES,
+        **vocabulary(cfg.extended),
     )
 
 
@@ -272,8 +273,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     cfg_path = out / "config.json"
     if resume and cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
-        for key in ("seed", "dataset_size", "unet_width", "text_layers"):
-            if saved[key] != getattr(cfg, key):
+        for key in ("seed", "dataset_size", "unet_width", "text_layers", "extended"):
+            if saved.get(key, False) != getattr(cfg, key):
                 raise ValueError(
                     f"--resume with {key}={getattr(cfg, key)} but the run in {out} used "
                     f"{saved[key]}; pass the same value or start a new --out"
@@ -286,12 +287,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     data = _scenes(cfg)
     scale = None
     if cfg.init_from is not None and not (out / "unet.safetensors").exists():
-        scale = _init_from_pipeline(out, Path(cfg.init_from), vae, unet, text)
+        scale = _init_from_pipeline(out, Path(cfg.init_from), vae, unet, text,
+                                    vae_done=not cfg.extended)
+    if not (out / "vae_done.json").exists() and cfg.init_from is not None:
+        # Extending a trained model: its VAE learns the new renders, the old latents anchored.
+        from .decoder import DecoderConfig, tune_decoder
+
+        tuned = DecoderConfig(run=str(out), steps=cfg.vae_steps, extended=True,
+                              train_encoder=True, seed=cfg.seed + 11)
+        (out / "vae_done.json").write_text(
+            json.dumps(tune_decoder(tuned, resume=resume, progress=progress)))
     if not (out / "vae_done.json").exists():
         psnr = train_vae(cfg, data, vae, resume=resume, progress=progress)
         (out / "vae_done.json").write_text(json.dumps({"psnr": psnr}))
-    else:
-        vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
+    vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
     vae.to(_device())
     latents = encode_latents(vae, data.images)
     if scale is None and (out / "scale.json").exists() and cfg.init_from is not None:
@@ -303,9 +312,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     return out
 
 
-def _init_from_pipeline(out: Path, folder: Path, vae, unet, text) -> float:
+def _init_from_pipeline(out: Path, folder: Path, vae, unet, text, *, vae_done: bool) -> float:
     """Load an exported pipeline's weights (e.g. the shipped model) to continue training it;
-    the VAE stage is taken as done. Returns the pipeline's latent scaling factor."""
+    the VAE stage is taken as done unless ``vae_done`` is false (extending the vocabulary).
+    Returns the pipeline's latent scaling factor."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -317,8 +327,10 @@ def _init_from_pipeline(out: Path, folder: Path, vae, unet, text) -> float:
     text.load_state_dict(
         CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float().state_dict()
     )
-    atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"init_from": str(folder)})
-    (out / "vae_done.json").write_text(json.dumps({"init_from": str(folder)}))
+    if not (out / "vae_best.safetensors").exists():  # a resumed VAE stage keeps its own
+        atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"init_from": str(folder)})
+    if vae_done:
+        (out / "vae_done.json").write_text(json.dumps({"init_from": str(folder)}))
     return float(src.config.scaling_factor)
 
 
