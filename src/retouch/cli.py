@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -67,7 +68,12 @@ def _cmd_bench(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    extra = {"model": args.model} if args.model else {}
+    extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
+                               ("steps", args.steps)) if v is not None}
+    accepted = inspect.signature(module.run).parameters
+    refused = [f"--{k}" for k in extra if k not in accepted]
+    if refused:
+        raise SystemExit(f"retouch bench {args.name} does not take {', '.join(refused)}")
     module.run(quick=args.quick, out=out, **extra)
     print(f"wrote {out / (args.name + '.json')} and {args.name}.md in {time.time() - t0:.0f} s")
 
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
     b.add_argument("--out", default="bench")
     b.add_argument("--model", default=None, help="model folder, for benchmarks that use one")
+    b.add_argument("--cases", type=int, default=None,
+                   help="editing: ToyBench cases (they cycle through the edit types)")
+    b.add_argument("--steps", type=int, default=None, help="editing: sampling steps")
     b.set_defaults(func=_cmd_bench)
 
     from .inversion.cli import register as register_invert

@@ -229,10 +229,12 @@ def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
     }
 
 
-def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None = None,
+        steps: int | None = None) -> dict:
     """Run the benchmark; writes ``editing.{json,md,png}`` in ``out`` and returns the JSON.
 
-    ``model``: a diffusers folder (default: the shipped ToyWorld model).
+    ``model``: a diffusers folder (default: the shipped ToyWorld model); ``cases`` and
+    ``steps`` override the mode's (:data:`CASES`, :data:`STEPS`); ``quick`` picks the methods.
     """
     from tqdm.auto import tqdm
 
@@ -240,8 +242,10 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
 
     out = Path(out)
     pm = PipelineModel.load(model)
-    steps, chosen = STEPS[quick], methods(quick)
-    cases = make_cases(CASES[quick], seed=SEED)
+    if (cases is not None and cases < 1) or (steps is not None and steps < 2):
+        raise ValueError(f"need cases >= 1 and steps >= 2, got cases={cases}, steps={steps}")
+    steps, chosen = steps or STEPS[quick], methods(quick)
+    cases = make_cases(cases or CASES[quick], seed=SEED)
     records, examples = [], {}
     for case in tqdm(cases, desc="bench editing", leave=False):
         edits = edit_case(pm, case, chosen, steps=steps)

@@ -20,6 +20,9 @@ method                   exact       network calls (invert)  stores
 Reconstruction costs N calls (EDICT 2N, BDIA N - 1); with CFG the unconditional and
 conditional rows go through the network as one batched call, counted once.
 ``ddim`` and ``bdia`` work for rectified-flow schedules too; the others need VP (alpha > 0).
+In an edit (:func:`reconstruct` with a target) BDIA's target rows take the source row's
+backward correction (:class:`BDIAStep`): with their own, a target that leaves the inverted
+trajectory runs a leapfrog scheme that never damps the change and diverges.
 See :mod:`retouch.inversion.core` for the time and index conventions.
 """
 
