@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
-from ..toyworld.dataset import SceneSet, make_scenes
+from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
 from ..toyworld.grounding import grounding_loss, install_grounding
-from ..toyworld.scene import SHAPES, caption, parse_caption
+from ..toyworld.scene import caption, parse_caption
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
 __all__ = ["run", "benchmark_scenes"]
@@ -34,9 +35,18 @@ ATTRIBUTES = ("color", "shape", "position", "size", "style", "background", "coun
 BENCH_SEED = 1234  # held-out scenes: the training set uses seed 0
 
 
-def benchmark_scenes(n: int) -> SceneSet:
-    """``n`` fixed held-out scenes (one and two objects), rendered, with their masks."""
-    return make_scenes(n, seed=BENCH_SEED, size=64, mask_size=16, progress=False, shapes=SHAPES)
+def benchmark_scenes(n: int, *, extended: bool = False) -> SceneSet:
+    """``n`` fixed held-out scenes (one and two objects), rendered, with their masks; with
+    ``extended``, from the extended vocabulary (top/bottom, outlined/striped)."""
+    return make_scenes(n, seed=BENCH_SEED, size=64, mask_size=16, progress=False,
+                       **vocabulary(extended))
+
+
+def _is_extended(model: str | None) -> bool:
+    from ..models.loading import toyworld_model_dir
+
+    path = Path(model or toyworld_model_dir()) / "toyworld.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("extended", False))
 
 
 @torch.no_grad()
@@ -82,7 +92,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
-    data = benchmark_scenes(n)
+    extended = _is_extended(model)
+    data = benchmark_scenes(n, extended=extended)
     prompts = [caption(s).text for s in data.scenes]
     t0 = time.time()
     images = np.concatenate(
@@ -111,7 +122,9 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     rows += [{"metric": k, "value": result[k]}
              for k in ("vae_psnr", "vae_checker_all", "seconds_per_image", "attention_mass")]
     table = write_markdown_table(rows, ["metric", "value"])
-    atomic_write_text(out / "toyworld.md", f"# ToyWorld model (25 DDIM steps, CFG 5)\n\n{table}")
+    words = "extended vocabulary" if extended else "core vocabulary"
+    atomic_write_text(out / "toyworld.md",
+                      f"# ToyWorld model ({words}; 25 DDIM steps, CFG 5)\n\n{table}")
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result

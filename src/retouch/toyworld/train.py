@@ -363,6 +363,8 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     vae, unet, text, tokenizer, scale = load_components(run)
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    cfg = TrainConfig(**{**cfg, "out": str(run)})
     vae.register_to_config(scaling_factor=scale)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -391,7 +393,8 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
     if "decoder" in vae_meta:  # tune-decoder's selected checkpoint, not its latest
         last["decoder"] = {"stage": "decoder", **vae_meta["decoder"]}
     (tmp / "toyworld.json").write_text(
-        json.dumps({"vocabulary": list(VOCABULARY), "trained": last}, indent=2)
+        json.dumps({"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last},
+                   indent=2)
     )
     if dest.exists():
         old = dest.with_name(dest.name + ".old")
