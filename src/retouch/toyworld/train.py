@@ -267,7 +267,8 @@ def _tokenizer(out: Path):
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) both stages; returns the run directory."""
+    """Run (or resume) the VAE stage (training, or with ``init_from`` and ``extended`` the
+    tuning of :mod:`.decoder`), then the UNet stage; returns the run directory."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
             if saved.get(key, False) != getattr(cfg, key):
                 raise ValueError(
                     f"--resume with {key}={getattr(cfg, key)} but the run in {out} used "
-                    f"{saved[key]}; pass the same value or start a new --out"
+                    f"{saved.get(key, False)}; pass the same value or start a new --out"
                 )
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     tokenizer = _tokenizer(out)
