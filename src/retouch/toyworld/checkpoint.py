@@ -21,6 +21,8 @@ __all__ = [
     "optimizer_tensors",
     "restore_optimizer",
     "append_log",
+    "save_state",
+    "restore_state",
 ]
 
 
@@ -72,3 +74,22 @@ def append_log(run: Path, record: dict) -> None:
     """Append one JSON line to the run's ``log.jsonl``."""
     with open(Path(run) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               gen: torch.Generator, meta: dict) -> None:
+    """Atomically write a one-model training state: weights, optimizer, RNG and ``meta``."""
+    tensors, groups = optimizer_tensors(opt)
+    state = {**prefixed("model", model.state_dict()), **prefixed("opt", tensors)}
+    state["rng"] = gen.get_state()
+    atomic_save(state, path, {**meta, "param_groups": groups})
+
+
+def restore_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  gen: torch.Generator) -> dict:
+    """Load what :func:`save_state` wrote into ``model``, ``opt`` and ``gen``; returns meta."""
+    tensors, meta = load(path)
+    model.load_state_dict(unprefixed("model", tensors))
+    restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
+    gen.set_state(tensors["rng"])
+    return meta

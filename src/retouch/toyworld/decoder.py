@@ -26,15 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import checker, configs
-from .checkpoint import (
-    append_log,
-    atomic_save,
-    load,
-    optimizer_tensors,
-    prefixed,
-    restore_optimizer,
-    unprefixed,
-)
+from .checkpoint import append_log, atomic_save, restore_state, save_state
 from .dataset import make_scenes, vocabulary
 from .scene import BACKGROUNDS
 
@@ -111,10 +103,7 @@ def tune_decoder(cfg: DecoderConfig, *, resume: bool = False, progress: bool = T
     step, best = 0, {"all": -1.0, "psnr": -1.0}
     ckpt = run / "decoder.safetensors"
     if resume and ckpt.exists():
-        tensors, meta = load(ckpt)
-        vae.load_state_dict(unprefixed("model", tensors))
-        restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
-        gen.set_state(tensors["rng"])
+        meta = restore_state(ckpt, vae, opt, gen)
         step, best = meta["step"], meta["best"]
 
     data = make_scenes(
@@ -161,9 +150,6 @@ def tune_decoder(cfg: DecoderConfig, *, resume: bool = False, progress: bool = T
             if (measured["all"], measured["psnr"]) > (best["all"], best["psnr"]):
                 best = {**measured, "step": step}
                 atomic_save(vae.state_dict(), run / "vae_best.safetensors", {"decoder": best})
-            tensors, groups = optimizer_tensors(opt)
-            state = {**prefixed("model", vae.state_dict()), **prefixed("opt", tensors)}
-            state["rng"] = gen.get_state()
-            atomic_save(state, ckpt, {"step": step, "best": best, "param_groups": groups})
+            save_state(ckpt, vae, opt, gen, {"step": step, "best": best})
     bar.close()
     return best

@@ -32,6 +32,8 @@ from .checkpoint import (
     optimizer_tensors,
     prefixed,
     restore_optimizer,
+    restore_state,
+    save_state,
     unprefixed,
 )
 from .dataset import SceneSet, caption_batch, make_scenes, vocabulary
@@ -107,10 +109,7 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
     step, best = 0, -1.0
     ckpt = out / "vae.safetensors"
     if resume and ckpt.exists():
-        tensors, meta = load(ckpt)
-        vae.load_state_dict(unprefixed("model", tensors))
-        restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
-        gen.set_state(tensors["rng"])
+        meta = restore_state(ckpt, vae, opt, gen)
         step, best = meta["step"], meta["best_psnr"]
     n_held = min(256, len(data) // 4)  # the last scenes are held out for PSNR
     held_out = data.images[-n_held:].to(dev)
@@ -135,11 +134,7 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
             if psnr > best:
                 best = psnr
                 atomic_save(vae.state_dict(), out / "vae_best.safetensors", {"psnr": psnr})
-            tensors, groups = optimizer_tensors(opt)
-            state = {**prefixed("model", vae.state_dict()), **prefixed("opt", tensors)}
-            state["rng"] = gen.get_state()
-            meta = {"step": step, "best_psnr": best, "param_groups": groups}
-            atomic_save(state, ckpt, meta)
+            save_state(ckpt, vae, opt, gen, {"step": step, "best_psnr": best})
     bar.close()
     vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
     return best
