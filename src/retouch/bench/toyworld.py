@@ -25,6 +25,7 @@ from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
+from ..toyworld.decoder import round_trip_accuracy
 from ..toyworld.grounding import grounding_loss, install_grounding
 from ..toyworld.scene import caption, parse_caption
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
@@ -82,10 +83,9 @@ def attention_mass(model: PipelineModel, data, *, timesteps=(200, 400, 600, 800)
 def vae_round_trip(model: PipelineModel, data: SceneSet) -> tuple[float, float]:
     """(PSNR, checker all-attributes accuracy) of encode→decode of renders: the second is the
     ceiling of adherence, as every generated image goes through the decoder."""
-    rec = model.decode(model.encode_image(data.images), output="tensor").clamp(-1, 1)
-    pixels = ((rec.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-    right = [checker.score(img, scene)["all"] for img, scene in zip(pixels, data.scenes)]
-    return psnr(rec, data.images, data_range=2.0), float(np.mean(right))
+    images = data.images.to(model.device, model.vae.dtype)
+    measured = round_trip_accuracy(model.vae, images, data.scenes)
+    return measured["psnr"], measured["all"]
 
 
 def run(*, quick: bool, out: Path, model: str | None = None) -> dict:

@@ -66,8 +66,8 @@ def round_trip_accuracy(vae, images: torch.Tensor, scenes) -> dict[str, float]:
     vae.eval()
     rec = torch.cat(
         [vae.decode(vae.encode(x).latent_dist.mode()).sample for x in images.split(64)]
-    ).clamp(-1, 1)
-    mse = ((rec - images) ** 2).mean().item()
+    ).clamp(-1, 1).float().cpu()
+    mse = ((rec - images.float().cpu()) ** 2).mean().item()
     pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     scores = [checker.score(img, scene) for img, scene in zip(pixels, scenes)]
     out = {"psnr": 10 * math.log10(4.0 / mse)}
