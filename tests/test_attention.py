@@ -27,9 +27,10 @@ from retouch.attention import (
 )
 from retouch.attention.sites import Site
 from retouch.denoiser import CFGDenoiser
+from retouch.grids import discrete_grid
 from retouch.models import UNetDenoiser
 from retouch.samplers import sample
-from retouch.schedules import discrete_grid, get_schedule
+from retouch.schedules import get_schedule
 from tiny_models import CONFIGS, TEXT_DIM, TOKENS, tiny_tokenizer, tiny_unet
 
 

@@ -9,9 +9,10 @@ import diffusers
 import pytest
 import torch
 
+from retouch.grids import discrete_grid
 from retouch.models import CFGDenoiser, UNetDenoiser
 from retouch.samplers import get_step, sample
-from retouch.schedules import FlowSchedule, Schedule, discrete_grid, get_schedule
+from retouch.schedules import FlowSchedule, Schedule, get_schedule
 
 SD = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
+from retouch.grids import discrete_grid, uniform_grid
 from retouch.images import prepare_image
 from retouch.inversion import (
     METHODS,
@@ -26,7 +27,7 @@ from retouch.inversion import (
 )
 from retouch.models import UNetDenoiser
 from retouch.samplers import sample
-from retouch.schedules import discrete_grid, get_schedule, uniform_grid
+from retouch.schedules import get_schedule
 
 STEPS = 8
 EXACT = ("edict", "bdia", "direct", "ddpm_edit_friendly")

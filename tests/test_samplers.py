@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
 from retouch.denoiser import CFGDenoiser, Denoiser
+from retouch.grids import discrete_grid, log_snr_grid, uniform_grid
 from retouch.samplers import (
     SAMPLERS,
     SamplerState,
@@ -18,7 +19,7 @@ from retouch.samplers import (
     get_step,
     sample,
 )
-from retouch.schedules import discrete_grid, get_schedule, log_snr_grid, uniform_grid
+from retouch.schedules import get_schedule
 
 DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 FIRST_ORDER = ("ddim", "euler")

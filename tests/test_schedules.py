@@ -8,21 +8,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from retouch.grids import discrete_grid, karras_grid, log_snr_grid, spaced_timesteps, uniform_grid
 from retouch.schedules import (
     PREDICTION_TYPES,
     SCHEDULES,
     DiscreteVPSchedule,
     FlowSchedule,
     Schedule,
-    discrete_grid,
     get_schedule,
-    karras_grid,
-    log_snr_grid,
-    spaced_timesteps,
     to_eps,
     to_prediction,
     to_x0,
-    uniform_grid,
 )
 
 VP_NAMES = ("scaled_linear", "linear", "squaredcos_cap_v2")

@@ -9,7 +9,7 @@ running either way (``t_next > t`` is inversion). Only Heun calls the denoiser a
 ``t_next``; its second call is not shown to callbacks).
 
 Settings that reproduce diffusers schedulers (parity-tested in ``tests/test_diffusers_parity.py``;
-grids from :func:`retouch.schedules.discrete_grid`, ``final`` defaults to clean):
+grids from :func:`retouch.grids.discrete_grid`, ``final`` defaults to clean):
 
 =================================================  ==============================================
 diffusers                                          retouch

@@ -34,7 +34,8 @@ from retouch.bench.common import (
     write_markdown_table,
 )
 from retouch.samplers import get_step, sample
-from retouch.schedules import Schedule, discrete_grid, get_schedule, log_snr_grid
+from retouch.grids import discrete_grid, log_snr_grid
+from retouch.schedules import Schedule, get_schedule
 
 __all__ = ["run", "NFES"]
 

@@ -40,9 +40,10 @@ import torch
 from torch import Tensor
 
 from retouch.denoiser import CFGDenoiser, Denoiser, eps_from_x0
+from retouch.grids import discrete_grid, uniform_grid
 from retouch.inversion.result import Inversion
 from retouch.samplers import SamplerState, ddim_step
-from retouch.schedules import DiscreteVPSchedule, Schedule, discrete_grid, uniform_grid
+from retouch.schedules import DiscreteVPSchedule, Schedule
 
 __all__ = [
     "DenoiserFactory",

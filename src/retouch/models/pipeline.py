@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ..denoiser import CFGDenoiser
-from ..schedules import Schedule, discrete_grid
+from ..grids import discrete_grid
+from ..schedules import Schedule
 from .loading import check_prompt, load_pipeline, toyworld_model_dir, toyworld_vocabulary
 from .unet import UNetDenoiser
 
