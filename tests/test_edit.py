@@ -10,14 +10,8 @@ import torch
 import retouch.inversion
 from retouch.cli import main
 from retouch.inversion import METHODS, invert
-from retouch.recipes.edit import (
-    EDITORS,
-    changed_tokens,
-    edit,
-    edit_generated,
-    edit_inverted,
-    sdedit,
-)
+from retouch.recipes.edit import edit, edit_generated, edit_inverted, sdedit
+from retouch.recipes.editors import EDITORS, changed_tokens
 from tiny_models import tiny_model, tiny_model_f64, tiny_tokenizer
 
 STEPS = 4

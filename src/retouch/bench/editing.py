@@ -76,7 +76,7 @@ class Method:
 
     name: str  # row "method"
     inversion: str  # inversion method, or "-" (SDEdit inverts nothing)
-    editor: str  # retouch.recipes.edit.EDITORS name, or "sdedit"
+    editor: str  # retouch.recipes.editors.EDITORS name, or "sdedit"
     options: dict = field(default_factory=dict)  # editor options
     edit_types: tuple[str, ...] = EDIT_TYPES  # the cases it runs on
     quick: bool = True  # part of --quick

@@ -1,10 +1,8 @@
 """Edit an image by changing its prompt: two branches, one batch, attention control.
 
 The source row (``source_prompt``) and the target row (``target_prompt``) start from the same
-latent; an *editor* (a list of attention controllers) makes the target keep what it should of
-the source. Editors (:data:`EDITORS`): ``"none"`` (the baseline), ``"p2p"`` (Prompt-to-Prompt
-word swap / refinement / re-weighting / local blending), ``"masactrl"`` (mutual self-attention),
-``"pnp"`` (Plug-and-Play feature and self-attention injection).
+latent; an *editor* (a list of attention controllers, :data:`.editors.EDITORS`: none, p2p,
+masactrl, pnp) makes the target keep what it should of the source.
 
 * :func:`edit_generated`: both rows from the same noise (a generated source).
 * :func:`edit` (a real image): any inversion of :data:`retouch.inversion.METHODS` with any
@@ -42,19 +40,11 @@ from ..attention import (
     BatchLayout,
     Controller,
     LocalBlend,
-    MutualSelfAttention,
-    PlugAndPlay,
-    SelfAttentionInjection,
     attention_control,
     guidance_halves,
-    local_blend,
-    refinement,
-    reweight,
-    word_swap,
 )
-from ..attention.sites import Window
-from ..attention.tokens import refinement_map, token_ids
 from ..samplers import StepContext, ddim_step, get_step, sample
+from .editors import EDITORS
 
 __all__ = [
     "EditResult",
@@ -63,11 +53,6 @@ __all__ = [
     "edit_inverted",
     "edit_generated",
     "sdedit",
-    "changed_tokens",
-    "p2p_editor",
-    "masactrl_editor",
-    "pnp_editor",
-    "no_editor",
 ]
 
 ROLES = ("source", "target")  # latent rows of an edit
@@ -83,112 +68,6 @@ class EditResult:
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "local_blend": (h, w)
     controllers: list[Controller] = field(default_factory=list)  # what ran (stores keep maps)
     store: AttentionStore | None = None  # cross-attention maps, if ``maps=True``
-
-
-def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
-    """Encoder positions of the tokens one prompt has and the other lacks (the edited words):
-    (source positions, target positions), from the refinement alignment."""
-    mapper, mask = refinement_map(tokenizer, source, target)
-    n_src, n_tgt = len(token_ids(tokenizer, source)), len(token_ids(tokenizer, target))
-    kept = {int(mapper[j]) for j in range(n_tgt) if mask[j] > 0}
-    return [i for i in range(n_src) if i not in kept], [j for j in range(n_tgt) if mask[j] == 0]
-
-
-def p2p_editor(
-    tokenizer,
-    source: str,
-    target: str,
-    *,
-    mode: str = "auto",
-    cross_steps: Window = 0.8,
-    self_steps: Window = 0.4,
-    word_steps: Mapping[str, Window] | None = None,
-    weights: Mapping[str, float] | None = None,
-    blend_words: tuple[str | Sequence[str], str | Sequence[str]] | str | None = None,
-    blend_positions: tuple[Sequence[int], Sequence[int]] | None = None,
-    blend_threshold: float = 0.3,
-    blend_start: float = 0.2,
-    blend_dilation: int = 1,
-    blend_resolutions: Sequence[int] | None = None,
-) -> list[Controller]:
-    """Prompt-to-Prompt controllers.
-
-    ``mode``: "swap" (word swap; refused unless words swap one for one with equal token
-    counts), "refine" (aligned tokens; words added or removed), "auto" (swap when allowed,
-    else refine). ``cross_steps`` / ``self_steps``: injection windows (fractions of the steps);
-    ``word_steps``: per-target-word cross windows; ``weights``: re-weighting of target words.
-    Local blending: ``blend_words`` = (source words, target words), or ``"changed"`` for the
-    tokens that differ (:func:`changed_tokens`; none for identical prompts), or
-    ``blend_positions`` = (source, target) encoder positions; with its ``blend_threshold``,
-    first step ``blend_start`` (fraction), max-pool radius ``blend_dilation`` and the
-    cross-attention resolutions whose maps make the mask, ``blend_resolutions`` (default: the
-    coarsest down/up level, as the paper's 16 x 16 on SD1.x).
-    """
-    kw = dict(steps=cross_steps, word_steps=word_steps)
-    if mode == "swap":
-        cross = word_swap(tokenizer, source, target, **kw)
-    elif mode == "refine":
-        cross = refinement(tokenizer, source, target, **kw)
-    elif mode == "auto":
-        try:
-            cross = word_swap(tokenizer, source, target, **kw)
-        except ValueError:
-            cross = refinement(tokenizer, source, target, **kw)
-    else:
-        raise ValueError(f"unknown Prompt-to-Prompt mode {mode!r}; valid: auto, swap, refine")
-    controllers: list[Controller] = [cross]
-    if weights:
-        controllers.append(reweight(tokenizer, target, weights, steps=cross_steps))
-    controllers.append(SelfAttentionInjection(steps=self_steps))
-    blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation,
-                 resolutions=blend_resolutions)
-    if blend_words is not None and blend_positions is not None:
-        raise ValueError("give blend_words or blend_positions, not both")
-    if blend_words == "changed":
-        blend_positions = changed_tokens(tokenizer, source, target)
-        blend_positions = blend_positions if any(blend_positions) else None
-    elif isinstance(blend_words, str):
-        raise ValueError(f"blend_words is 'changed' or a (source words, target words) pair, "
-                         f"got {blend_words!r}")
-    elif blend_words is not None:
-        controllers.append(local_blend(tokenizer, source, target, *blend_words, **blend))
-    if blend_positions is not None:
-        controllers.append(LocalBlend(*blend_positions, **blend))
-    return controllers
-
-
-def masactrl_editor(
-    tokenizer, source: str, target: str, *, start_step: int = 4, start_layer: int = 10,
-    end_step: int | None = None,
-) -> list[Controller]:
-    """MasaCtrl: target self-attention reads the source's keys/values from step S, layer L."""
-    return [MutualSelfAttention(start_step=start_step, start_layer=start_layer,
-                                end_step=end_step)]
-
-
-def pnp_editor(
-    tokenizer, source: str, target: str, *, attention_steps: Window = 0.5,
-    feature_steps: Window = 0.8, feature_module: str | None = "up_blocks.1.resnets.1.conv2",
-    first_layer: int = 1, source_half: str | None = None,
-) -> list[Controller]:
-    """Plug-and-Play: source features and decoder self-attention injected into the target."""
-    return [PlugAndPlay(attention_steps=attention_steps, feature_steps=feature_steps,
-                        feature_module=feature_module, first_layer=first_layer,
-                        source_half=source_half)]
-
-
-def no_editor(tokenizer, source: str, target: str) -> list[Controller]:
-    """No control: both prompts from the same noise (the baseline edits are compared to)."""
-    return []
-
-
-#: Editors by name: ``(tokenizer, source, target, **options) -> controllers``.
-EDITORS: dict[str, Callable[..., list[Controller]]] = {
-    "none": no_editor,
-    "p2p": p2p_editor,
-    "masactrl": masactrl_editor,
-    "pnp": pnp_editor,
-}
 
 
 def _start_latents(model, start: Tensor | None, seed: int, times) -> Tensor:

@@ -61,7 +61,7 @@ def _save_masks(result, model, source: str, target: str, out: Path) -> list[Path
     from retouch.attention import token_heatmaps
     from retouch.attention.maps import save_heatmaps
     from retouch.attention.tokens import token_ids
-    from retouch.recipes.edit import changed_tokens
+    from retouch.recipes.editors import changed_tokens
 
     paths = []
     size = result.edited.shape[:2]
@@ -129,7 +129,7 @@ def run_edit(args: argparse.Namespace) -> None:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
     from retouch.inversion.api import METHODS
-    from retouch.recipes.edit import EDITORS
+    from retouch.recipes.editors import EDITORS
 
     p = subparsers.add_parser("edit", help="edit a real image by changing its caption",
                               description=__doc__.split("\n\n")[1])

@@ -1,0 +1,137 @@
+"""Editors: the attention controllers that make an edit's target row keep what it should of
+the source row, built by name from the two prompts.
+
+``EDITORS[name](tokenizer, source, target, **options)`` returns a list of controllers for
+:func:`retouch.recipes.edit.edit` and its siblings: ``"none"`` (the baseline), ``"p2p"``
+(Prompt-to-Prompt word swap / refinement / re-weighting / local blending), ``"masactrl"``
+(mutual self-attention), ``"pnp"`` (Plug-and-Play feature and self-attention injection).
+
+References: Hertz et al. 2022 (Prompt-to-Prompt); Cao et al. 2023 (MasaCtrl); Tumanyan et al.
+2023 (Plug-and-Play).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from ..attention import (
+    Controller,
+    LocalBlend,
+    MutualSelfAttention,
+    PlugAndPlay,
+    SelfAttentionInjection,
+    local_blend,
+    refinement,
+    reweight,
+    word_swap,
+)
+from ..attention.sites import Window
+from ..attention.tokens import refinement_map, token_ids
+
+__all__ = ["EDITORS", "changed_tokens", "p2p_editor", "masactrl_editor", "pnp_editor", "no_editor"]
+
+
+def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
+    """Encoder positions of the tokens one prompt has and the other lacks (the edited words):
+    (source positions, target positions), from the refinement alignment."""
+    mapper, mask = refinement_map(tokenizer, source, target)
+    n_src, n_tgt = len(token_ids(tokenizer, source)), len(token_ids(tokenizer, target))
+    kept = {int(mapper[j]) for j in range(n_tgt) if mask[j] > 0}
+    return [i for i in range(n_src) if i not in kept], [j for j in range(n_tgt) if mask[j] == 0]
+
+
+def p2p_editor(
+    tokenizer,
+    source: str,
+    target: str,
+    *,
+    mode: str = "auto",
+    cross_steps: Window = 0.8,
+    self_steps: Window = 0.4,
+    word_steps: Mapping[str, Window] | None = None,
+    weights: Mapping[str, float] | None = None,
+    blend_words: tuple[str | Sequence[str], str | Sequence[str]] | str | None = None,
+    blend_positions: tuple[Sequence[int], Sequence[int]] | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+    blend_dilation: int = 1,
+    blend_resolutions: Sequence[int] | None = None,
+) -> list[Controller]:
+    """Prompt-to-Prompt controllers.
+
+    ``mode``: "swap" (word swap; refused unless words swap one for one with equal token
+    counts), "refine" (aligned tokens; words added or removed), "auto" (swap when allowed,
+    else refine). ``cross_steps`` / ``self_steps``: injection windows (fractions of the steps);
+    ``word_steps``: per-target-word cross windows; ``weights``: re-weighting of target words.
+    Local blending: ``blend_words`` = (source words, target words), or ``"changed"`` for the
+    tokens that differ (:func:`changed_tokens`; none for identical prompts), or
+    ``blend_positions`` = (source, target) encoder positions; with its ``blend_threshold``,
+    first step ``blend_start`` (fraction), max-pool radius ``blend_dilation`` and the
+    cross-attention resolutions whose maps make the mask, ``blend_resolutions`` (default: the
+    coarsest down/up level, as the paper's 16 x 16 on SD1.x).
+    """
+    kw = dict(steps=cross_steps, word_steps=word_steps)
+    if mode == "swap":
+        cross = word_swap(tokenizer, source, target, **kw)
+    elif mode == "refine":
+        cross = refinement(tokenizer, source, target, **kw)
+    elif mode == "auto":
+        try:
+            cross = word_swap(tokenizer, source, target, **kw)
+        except ValueError:
+            cross = refinement(tokenizer, source, target, **kw)
+    else:
+        raise ValueError(f"unknown Prompt-to-Prompt mode {mode!r}; valid: auto, swap, refine")
+    controllers: list[Controller] = [cross]
+    if weights:
+        controllers.append(reweight(tokenizer, target, weights, steps=cross_steps))
+    controllers.append(SelfAttentionInjection(steps=self_steps))
+    blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation,
+                 resolutions=blend_resolutions)
+    if blend_words is not None and blend_positions is not None:
+        raise ValueError("give blend_words or blend_positions, not both")
+    if blend_words == "changed":
+        blend_positions = changed_tokens(tokenizer, source, target)
+        blend_positions = blend_positions if any(blend_positions) else None
+    elif isinstance(blend_words, str):
+        raise ValueError(f"blend_words is 'changed' or a (source words, target words) pair, "
+                         f"got {blend_words!r}")
+    elif blend_words is not None:
+        controllers.append(local_blend(tokenizer, source, target, *blend_words, **blend))
+    if blend_positions is not None:
+        controllers.append(LocalBlend(*blend_positions, **blend))
+    return controllers
+
+
+def masactrl_editor(
+    tokenizer, source: str, target: str, *, start_step: int = 4, start_layer: int = 10,
+    end_step: int | None = None,
+) -> list[Controller]:
+    """MasaCtrl: target self-attention reads the source's keys/values from step S, layer L."""
+    return [MutualSelfAttention(start_step=start_step, start_layer=start_layer,
+                                end_step=end_step)]
+
+
+def pnp_editor(
+    tokenizer, source: str, target: str, *, attention_steps: Window = 0.5,
+    feature_steps: Window = 0.8, feature_module: str | None = "up_blocks.1.resnets.1.conv2",
+    first_layer: int = 1, source_half: str | None = None,
+) -> list[Controller]:
+    """Plug-and-Play: source features and decoder self-attention injected into the target."""
+    return [PlugAndPlay(attention_steps=attention_steps, feature_steps=feature_steps,
+                        feature_module=feature_module, first_layer=first_layer,
+                        source_half=source_half)]
+
+
+def no_editor(tokenizer, source: str, target: str) -> list[Controller]:
+    """No control: both prompts from the same noise (the baseline edits are compared to)."""
+    return []
+
+
+#: Editors by name: ``(tokenizer, source, target, **options) -> controllers``.
+EDITORS: dict[str, Callable[..., list[Controller]]] = {
+    "none": no_editor,
+    "p2p": p2p_editor,
+    "masactrl": masactrl_editor,
+    "pnp": pnp_editor,
+}
