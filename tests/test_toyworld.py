@@ -69,6 +69,25 @@ def test_caption_roles_and_parse_roundtrip():
                 assert word == scene.objects[role[0]].color
 
 
+def test_training_captions_keep_the_style_word_and_sometimes_say_solid():
+    """A caption without a style word means solid, so training never drops the style word of
+    an outlined or striped scene; ``solid_word`` makes some solid captions say "solid"."""
+    from retouch.toyworld.dataset import caption_batch
+
+    rng = random.Random(0)
+    scenes = [random_scene(rng, styles=STYLES, positions=tuple(POSITIONS)) for _ in range(400)]
+    for solid_word in (0.0, 0.5):
+        batch = caption_batch(scenes, rng=rng, max_tokens=40, cond_dropout=0.0,
+                              solid_word=solid_word)
+        for scene, text in zip(scenes, batch.texts):
+            if scene.style != "solid":
+                assert scene.style in text.split()
+        said = [("solid" in t.split()) for s, t in zip(scenes, batch.texts) if s.style == "solid"]
+        assert (sum(said) > 0) == (solid_word > 0)
+        assert all(parse_caption(t).get("style", "solid") == s.style
+                   for s, t in zip(scenes, batch.texts))
+
+
 def test_dropped_words_are_omitted_not_guessed():
     rng = random.Random(0)
     texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0}, rng=rng).text}

@@ -7,9 +7,10 @@ Caption grammar (stable word order, so that a single-attribute edit changes a si
 
 e.g. ``a small red circle on the left and a big blue square on the right on a gray background``.
 Objects are listed left to right (then top to bottom). Every bracketed word may be omitted; the
-model then samples that attribute. The style word is global (all objects share the scene's fill
-style) but is written in each object's clause; ``solid`` is the default and is written only when
-the caption is asked to be explicit about style.
+model then samples that attribute -- except the style word. Style is global (all objects share
+the scene's fill style) but written in each object's clause, and a caption without it means
+``solid``, the default: a core-vocabulary caption keeps its meaning on an extended model.
+``solid`` itself is written only when the caption is asked to be explicit about style.
 """
 
 from __future__ import annotations

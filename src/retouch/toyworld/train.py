@@ -64,6 +64,7 @@ class TrainConfig:
     unet_width: int = 64
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
+    solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
     text_layers: int = 2
     checkpoint_every: int = 200
     log_every: int = 50
@@ -198,6 +199,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             rng=py_rng,
             max_tokens=configs.MAX_TOKENS,
             cond_dropout=cfg.cond_dropout,
+            solid_word=cfg.solid_word if cfg.extended else 0.0,
         )
         ids = tokenizer(
             caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
