@@ -232,3 +232,17 @@ def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline,
     assert (run / "vae_base.safetensors").exists() and (run / "unet.safetensors").exists()
     with pytest.raises(ValueError, match="extended"):
         train(TrainConfig(**{**cfg.__dict__, "extended": False}), resume=True, progress=False)
+
+
+def test_bench_breaks_adherence_down_by_requested_style():
+    from retouch.bench.toyworld import _by_style
+
+    scenes = [Scene(objects=(_scene().objects[0],), style=s)
+              for s in ("solid", "striped", "striped", "outlined")]
+    scores = [{"style": True, "all": True}, {"style": True, "all": False},
+              {"style": False, "all": False}, {"style": True, "all": True}]
+    assert _by_style(scores, scenes) == {
+        "solid": {"style": 1.0, "all": 1.0, "n": 1},
+        "outlined": {"style": 1.0, "all": 1.0, "n": 1},
+        "striped": {"style": 0.5, "all": 0.0, "n": 2},
+    }

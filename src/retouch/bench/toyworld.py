@@ -7,7 +7,8 @@
 * seconds_per_image: wall time of generation in batches of 8, divided by the image count;
 * attention_mass: on held-out *renders* noised to t in {200, 400, 600, 800}, the mean share of
   each object noun's cross-attention (16×16 and 8×8 layers, averaged over heads) that falls
-  inside the renderer's mask of that object.
+  inside the renderer's mask of that object;
+* by_style (extended models only): style and all-attributes accuracy per requested fill style.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
 from ..toyworld.decoder import round_trip_accuracy
 from ..toyworld.grounding import grounding_loss, install_grounding
-from ..toyworld.scene import caption, parse_caption
+from ..toyworld.scene import STYLES, caption, parse_caption
 from .common import atomic_write_text, image_grid, write_json, write_markdown_table
 
 __all__ = ["run", "benchmark_scenes"]
@@ -117,8 +118,13 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         "seconds_per_image": seconds_per_image,
         "attention_mass": attention_mass(tw, _subset(data, 64)),
     }
+    if extended:
+        result["by_style"] = _by_style(scores, data.scenes)
     write_json(out / "toyworld.json", result)
     rows = [{"metric": f"adherence.{k}", "value": v} for k, v in adherence.items()]
+    rows += [{"metric": f"by_style.{style}.{k}", "value": v}
+             for style, measured in result.get("by_style", {}).items()
+             for k, v in measured.items()]
     rows += [{"metric": k, "value": result[k]}
              for k in ("vae_psnr", "vae_checker_all", "seconds_per_image", "attention_mass")]
     table = write_markdown_table(rows, ["metric", "value"])
@@ -128,6 +134,17 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result
+
+
+def _by_style(scores: list[dict], scenes) -> dict[str, dict]:
+    """Style and all-attributes accuracy, and prompt count, per requested fill style."""
+    out = {}
+    for style in STYLES:
+        picked = [s for s, scene in zip(scores, scenes) if scene.style == style]
+        if picked:
+            out[style] = {k: float(np.mean([bool(s[k]) for s in picked])) for k in ("style", "all")}
+            out[style]["n"] = len(picked)
+    return out
 
 
 def _subset(data: SceneSet, k: int) -> SceneSet:
