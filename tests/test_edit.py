@@ -156,7 +156,8 @@ def test_edit_refuses_before_paying_for_the_inversion(monkeypatch):
 
     monkeypatch.setattr(retouch.inversion, "invert", never)
     m, image = tiny_model("sd1"), tiny_image()
-    with pytest.raises(ValueError, match="inversion 'edict' cannot run LocalBlend"):
+    with pytest.raises(ValueError, match="inversion 'edict' cannot run LocalBlend"), \
+            pytest.warns(UserWarning, match="EDICT edits with 25 < 50 steps"):
         edit(m, image, "a red square", "a blue square", inversion="edict",
              blend_words="changed")
     with pytest.raises(ValueError, match="unknown inversion method 'magic'"):
