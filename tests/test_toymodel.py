@@ -58,16 +58,12 @@ def test_exact_inversions_reach_the_vae_ceiling_at_cfg_5(model, method):
 def test_generations_follow_their_prompts(model):
     """The checker reads most attributes of generated images as the prompt asks (the full
     measurement is `retouch bench toyworld`: 0.95 of 256 prompts all right)."""
-    from retouch.bench.toyworld import benchmark_scenes
-    from retouch.recipes.generate import generate
-    from retouch.toyworld import checker
-    from retouch.toyworld.scene import parse_caption
+    from retouch.bench.toyworld import benchmark_scenes, prompt_adherence
 
-    prompts = [caption(s).text for s in benchmark_scenes(8).scenes]
-    images = generate(model, prompts, steps=25, cfg=5.0, seed=0, progress=False)
-    scores = [checker.score(img, parse_caption(p)) for img, p in zip(images, prompts)]
+    accuracy, scores, images, _ = prompt_adherence(model, benchmark_scenes(8).scenes)
+    assert len(scores) == len(images) == accuracy["n"] == 8
     for attr in ("color", "shape", "position", "size", "background"):
-        assert np.mean([s[attr] for s in scores if s[attr] is not None]) >= 0.75, attr
+        assert accuracy[attr] >= 0.75, attr
 
 
 def test_vae_round_trips_keep_every_attribute(model):
