@@ -229,12 +229,14 @@ def test_score_with_a_caption_scores_only_named_attributes():
         "color": True, "shape": True, "size": True, "position": True, "style": True,
         "background": True, "count": True, "all": True,
     }
-    verdict = checker.score(img, parse_caption("a star"))
+    verdict = checker.score(img, parse_caption("a striped star"))
     assert verdict == {"color": None, "shape": True, "size": None, "position": None,
-                       "style": None, "background": None, "count": True, "all": True}
+                       "style": True, "background": None, "count": True, "all": True}
+    # No style word means solid, so a striped star is not "a star".
+    assert checker.score(img, parse_caption("a star"))["style"] is False
     verdict = checker.score(img, parse_caption("a small red star on the left"))
     assert verdict["shape"] is False  # nothing on the left to match
-    assert verdict["background"] is None and verdict["style"] is None
+    assert verdict["background"] is None
     verdict = checker.score(img, parse_caption("a red star"))  # matched by order
     assert verdict["color"] is False and verdict["shape"] is True and verdict["size"] is None
 

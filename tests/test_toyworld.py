@@ -84,7 +84,7 @@ def test_training_captions_keep_the_style_word_and_sometimes_say_solid():
                 assert scene.style in text.split()
         said = [("solid" in t.split()) for s, t in zip(scenes, batch.texts) if s.style == "solid"]
         assert (sum(said) > 0) == (solid_word > 0)
-        assert all(parse_caption(t).get("style", "solid") == s.style
+        assert all(parse_caption(t)["style"] == s.style
                    for s, t in zip(scenes, batch.texts))
 
 

@@ -252,7 +252,8 @@ def parse_caption(text: str) -> dict:
     """Read a canonical caption back into attribute words: ``{"objects": [...], ...}``.
 
     Raises ValueError naming unknown words. Attributes absent from the caption are absent from
-    the result (the model samples them).
+    the result (the model samples them), except the style: without a style word it is
+    ``"solid"`` (see the module doc).
     """
     words = text.lower().replace(",", " ").split()
     unknown = sorted({w for w in words if w not in VOCABULARY})
@@ -277,4 +278,5 @@ def parse_caption(text: str) -> dict:
             objects[-1]["position"] = w
         elif w in BACKGROUNDS:
             out["background"] = w
+    out.setdefault("style", "solid")
     return out
