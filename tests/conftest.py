@@ -31,6 +31,6 @@ def tiny_toy_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_toy_pipeline(tiny_toy_run, tmp_path_factory) -> Path:
     """A diffusers folder exported from :func:`tiny_toy_run`."""
-    from retouch.toyworld.train import export_pipeline
+    from retouch.toyworld.export import export_pipeline
 
     return export_pipeline(tiny_toy_run, tmp_path_factory.mktemp("toypipe") / "pipe")
