@@ -142,6 +142,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     """A run stopped and resumed ends bit-identical to an uninterrupted one."""
     from safetensors.torch import load_file
 
+    from retouch.toyworld.checkpoint import load
     from retouch.toyworld.train import TrainConfig, train
 
     common = dict(dataset_size=48, vae_steps=2, batch=2, unet_width=32,
@@ -158,6 +159,21 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="unet_width"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**common, "unet_width": 64}),
               resume=True, progress=False)
+    # A cooldown added on resume ends the run at its END step.
+    train(TrainConfig(out=str(tmp_path / "b"), cooldown=(4, 6), **common), resume=True,
+          progress=False)
+    assert load(tmp_path / "b" / "unet.safetensors")[1]["step"] == 6
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    from retouch.toyworld.train import TrainConfig, learning_rate, train
+
+    cfg = TrainConfig(out="unused", lr=1.0, warmup=10, cooldown=(100, 200))
+    rates = [learning_rate(cfg, s) for s in (0, 9, 50, 100, 150, 200, 300)]
+    assert rates == pytest.approx([0.1, 1.0, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert learning_rate(TrainConfig(out="unused", lr=1.0, warmup=10), 10**6) == 1.0
+    with pytest.raises(ValueError, match="cooldown needs"):
+        train(TrainConfig(out="unused", cooldown=(5, 5)), progress=False)
 
 
 def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_path):

@@ -91,6 +91,7 @@ def _cmd_train(args) -> None:
         grounding_weight=args.grounding_weight,
         init_from=args.init_from,
         extended=args.extended,
+        cooldown=tuple(args.cooldown) if args.cooldown else None,
     )
     train(cfg, resume=args.resume)
 
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--extended", action="store_true",
                     help="the extended vocabulary (top/bottom, outlined/striped); with "
                          "--init-from the VAE first learns the new renders (--vae-steps)")
+    tr.add_argument("--cooldown", type=int, nargs=2, default=None, metavar=("START", "END"),
+                    help="UNet steps over which the learning rate decays linearly to 0; "
+                         "training stops at END")
     tr.set_defaults(func=_cmd_train)
     td = tsub.add_parser(
         "tune-decoder",

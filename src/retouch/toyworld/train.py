@@ -40,7 +40,7 @@ from .grounding import grounding_loss, install_grounding
 from .scene import VOCABULARY
 from .tokenizer import save_tokenizer
 
-__all__ = ["TrainConfig", "train", "build_models"]
+__all__ = ["TrainConfig", "train", "build_models", "learning_rate"]
 
 
 @dataclass
@@ -64,6 +64,9 @@ class TrainConfig:
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
+    # (start, end) UNet steps: the learning rate decays linearly from lr to 0 at end, where the
+    # run stops. May be added when resuming a run that trained at a constant rate.
+    cooldown: tuple[int, int] | None = None
     text_layers: int = 2
     checkpoint_every: int = 200
     log_every: int = 50
@@ -188,10 +191,11 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         py_rng.setstate((version, tuple(internal), gauss))
         step = meta["step"]
     store = install_grounding(unet, cfg.grounding_resolutions)
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet", disable=not progress)
+    last = cfg.unet_steps if cfg.cooldown is None else min(cfg.unet_steps, cfg.cooldown[1])
+    bar = tqdm(total=last, initial=step, desc="unet", disable=not progress)
     running: dict[str, float] = {}
     t0 = time.time()
-    while step < cfg.unet_steps:
+    while step < last:
         idx = torch.randint(len(data), (cfg.batch,), generator=gen)
         caps = caption_batch(
             [data.scenes[i] for i in idx.tolist()],
@@ -218,8 +222,8 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:  # linear warm-up, then constant
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -232,7 +236,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
             append_log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
                        **running})
-        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+        if step % cfg.checkpoint_every == 0 or step == last:
             tensors, groups = optimizer_tensors(opt)
             state = {
                 **prefixed("unet", unet.state_dict()),
@@ -244,6 +248,16 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
             atomic_save(state, ckpt, meta)
     bar.close()
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """UNet-stage learning rate at ``step``: linear warm-up, constant, and with ``cooldown``
+    a linear decay to 0 at its end."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.cooldown is not None:
+        start, end = cfg.cooldown
+        lr *= min(1.0, max(0.0, (end - step) / (end - start)))
+    return lr
 
 
 def _ddpm_kwargs() -> dict:
@@ -265,6 +279,8 @@ def _tokenizer(out: Path):
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) the VAE stage (training, or with ``init_from`` and ``extended`` the
     tuning of :mod:`.decoder`), then the UNet stage; returns the run directory."""
+    if cfg.cooldown is not None and not 0 <= cfg.cooldown[0] < cfg.cooldown[1]:
+        raise ValueError(f"cooldown needs 0 <= START < END, got {cfg.cooldown}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
