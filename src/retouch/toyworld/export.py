@@ -79,14 +79,16 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
     # transformers 5 writes only tokenizer.json; older versions need vocab.json + merges.txt.
     save_tokenizer(VOCABULARY, tmp / "tokenizer", max_length=configs.MAX_TOKENS)
     records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-    last = {r["stage"]: r for r in records}  # each stage's latest record
+    # Each stage's latest record; every hand-written {"stage": "note"} line (changes made to a
+    # run while it was resumed, for instance).
+    last = {r["stage"]: r for r in records if r["stage"] != "note"}
+    notes = [r for r in records if r["stage"] == "note"]
     _, vae_meta = load(Path(run) / "vae_best.safetensors")
     if "decoder" in vae_meta:  # tune-decoder's selected checkpoint, not its latest
         last["decoder"] = {"stage": "decoder", **vae_meta["decoder"]}
-    (tmp / "toyworld.json").write_text(
-        json.dumps({"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last},
-                   indent=2)
-    )
+    info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last}
+    (tmp / "toyworld.json").write_text(json.dumps({**info, **({"notes": notes} if notes else {})},
+                                                  indent=2))
     if dest.exists():
         old = dest.with_name(dest.name + ".old")
         os.replace(dest, old)
