@@ -15,6 +15,8 @@ from retouch.recipes.editors import EDITORS, changed_tokens
 from tiny_models import tiny_model, tiny_model_f64, tiny_tokenizer
 
 STEPS = 4
+# These tests run EDICT at a few steps on purpose (plumbing and exactness, not edit quality).
+pytestmark = pytest.mark.filterwarnings("ignore:EDICT edits with:UserWarning")
 
 
 def run(kind="sd1", source="a red square", target="a blue square", **kw):
