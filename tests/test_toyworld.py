@@ -245,7 +245,19 @@ def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline,
     train(cfg, progress=False)
     stages = {json.loads(line)["stage"] for line in (run / "log.jsonl").read_text().splitlines()}
     assert stages == {"decoder", "unet"}
-    assert (run / "vae_base.safetensors").exists() and (run / "unet.safetensors").exists()
+    assert (run / "vae_stage_base.safetensors").exists() and (run / "unet.safetensors").exists()
+    # A decoder-only tune afterwards starts from the VAE stage's result: the encoder the UNet
+    # was trained on stays.
+    from safetensors.torch import load_file
+
+    from retouch.toyworld.decoder import DecoderConfig, tune_decoder
+
+    stage_vae = load_file(str(run / "vae_best.safetensors"))
+    tune_decoder(DecoderConfig(run=str(run), steps=1, dataset_size=8, held_out=4, batch=2,
+                               extended=True), progress=False)
+    tuned = load_file(str(run / "decoder.safetensors"))
+    assert all(torch.equal(tuned[f"model.{k}"], v) for k, v in stage_vae.items()
+               if k.startswith(("encoder.", "quant_conv.")))
     with pytest.raises(ValueError, match="extended"):
         train(TrainConfig(**{**cfg.__dict__, "extended": False}), resume=True, progress=False)
 

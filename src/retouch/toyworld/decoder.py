@@ -10,7 +10,9 @@ its round trips the checker read the colour right on only 85% of renders.
 The model is selected by the checker's all-attributes accuracy on round trips of held-out renders
 (ties broken by PSNR) and written as the run's ``vae_best.safetensors``, which ``export`` uses;
 the VAE it started from is kept once as ``vae_base.safetensors``. Resumable like the other
-stages: ``<run>/decoder.safetensors`` holds the full state.
+stages: ``<run>/decoder.safetensors`` holds the full state. With ``train_encoder`` (the extended
+vocabulary's VAE stage) the two files are ``vae_stage_base`` and ``vae_stage``, so that a later
+decoder-only tune of the same run starts from that stage's result, not from the VAE before it.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def tune_decoder(cfg: DecoderConfig, *, resume: bool = False, progress: bool = T
             f"{run} has no vae_best.safetensors; pass a `retouch toyworld train` run directory "
             "whose VAE stage has finished"
         )
-    base = run / "vae_base.safetensors"
+    stage = "vae_stage" if cfg.train_encoder else "decoder"  # state files of each kind of tune
+    base = run / ("vae_stage_base.safetensors" if cfg.train_encoder else "vae_base.safetensors")
     if not base.exists():  # keep the VAE we started from; vae_best is rewritten below
         shutil.copyfile(run / "vae_best.safetensors", base)
     vae = AutoencoderKL(**configs.vae_config())
@@ -101,7 +104,7 @@ def tune_decoder(cfg: DecoderConfig, *, resume: bool = False, progress: bool = T
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, best = 0, {"all": -1.0, "psnr": -1.0}
-    ckpt = run / "decoder.safetensors"
+    ckpt = run / f"{stage}.safetensors"
     if resume and ckpt.exists():
         meta = restore_state(ckpt, vae, opt, gen)
         step, best = meta["step"], meta["best"]
