@@ -176,6 +176,26 @@ def test_learning_rate_warms_up_holds_and_cools_down():
         train(TrainConfig(out="unused", cooldown=(5, 5)), progress=False)
 
 
+def test_style_weights_draw_a_style_that_much_more_often():
+    from retouch.cli import build_parser
+    from retouch.toyworld.dataset import SceneSet
+    from retouch.toyworld.train import scene_weights
+
+    scenes = [random_scene(random.Random(i), styles=STYLES) for i in range(30)]
+    data = SceneSet(scenes=scenes, images=torch.zeros(30), masks=torch.zeros(30))
+    assert scene_weights(data, None) is None
+    weights = scene_weights(data, {"striped": 2.0})
+    assert weights.tolist() == [2.0 if s.style == "striped" else 1.0 for s in scenes]
+    for bad in ({"striped": 0.0}, {"dotted": 2.0}):
+        with pytest.raises(ValueError, match="style weights need"):
+            scene_weights(data, bad)
+    parser = build_parser()
+    args = parser.parse_args(["toyworld", "train", "--style-weight", "striped=1.5"])
+    assert args.style_weight == [("striped", 1.5)]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["toyworld", "train", "--style-weight", "striped"])
+
+
 def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_path):
     """--init-from starts the UNet stage from a pipeline folder's weights (lr 0: unchanged)."""
     from diffusers import UNet2DConditionModel

@@ -78,6 +78,21 @@ def _cmd_bench(args) -> None:
     print(f"wrote {out / (args.name + '.json')} and {args.name}.md in {time.time() - t0:.0f} s")
 
 
+def _style_weight(text: str) -> tuple[str, float]:
+    from .toyworld.scene import STYLES
+
+    style, _, weight = text.partition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = -1.0
+    if style not in STYLES or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected STYLE=WEIGHT with STYLE in {', '.join(STYLES)} and WEIGHT > 0"
+        )
+    return style, value
+
+
 def _cmd_train(args) -> None:
     from .toyworld.train import TrainConfig, train
 
@@ -92,6 +107,7 @@ def _cmd_train(args) -> None:
         init_from=args.init_from,
         extended=args.extended,
         cooldown=tuple(args.cooldown) if args.cooldown else None,
+        style_weights={style: w for style, w in args.style_weight} or None,
     )
     train(cfg, resume=args.resume)
 
@@ -180,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cooldown", type=int, nargs=2, default=None, metavar=("START", "END"),
                     help="UNet steps over which the learning rate decays linearly to 0; "
                          "training stops at END")
+    tr.add_argument("--style-weight", action="append", default=[], type=_style_weight,
+                    metavar="STYLE=WEIGHT",
+                    help="sample scenes of a fill style WEIGHT times as often, e.g. "
+                         "striped=1.5 (repeatable)")
     tr.set_defaults(func=_cmd_train)
     td = tsub.add_parser(
         "tune-decoder",

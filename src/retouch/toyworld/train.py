@@ -37,10 +37,10 @@ from .checkpoint import (
 )
 from .dataset import SceneSet, caption_batch, make_scenes, vocabulary
 from .grounding import grounding_loss, install_grounding
-from .scene import VOCABULARY
+from .scene import STYLES, VOCABULARY
 from .tokenizer import save_tokenizer
 
-__all__ = ["TrainConfig", "train", "build_models", "learning_rate"]
+__all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weights"]
 
 
 @dataclass
@@ -64,6 +64,9 @@ class TrainConfig:
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
+    # Relative sampling weight of scenes by fill style (missing styles weigh 1), e.g.
+    # {"striped": 1.5} to show the hardest style more often.
+    style_weights: dict[str, float] | None = None
     # (start, end) UNet steps: the learning rate decays linearly from lr to 0 at end, where the
     # run stops. May be added when resuming a run that trained at a constant rate.
     cooldown: tuple[int, int] | None = None
@@ -195,8 +198,12 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
     bar = tqdm(total=last, initial=step, desc="unet", disable=not progress)
     running: dict[str, float] = {}
     t0 = time.time()
+    weights = scene_weights(data, cfg.style_weights)
     while step < last:
-        idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+        if weights is None:
+            idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+        else:
+            idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
         caps = caption_batch(
             [data.scenes[i] for i in idx.tolist()],
             rng=py_rng,
@@ -248,6 +255,17 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
             atomic_save(state, ckpt, meta)
     bar.close()
+
+
+def scene_weights(data: SceneSet, style_weights: dict[str, float] | None) -> torch.Tensor | None:
+    """Per-scene sampling weights from ``style_weights`` (None: uniform sampling)."""
+    if not style_weights:
+        return None
+    unknown = sorted(set(style_weights) - set(STYLES))
+    if unknown or any(w <= 0 for w in style_weights.values()):
+        raise ValueError(f"style weights need styles in {', '.join(STYLES)} and weights > 0, "
+                         f"got {style_weights}")
+    return torch.tensor([style_weights.get(s.style, 1.0) for s in data.scenes])
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
