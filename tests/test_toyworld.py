@@ -159,6 +159,8 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="unet_width"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**common, "unet_width": 64}),
               resume=True, progress=False)
+    with pytest.raises(ValueError, match="pass --resume"):  # never continued or reset silently
+        train(TrainConfig(out=str(tmp_path / "b"), **common), progress=False)
     # A cooldown added on resume ends the run at its END step.
     train(TrainConfig(out=str(tmp_path / "b"), cooldown=(4, 6), **common), resume=True,
           progress=False)
@@ -176,10 +178,10 @@ def test_learning_rate_warms_up_holds_and_cools_down():
         train(TrainConfig(out="unused", cooldown=(5, 5)), progress=False)
 
 
-def test_style_weights_draw_a_style_that_much_more_often():
+def test_style_weights_and_cli_defaults():
     from retouch.cli import build_parser
     from retouch.toyworld.dataset import SceneSet
-    from retouch.toyworld.train import scene_weights
+    from retouch.toyworld.train import TrainConfig, scene_weights
 
     scenes = [random_scene(random.Random(i), styles=STYLES) for i in range(30)]
     data = SceneSet(scenes=scenes, images=torch.zeros(30), masks=torch.zeros(30))
@@ -192,6 +194,8 @@ def test_style_weights_draw_a_style_that_much_more_often():
     parser = build_parser()
     args = parser.parse_args(["toyworld", "train", "--style-weight", "striped=1.5"])
     assert args.style_weight == [("striped", 1.5)]
+    for name in ("seed", "vae_steps", "unet_steps", "batch", "lr", "grounding_weight"):
+        assert getattr(args, name) == getattr(TrainConfig, name), name
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld", "train", "--style-weight", "striped"])
 

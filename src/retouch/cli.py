@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tsub.add_parser("train", help="train (or --resume) a ToyWorld model")
     tr.add_argument("--out", default="runs/toy", help="run directory")
     tr.add_argument("--resume", action="store_true")
+    # Defaults are TrainConfig's (a test checks); written out so `retouch --help` needs no torch.
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--vae-steps", type=int, default=2000)
+    tr.add_argument("--vae-steps", type=int, default=1500)
     tr.add_argument("--unet-steps", type=int, default=100000)
     tr.add_argument("--batch", type=int, default=32)
     tr.add_argument("--lr", type=float, default=3e-4)

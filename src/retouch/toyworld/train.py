@@ -46,21 +46,21 @@ __all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weigh
 @dataclass
 class TrainConfig:
     out: str  # run directory (checkpoints, logs, cached data)
-    seed: int = 0
+    seed: int = 0  # of the rendered dataset, the initial weights and the sampling streams
     dataset_size: int = 20000  # rendered scenes (core vocabulary)
-    vae_steps: int = 1500
+    vae_steps: int = 1500  # VAE stage (or, extending a model, VAE tuning) steps
     vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
+    vae_kl_weight: float = 1e-6  # SD-style tiny KL: latents stay near-deterministic
     unet_steps: int = 100000  # upper bound; runs are stopped and resumed at will
-    batch: int = 32
-    lr: float = 3e-4
-    warmup: int = 200
-    ema_decay: float = 0.999
+    batch: int = 32  # scenes per step, both stages
+    lr: float = 3e-4  # UNet + text encoder (AdamW, weight decay 1e-2); see learning_rate
+    warmup: int = 200  # UNet steps of linear learning-rate warm-up
+    ema_decay: float = 0.999  # of the exported (EMA) weights
     cond_dropout: float = 0.1  # whole-caption dropout, for classifier-free guidance
     min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al., 2023)
-    grounding_weight: float = 0.1
-    grounding_resolutions: tuple[int, ...] = (16, 8)
-    unet_width: int = 64
+    grounding_weight: float = 0.1  # weight of the cross-attention grounding loss
+    grounding_resolutions: tuple[int, ...] = (16, 8)  # latent sides whose attention is grounded
+    unet_width: int = 64  # channels of the first UNet block (configs.unet_config)
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
@@ -70,9 +70,9 @@ class TrainConfig:
     # (start, end) UNet steps: the learning rate decays linearly from lr to 0 at end, where the
     # run stops. May be added when resuming a run that trained at a constant rate.
     cooldown: tuple[int, int] | None = None
-    text_layers: int = 2
-    checkpoint_every: int = 200
-    log_every: int = 50
+    text_layers: int = 2  # self-attention layers of the text encoder (few keep words local)
+    checkpoint_every: int = 200  # steps between atomic checkpoints (what a kill can lose)
+    log_every: int = 50  # steps between log.jsonl records
 
 
 def _device() -> torch.device:
@@ -294,6 +294,9 @@ def _tokenizer(out: Path):
     return CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
 
 
+_RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) the VAE stage (training, or with ``init_from`` and ``extended`` the
     tuning of :mod:`.decoder`), then the UNet stage; returns the run directory."""
@@ -302,6 +305,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
+    started = [p.name for p in map(out.joinpath, _RUN_STATE) if p.exists()]
+    if started and not resume:
+        raise ValueError(f"{out} already holds a run ({', '.join(started)}); pass --resume to "
+                         "continue it, or choose a new --out")
     if resume and cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
         for key in ("seed", "dataset_size", "unet_width", "text_layers", "extended"):
@@ -339,7 +346,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     if scale is None:
         scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents
     (out / "scale.json").write_text(json.dumps({"scaling_factor": scale}))
-    train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=True, progress=progress)
+    train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=resume,
+               progress=progress)
     return out
 
 
