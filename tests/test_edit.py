@@ -79,8 +79,10 @@ def test_source_trajectory_pins_the_source_row():
 
 
 def test_options_are_checked():
-    with pytest.raises(TypeError, match="start_step"):
+    with pytest.raises(ValueError, match="'p2p' takes no option start_step; its options: "):
         run(editor="p2p", start_step=2)
+    with pytest.raises(ValueError, match="'none' takes no option cross_steps; its options: none"):
+        run(editor="none", cross_steps=0.5)
     with pytest.raises(ValueError, match="unknown editor 'magic'"):
         run(editor="magic")
     with pytest.raises(RuntimeError, match="never called"):  # default S = 4 of 4 steps
@@ -219,6 +221,8 @@ def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
     assert not (tmp_path / "no").exists()
     assert main(["edit", *common, "--editor", "sdedit", "--inversion", "direct",
                  "--out", str(tmp_path / "no")]) == 2
+    assert main(["edit", *common, "--option", "steps=3", "--out", str(tmp_path / "no")]) == 2
+    assert "takes no option steps" in capsys.readouterr().err
     assert main(["edit", *common, "--editor", "sdedit", "--strength", "0.5",
                  "--out", str(tmp_path / "sd")]) == 0
     assert (tmp_path / "sd" / "edited.png").exists()

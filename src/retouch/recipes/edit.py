@@ -45,7 +45,7 @@ from ..attention import (
     guidance_halves,
 )
 from ..samplers import StepContext, ddim_step, get_step, sample
-from .editors import EDITORS
+from .editors import EDITORS, check_editor
 
 __all__ = [
     "EditResult",
@@ -140,7 +140,9 @@ def edit_generated(
     gen = torch.Generator().manual_seed(seed + 1)
     noises = [torch.randn(model.latent_shape(1), generator=gen).expand_as(x).to(x)
               for _ in range(len(times) - 1)]
-    extra = [*callbacks] + ([_pin_source(source_trajectory)] if source_trajectory else [])
+    extra = [*callbacks]
+    if source_trajectory is not None:
+        extra.append(_pin_source(source_trajectory))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         latents = sample(session.denoiser(den, times), x, times, step=step, noises=noises,
                          callbacks=[*extra, session.callback], progress=progress)
@@ -149,8 +151,7 @@ def edit_generated(
 
 def _controllers(model, source: str, target: str, editor: str, maps: bool, options):
     """The editor's controllers (an AttentionStore first if ``maps``) and the store."""
-    if editor not in EDITORS:
-        raise ValueError(f"unknown editor {editor!r}; valid: {', '.join(EDITORS)}")
+    check_editor(editor, options)
     controllers = EDITORS[editor](model.tokenizer, source, target, **options)
     store = AttentionStore() if maps else None
     return ([] if store is None else [store]) + controllers, store

@@ -88,6 +88,7 @@ def run_edit(args: argparse.Namespace) -> None:
     """Handler of ``retouch edit``."""
     from retouch.models.pipeline import PipelineModel
     from retouch.recipes.edit import edit, sdedit
+    from retouch.recipes.editors import check_editor
 
     options = parse_options(args.option)
     if args.editor == "sdedit":
@@ -98,6 +99,8 @@ def run_edit(args: argparse.Namespace) -> None:
         raise ValueError("--strength is SDEdit's; use it with --editor sdedit")
     if args.blend is not None and args.editor != "p2p":
         raise ValueError("--blend is Prompt-to-Prompt's local blending; use it with --editor p2p")
+    if args.editor != "sdedit":
+        check_editor(args.editor, {**_blend(args.blend), **options})
     model = PipelineModel.load(args.model)
     model.check_prompt(args.source)
     model.check_prompt(args.target)

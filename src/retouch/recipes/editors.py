@@ -12,6 +12,7 @@ References: Hertz et al. 2022 (Prompt-to-Prompt); Cao et al. 2023 (MasaCtrl); Tu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 from ..attention import (
@@ -28,7 +29,8 @@ from ..attention import (
 from ..attention.sites import Window
 from ..attention.tokens import refinement_map, token_ids
 
-__all__ = ["EDITORS", "changed_tokens", "p2p_editor", "masactrl_editor", "pnp_editor", "no_editor"]
+__all__ = ["EDITORS", "check_editor", "changed_tokens", "p2p_editor", "masactrl_editor",
+           "pnp_editor", "no_editor"]
 
 
 def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
@@ -135,3 +137,16 @@ EDITORS: dict[str, Callable[..., list[Controller]]] = {
     "masactrl": masactrl_editor,
     "pnp": pnp_editor,
 }
+
+
+def check_editor(editor: str, options: Mapping) -> None:
+    """Refuse an unknown editor, or options ``EDITORS[editor]`` does not take, naming the valid
+    ones (before any model is loaded or step is run)."""
+    if editor not in EDITORS:
+        raise ValueError(f"unknown editor {editor!r}; valid: {', '.join(EDITORS)}")
+    params = list(inspect.signature(EDITORS[editor]).parameters)[3:]  # after the two prompts
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        valid = ", ".join(params) if params else "none"
+        raise ValueError(f"editor {editor!r} takes no option {', '.join(unknown)}; its options: "
+                         f"{valid}")
