@@ -291,3 +291,38 @@ def test_bdia_target_rows_take_the_source_correction():
     source_correction = prev[0] - up[0]
     assert torch.allclose(out[0], down[0] + source_correction, atol=1e-12)
     assert torch.allclose(out[1], down[1] + source_correction, atol=1e-12)
+
+
+def test_invert_cli_replays_a_saved_inversion_only_on_its_image(tiny_toy_pipeline, tmp_path,
+                                                                 capsys):
+    import json
+    import random
+
+    import numpy as np
+
+    from retouch.cli import main
+    from retouch.toyworld.render import render
+    from retouch.toyworld.scene import caption, random_scene
+
+    scenes = [random_scene(random.Random(k), backgrounds=(bg,))
+              for k, bg in enumerate(("white", "black"))]
+    prompt = caption(scenes[0]).text
+    paths = [tmp_path / "image0.png", tmp_path / "image1.png"]
+    for scene, path in zip(scenes, paths):
+        Image.fromarray(render(scene, 16).image).save(path)
+    common = ["--model", str(tiny_toy_pipeline), "--prompt", prompt]
+    first = tmp_path / "first"
+    assert main(["invert", str(paths[0]), *common, "--method", "edict", "--steps", "3",
+                 "--out", str(first)]) == 0
+    report = json.loads((first / "inversion.json").read_text())
+    assert report["steps"] == 3 and report["latent_rel_error"] < 1e-3
+    saved = ["--from-inversion", str(first / "inversion.safetensors")]
+    assert main(["invert", str(paths[0]), *common, *saved, "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "reconstruction.png")),
+                          np.asarray(Image.open(first / "reconstruction.png")))
+    capsys.readouterr()
+    assert main(["invert", str(paths[1]), *common, *saved, "--out", str(tmp_path / "no")]) == 2
+    assert "is not the image" in capsys.readouterr().err
+    assert main(["invert", str(paths[0]), *common, "--steps", "0",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err

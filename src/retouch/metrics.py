@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["psnr", "ssim"]
+__all__ = ["psnr", "ssim", "MSE_FLOOR"]
 
 MSE_FLOOR = 1e-10  # identical images score 100 dB instead of infinity (averages stay finite)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from retouch.metrics import MSE_FLOOR
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
@@ -47,7 +48,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (measured on [0, 1]); (B,)."""
     a = (a.clamp(-1, 1) + 1) / 2
     b = (b.clamp(-1, 1) + 1) / 2
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(MSE_FLOOR)
     return -10 * torch.log10(mse)
 
 

@@ -12,7 +12,7 @@ method                   exact       network calls (invert)  stores
 ``negative_prompt``      no          N                       ∅ := source prompt
 ``edict``                yes         2N                      coupled y_0, mixing p
 ``bdia``                 yes         N                       coupled x_1, gamma
-``direct``               source row  2N                      per-step source offsets
+``direct``               source row  N                       pivot trajectory x*_k
 ``ddpm_edit_friendly``   yes         N                       per-step noise maps z_k
 ``renoise``              no          N (1 + K)               trajectory
 =======================  ==========  ======================  ====================================

@@ -45,6 +45,8 @@ def run_invert(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown inversion method {args.method!r}; valid: {', '.join(METHODS)}")
     if args.from_inversion is None and args.prompt is None:
         raise ValueError("--prompt is required (the caption of the image)")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     model = PipelineModel.load(args.model)
     if args.prompt is not None:
         model.check_prompt(args.prompt)
@@ -65,13 +67,19 @@ def run_invert(args: argparse.Namespace) -> None:
                     f"refusing {args.from_inversion}: it was made with {name} {saved!r}, "
                     f"not {given!r}"
                 )
+        with torch.no_grad():
+            given_latent = model.encode_image(image).to(inv.trajectory[-1])
+        source = inv.trajectory[-1]
+        if float((given_latent - source).norm() / source.norm()) > 1e-2:
+            raise ValueError(f"{args.image} is not the image {args.from_inversion} was made from "
+                             "(their latents differ); pass that image")
     else:
         inv = invert(
             model,
             image,
             args.prompt,
             method=args.method or "ddim",
-            steps=args.steps or 50,
+            steps=50 if args.steps is None else args.steps,
             cfg=1.0 if args.cfg is None else args.cfg,
         )
         inv.save(out / "inversion.safetensors")

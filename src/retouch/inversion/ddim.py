@@ -14,8 +14,9 @@ they differ in the guidance of the pass and in what the reconstruction adds:
   the last estimates are averaged.
 * ``direct``: the pass at ``w = 1`` is the pivot ``x*``; the offsets
   ``o_k = x*_{k+1} - DDIM_w(x*_k)`` make the source branch reproduce ``x*`` exactly, while a
-  target branch runs free. (The stored ``o_k`` are the paper's; the reconstruction loop adds
-  them in the drift-free form "source rows := ``x*_{k+1}``", see ``api._offset_callback``.)
+  target branch runs free. (Nothing but ``x*`` is stored: the reconstruction loop applies the
+  paper's ``o_k`` in the drift-free form "source rows := ``x*_{k+1}``", see
+  ``api._offset_callback``.)
 
 References: Song et al. 2021 (DDIM); Miyake et al. 2023 ("Negative-prompt Inversion");
 Garibi et al. 2024 ("ReNoise", Alg. 1; noise regularisation and correction not included);

@@ -45,7 +45,9 @@ class Inversion:
     coupled: Tensor | None = None  # (B, C, H, W) second latent: EDICT's y_0, BDIA's x_1
     uncond_embeddings: Tensor | None = None  # (N or 1, B, L, D) null-text ∅_k, or shared ∅
     offsets: Tensor | None = None  # (N, B, C, H, W) added to x after sampling step k
-    offset_rows: str = "source"  # "source": offsets correct the source branch; "all": every row
+    # "all": ``offsets`` are added to every row; "source" (Direct Inversion): the source rows
+    # are pinned to ``trajectory[k + 1]`` after step k, i.e. offset by ``x*_{k+1} - x``
+    offset_rows: str = "source"
     noises: Tensor | None = None  # (N, B, C, H, W) edit-friendly noise maps z_k
     options: dict[str, Any] = field(default_factory=dict)  # method options reconstruction uses
     nfe: int = 0  # network evaluations the inversion cost (a batched CFG pair counts once)

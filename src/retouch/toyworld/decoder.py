@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..metrics import psnr
 from . import checker, configs
 from .checkpoint import append_log, atomic_save, restore_state, save_state
 from .dataset import make_scenes, vocabulary
@@ -69,10 +70,9 @@ def round_trip_accuracy(vae, images: torch.Tensor, scenes) -> dict[str, float]:
     rec = torch.cat(
         [vae.decode(vae.encode(x).latent_dist.mode()).sample for x in images.split(64)]
     ).clamp(-1, 1).float().cpu()
-    mse = ((rec - images.float().cpu()) ** 2).mean().item()
     pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     scores = [checker.score(img, scene) for img, scene in zip(pixels, scenes)]
-    out = {"psnr": 10 * math.log10(4.0 / mse)}
+    out = {"psnr": psnr(rec, images, data_range=2.0)}
     for key in ("color", "shape", "size", "position", "style", "all"):
         out[key] = float(np.mean([bool(s[key]) for s in scores if s[key] is not None]))
     return out
