@@ -24,7 +24,7 @@ from torch import Tensor
 
 from retouch.schedules import Schedule
 
-__all__ = ["Denoiser", "CFGDenoiser", "eps_from_x0"]
+__all__ = ["Denoiser", "CFGDenoiser", "CountedDenoiser", "eps_from_x0"]
 
 
 @runtime_checkable
@@ -42,6 +42,18 @@ def eps_from_x0(schedule: Schedule, x: Tensor, t: float, x0_hat: Tensor) -> Tens
     if sigma == 0:
         raise ValueError(f"eps is undefined at clean time t={t} (sigma = 0)")
     return (x - alpha * x0_hat) / sigma
+
+
+class CountedDenoiser:
+    """A denoiser wrapper counting network evaluations in ``calls`` (NFE; a batched CFG pair
+    counts once)."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
+
+    def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
+        self.calls += 1
+        return self.inner(x, t, **cond)
 
 
 def _cat(a: Any, b: Any) -> Any:

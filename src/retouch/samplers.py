@@ -50,9 +50,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retouch.denoiser import Denoiser
+from retouch.schedules import Schedule
 
 __all__ = [
     "SAMPLERS",
+    "ddim_noise_scale",
+    "start_latents",
     "SamplerState",
     "StepContext",
     "Step",
@@ -126,6 +129,25 @@ def _lam(denoiser: Denoiser, t: float) -> float:
     return float(denoiser.schedule.log_snr(t))
 
 
+def start_latents(schedule: Schedule, t: float, noise: Tensor) -> Tensor:
+    """``x_T ~ N(0, alpha(t)^2 + sigma(t)^2)`` from standard ``noise``: N(0, 1) for VP, sigma
+    alone for rectified flow at t = 1."""
+    alpha, sigma = schedule.coeffs(t)
+    return noise * (alpha**2 + sigma**2) ** 0.5
+
+
+def ddim_noise_scale(schedule: Schedule, t: float, t_next: float, eta: float) -> float:
+    """``c = eta sigma' sqrt(1 - e^{-2h})`` of :func:`ddim_step`, ``e^{-h} = alpha sigma' /
+    (alpha' sigma)``: the std of the fresh noise a DDIM step with ``eta`` adds (0 at eta = 0
+    and at the clean end)."""
+    alpha, sigma = schedule.coeffs(t)
+    alpha_n, sigma_n = schedule.coeffs(t_next)
+    if eta == 0 or sigma_n == 0:
+        return 0.0
+    ratio = alpha * sigma_n / (alpha_n * sigma)
+    return eta * sigma_n * math.sqrt(max(0.0, 1 - ratio**2))
+
+
 def ddim_step(
     denoiser: Denoiser,
     x: Tensor,
@@ -151,8 +173,7 @@ def ddim_step(
         return (sigma_n / sigma) * x + (alpha_n - alpha * sigma_n / sigma) * x0_hat
     if t_next > t:
         raise ValueError("stochastic DDIM (eta > 0) cannot run with t_next > t (inversion)")
-    ratio = alpha * sigma_n / (alpha_n * sigma)  # e^{-h}
-    c = eta * sigma_n * math.sqrt(max(0.0, 1 - ratio**2))
+    c = ddim_noise_scale(denoiser.schedule, t, t_next, eta)
     eps_hat = (x - alpha * x0_hat) / sigma
     return alpha_n * x0_hat + math.sqrt(sigma_n**2 - c**2) * eps_hat + c * state.draw_noise(x)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
+from retouch.denoiser import CountedDenoiser
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
@@ -45,17 +46,6 @@ RETOUCH_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 DIFFUSERS_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "unipc")
 
 
-class _Counted:
-    """A denoiser wrapper that counts calls (NFE)."""
-
-    def __init__(self, inner: GMMDenoiser):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x, t)
-
-
 def _steps(sampler: str, budget: int) -> int:
     return max(1, budget // 2) if sampler == "heun" else budget
 
@@ -67,7 +57,7 @@ def _grid(schedule: Schedule, grid: str, steps: int) -> torch.Tensor:
 
 
 def _run_retouch(den: GMMDenoiser, x_t: torch.Tensor, sampler: str, grid: str, budget: int):
-    counted = _Counted(den)
+    counted = CountedDenoiser(den)
     times = _grid(den.schedule, grid, _steps(sampler, budget))
     out = sample(counted, x_t, times, step=get_step(sampler), progress=False)
     return out, counted.calls

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retouch.denoiser import CFGDenoiser, Denoiser, eps_from_x0
+from retouch.denoiser import CFGDenoiser, CountedDenoiser, Denoiser, eps_from_x0
 from retouch.grids import discrete_grid, uniform_grid
 from retouch.inversion.result import Inversion
 from retouch.samplers import SamplerState, ddim_step
@@ -62,23 +62,10 @@ __all__ = [
 HOLDS = ("eps", "x0", "velocity")
 
 
-class _Counted:
-    """A denoiser wrapper counting network evaluations (a batched CFG pair counts once)."""
-
-    def __init__(self, inner: Callable[..., Tensor]):
-        self.inner = inner
-        self.schedule = inner.schedule
-        self.calls = 0
-
-    def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
-        self.calls += 1
-        return self.inner(x, t, **cond)
-
-
 class _Bound:
     """The conditional denoiser for one embedding: ``x0_hat(x, t | c)``."""
 
-    def __init__(self, inner: _Counted, embedding: Tensor | None):
+    def __init__(self, inner: CountedDenoiser, embedding: Tensor | None):
         self.inner, self.embedding, self.schedule = inner, embedding, inner.schedule
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
@@ -108,7 +95,7 @@ class DenoiserFactory:
     ):
         if (cond is None) != (uncond is None):
             raise ValueError("give both cond and uncond embeddings, or neither")
-        self.inner = _Counted(inner)
+        self.inner = CountedDenoiser(inner)
         self.schedule: Schedule = inner.schedule
         self.cond = cond  # (1 or B, L, D) source-prompt embedding c
         self.uncond = uncond  # (1 or B, L, D) null-text embedding ∅

@@ -33,7 +33,6 @@ Huberman-Spiegelglas et al. 2024 ("An Edit Friendly DDPM Noise Space", eq. 5-6, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +49,7 @@ from retouch.inversion.core import (
     step_state,
 )
 from retouch.inversion.result import Inversion
-from retouch.samplers import SamplerState, ddim_step
+from retouch.samplers import SamplerState, ddim_noise_scale, ddim_step
 
 __all__ = [
     "EDICTConfig",
@@ -250,16 +249,6 @@ def invert_bdia(
 # --- edit-friendly DDPM -----------------------------------------------------------------------
 
 
-def noise_scale(den: Denoiser, t: float, t_next: float, eta: float) -> float:
-    """``c`` of :func:`~retouch.samplers.ddim_step`: ``eta sigma' sqrt(1 - e^{-2h})``."""
-    alpha, sigma = den.schedule.coeffs(t)
-    alpha_n, sigma_n = den.schedule.coeffs(t_next)
-    if eta == 0 or sigma_n == 0:
-        return 0.0
-    ratio = alpha * sigma_n / (alpha_n * sigma)
-    return eta * sigma_n * math.sqrt(max(0.0, 1 - ratio**2))
-
-
 @torch.no_grad()
 def invert_ddpm_edit_friendly(
     factory: DenoiserFactory,
@@ -288,7 +277,7 @@ def invert_ddpm_edit_friendly(
         mean = ddim_step(
             den, xs[k], ts[k], ts[k + 1], den(xs[k], ts[k]), step_state(zero), eta=config.eta
         )  # mu_k: the step with zero noise
-        c = noise_scale(den, ts[k], ts[k + 1], config.eta)
+        c = ddim_noise_scale(den.schedule, ts[k], ts[k + 1], config.eta)
         residual = xs[k + 1] - mean
         noises.append(residual / c if c > 0 else zero)
         offsets.append(zero if c > 0 else residual)

@@ -82,14 +82,6 @@ class PipelineModel:
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
-    def token_index(self, prompt: str, word: str) -> list[int]:
-        """Token positions (in the encoder's sequence) of ``word`` in ``prompt``."""
-        ids = self.tokenizer(prompt).input_ids
-        word_ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        n = len(word_ids)
-        return [i + j for i in range(len(ids) - n + 1) if ids[i : i + n] == word_ids
-                for j in range(n)]
-
     # --- images --------------------------------------------------------------------------
 
     def to_tensor(self, images: ImageLike) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..attention.maps import save_heatmaps, token_heatmaps
 from ..attention.segment import label_segments, segment_self_attention
 from ..attention.tokens import word_positions
 from ..models.pipeline import ImageLike, PipelineModel
-from ..samplers import get_step, sample
+from ..samplers import get_step, sample, start_latents
 
 __all__ = ["AttentionMaps", "attention_maps", "save_attention_maps"]
 
@@ -61,8 +61,7 @@ def attention_maps(
     with torch.no_grad(), attention_control(model.unet, [store], layout=layout) as session:
         controlled = session.denoiser(den, times)
         if image is None:
-            alpha, sigma = model.schedule.coeffs(float(times[0]))
-            x = noise * (alpha**2 + sigma**2) ** 0.5
+            x = start_latents(model.schedule, float(times[0]), noise)
             latents = sample(controlled, x, times, step=get_step("ddim"), progress=progress,
                              callbacks=[session.callback])
             picture = model.decode(latents)[0]

@@ -44,7 +44,7 @@ from ..attention import (
     attention_control,
     guidance_halves,
 )
-from ..samplers import StepContext, ddim_step, get_step, sample
+from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
 from .editors import EDITORS, check_editor
 
 __all__ = [
@@ -76,10 +76,9 @@ def _start_latents(model, start: Tensor | None, seed: int, times) -> Tensor:
         if start.shape[0] not in (1, 2):
             raise ValueError(f"start latents need 1 or 2 rows, got {start.shape[0]}")
         return start.expand(2, *start.shape[1:]).clone().to(model.device)
-    alpha, sigma = model.schedule.coeffs(float(times[0]))
     noise = torch.randn(model.latent_shape(1), generator=torch.Generator().manual_seed(seed))
-    # x_T ~ N(0, alpha^2 + sigma^2): N(0, 1) for VP, sigma alone for flow at t = 1.
-    return (noise * (alpha**2 + sigma**2) ** 0.5).expand(2, *noise.shape[1:]).to(model.device)
+    x = start_latents(model.schedule, float(times[0]), noise)
+    return x.expand(2, *noise.shape[1:]).to(model.device)
 
 
 def _pin_source(trajectory: Sequence[Tensor]) -> Callable[[StepContext], Tensor]:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..models.pipeline import PipelineModel
-from ..samplers import get_step, sample
+from ..samplers import get_step, sample, start_latents
 
 __all__ = ["generate", "generate_to_file"]
 
@@ -32,10 +32,8 @@ def generate(
     denoiser = model.denoiser(prompts, cfg=cfg, negative=[negative] * len(prompts))
     gen = torch.Generator().manual_seed(seed)
     times = model.time_grid(steps)
-    alpha, sigma = model.schedule.coeffs(float(times[0]))
-    # Start at x_T ~ N(0, alpha^2 + sigma^2) = N(0, 1) for VP; sigma alone for flow at t=1.
     noise = torch.randn(model.latent_shape(len(prompts)), generator=gen)
-    x = (noise * (alpha**2 + sigma**2) ** 0.5).to(model.device)
+    x = start_latents(model.schedule, float(times[0]), noise).to(model.device)
     with torch.no_grad():
         latents = sample(denoiser, x, times, step=step, progress=progress,
                          generator=torch.Generator().manual_seed(seed + 1))
