@@ -169,7 +169,7 @@ def test_edit_refuses_before_paying_for_the_inversion(monkeypatch):
     with pytest.raises(ValueError, match="unknown option.*for null_text"):
         edit(m, image, "a red square", "a blue square", inversion="null_text",
              inversion_options={"lr_typo": 1})
-    with pytest.raises(TypeError, match="start_step"):
+    with pytest.raises(ValueError, match="takes no option start_step"):
         edit(m, image, "a red square", "a blue square", editor="p2p", start_step=2)
 
 
