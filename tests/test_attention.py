@@ -220,6 +220,8 @@ def test_store_is_bounded_and_makes_heatmaps(tmp_path):
     assert store.size == 4 and store.cross().shape == (2, 4, 4, TOKENS)
     assert store.self_attention().shape == (2, 16, 16)
     torch.testing.assert_close(store.cross().sum(-1), torch.ones(2, 4, 4))  # softmax rows
+    # Self maps from 8x8 and 4x4 sites stay distributions over the 4x4 keys.
+    torch.testing.assert_close(store.self_attention().sum(-1), torch.ones(2, 16))
     maps = token_heatmaps(store.cross()[1], {"w": [1, 2]})
     assert maps["w"].shape == (4, 4) and maps["w"].max() == pytest.approx(1.0)
     png = save_heatmaps(tmp_path / "maps.png", maps, image=np.zeros((8, 8, 3), np.uint8))

@@ -29,7 +29,7 @@ def resize_maps(maps: Tensor, hw: tuple[int, int], size: int) -> Tensor:
     """Resize maps over an ``h x w`` grid (last-but-one axis ``h*w``) to ``size x size``.
 
     Shapes: maps (..., h*w, C) -> (..., size*size, C). Area averaging when shrinking (keeps
-    each map's mass per area), bilinear when growing.
+    each map's mass per area, not its total), bilinear when growing.
     """
     h, w = hw
     if (h, w) == (size, size):
@@ -104,6 +104,9 @@ class AttentionStore(Controller):
             maps = resize_maps(maps, call.hw, s)  # (R, S*S, T)
         else:  # resize the key axis, then the query axis
             maps = resize_maps(maps.transpose(1, 2), call.hw, s).transpose(1, 2)
+            # A row is a distribution over keys: pooling h*w keys to S*S scales its mass by
+            # S^2 / (h w); renormalise so that sites of every resolution weigh alike.
+            maps = maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)
             maps = resize_maps(maps, call.hw, s)  # (R, S*S, S*S)
         kind = call.site.kind
         self.sums[kind] = self.sums[kind] + maps if kind in self.sums else maps.float().clone()

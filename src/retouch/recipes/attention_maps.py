@@ -2,8 +2,10 @@
 
 For a prompt alone, the maps are averaged over the steps of generating its image; for a given
 image, the image is noised to each time of the grid (one fixed noise) and the maps of the
-model denoising it under the prompt are averaged. Either way one
-:class:`~retouch.attention.AttentionStore` keeps running sums at one resolution.
+model denoising it under the prompt are averaged. Either way two
+:class:`~retouch.attention.AttentionStore` keep running sums on one grid: cross maps from every
+site, self maps only from sites of side ≤ ``SELF_MAX_RESOLUTION`` (SD's 64x64 self-attention
+would materialise a 4096 x 4096 map per head; Prompt-to-Prompt stops at 32 too).
 
 References: Hertz et al. 2022 (cross-attention visualisation); Tumanyan et al. / the SIGGRAPH
 2024 course "The power of attention layers" (self-attention segmentation).
@@ -17,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import AttentionStore, BatchLayout, attention_control, guidance_halves
+from ..attention import (
+    AttentionStore,
+    BatchLayout,
+    attention_control,
+    find_sites,
+    guidance_halves,
+)
 from ..attention.maps import save_heatmaps, token_heatmaps
 from ..attention.segment import label_segments, segment_self_attention
 from ..attention.tokens import word_positions
@@ -26,6 +34,7 @@ from ..samplers import get_step, sample, start_latents
 
 __all__ = ["AttentionMaps", "attention_maps", "save_attention_maps"]
 
+SELF_MAX_RESOLUTION = 32  # self-attention maps are read from sites of this side or smaller
 GRAMMAR_WORDS = frozenset({"a", "an", "the", "on", "and", "of", "in", "with", "to"})
 
 
@@ -55,10 +64,15 @@ def attention_maps(
     den = model.denoiser([prompt], cfg=cfg)
     layout = BatchLayout(("image",), guidance_halves(den))
     times = model.time_grid(steps)
-    store = AttentionStore(kinds=("cross", "self"))
+    sites = [s for s in find_sites(model.unet).values() if s.place != "mid"]
+    size = min(s.resolution for s in sites)
+    coarse = {s.resolution for s in sites if s.resolution <= SELF_MAX_RESOLUTION}
+    store = AttentionStore(kinds=("cross",), size=size)
+    self_store = AttentionStore(kinds=("self",), resolutions=coarse, size=size)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(model.latent_shape(1), generator=gen).to(model.device)
-    with torch.no_grad(), attention_control(model.unet, [store], layout=layout) as session:
+    with torch.no_grad(), attention_control(model.unet, [store, self_store],
+                                          layout=layout) as session:
         controlled = session.denoiser(den, times)
         if image is None:
             x = start_latents(model.schedule, float(times[0]), noise)
@@ -72,7 +86,7 @@ def attention_maps(
                 controlled(alpha * z + sigma * noise, t)
             picture = model.decode(z)[0]
     heatmaps = token_heatmaps(store.cross()[0], positions)
-    labels = segment_self_attention(store.self_attention()[0], clusters=clusters)
+    labels = segment_self_attention(self_store.self_attention()[0], clusters=clusters)
     named = label_segments(labels, store.cross()[0], positions)
     return AttentionMaps(picture, heatmaps, labels.cpu().numpy(), named)
 
