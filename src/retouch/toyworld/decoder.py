@@ -39,14 +39,14 @@ __all__ = ["DecoderConfig", "tune_decoder", "round_trip_accuracy"]
 @dataclass
 class DecoderConfig:
     run: str  # a `retouch toyworld train` run directory
-    steps: int = 3000
+    steps: int = 3000  # tuning steps
     lr: float = 2e-4  # cosine-decayed to 0 over `steps`
-    batch: int = 32
+    batch: int = 32  # renders per step
     object_weight: float = 10.0  # loss weight of an object pixel relative to a background pixel
-    dataset_size: int = 8000
-    held_out: int = 256
-    seed: int = 11
-    checkpoint_every: int = 250
+    dataset_size: int = 8000  # rendered scenes, the last `held_out` of them for measurement
+    held_out: int = 256  # renders whose round trips pick the best checkpoint (PSNR, checker)
+    seed: int = 11  # of the renders and the batch order
+    checkpoint_every: int = 250  # steps between measurement and atomic checkpoint
     extended: bool = False  # train on the extended vocabulary's renders (dataset.vocabulary)
     # Also train the encoder (a new vocabulary needs new latent codes: the core-trained VAE
     # reads outlined and striped fills right on 14% and 0% of round trips). The latents of
