@@ -19,6 +19,7 @@ from ..metrics import psnr
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
+from ..toyworld.dataset import vocabulary
 from ..toyworld.render import render
 from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
@@ -31,7 +32,8 @@ GENERIC_PROMPTS = ("a photograph of a red apple on a wooden table", "a watercolo
 
 def _generation_section(model: PipelineModel, n: int) -> Section:
     rng = random.Random(DEMO_SEED)
-    scenes = [random_scene(rng, shapes=SHAPES) for _ in range(n)]
+    extended = "striped" in model.vocabulary  # the model knows top/bottom and fill styles
+    scenes = [random_scene(rng, **vocabulary(extended)) for _ in range(n)]
     prompts = [caption(s).text for s in scenes]
     t0 = time.time()
     images = generate(model, prompts, steps=25, cfg=5.0, seed=DEMO_SEED, progress=True)
