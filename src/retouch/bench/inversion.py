@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from retouch.metrics import MSE_FLOOR
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
     write_json,
     write_markdown_table,
 )
+from retouch.metrics import MSE_FLOOR
 
 __all__ = ["run", "CFGS", "COLUMNS"]
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
-from retouch.denoiser import CountedDenoiser
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
@@ -34,6 +33,7 @@ from retouch.bench.common import (
     write_json,
     write_markdown_table,
 )
+from retouch.denoiser import CountedDenoiser
 from retouch.samplers import get_step, sample
 from retouch.grids import discrete_grid, log_snr_grid
 from retouch.schedules import Schedule, get_schedule
