@@ -79,3 +79,15 @@ def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
         assert f"<h2>{title}" in html
     assert html.count("checker:") == 2  # one verdict per generated image
     assert "src='http" not in html and "data:image/png;base64," in html  # self-contained
+
+
+def test_only_toyworld_json_says_whether_a_model_learnt_the_extended_words(tmp_path):
+    from pathlib import Path
+
+    from retouch.models.loading import toyworld_extended, toyworld_model_dir, toyworld_vocabulary
+
+    core = Path(__file__).parents[1] / "checkpoints" / "toyworld-core"
+    assert "striped" in toyworld_vocabulary(core)  # its tokenizer knows the word ...
+    assert not toyworld_extended(core)  # ... but the core model never learnt it
+    assert toyworld_extended(toyworld_model_dir())
+    assert not toyworld_extended(tmp_path) and not toyworld_extended(None)

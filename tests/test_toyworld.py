@@ -181,7 +181,7 @@ def test_learning_rate_warms_up_holds_and_cools_down():
 def test_style_weights_and_cli_defaults():
     from retouch.cli import build_parser
     from retouch.toyworld.dataset import SceneSet
-    from retouch.toyworld.train import TrainConfig, scene_weights
+    from retouch.toyworld.train import TrainConfig, scene_weights, train
 
     scenes = [random_scene(random.Random(i), styles=STYLES) for i in range(30)]
     data = SceneSet(scenes=scenes, images=torch.zeros(30), masks=torch.zeros(30))
@@ -198,6 +198,8 @@ def test_style_weights_and_cli_defaults():
         assert getattr(args, name) == getattr(TrainConfig, name), name
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld", "train", "--style-weight", "striped"])
+    with pytest.raises(ValueError, match="style weights need"):  # refused before any work
+        train(TrainConfig(out="unused", style_weights={"dotted": 2.0}), progress=False)
 
 
 def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..metrics import psnr
+from ..models.loading import toyworld_extended
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -43,13 +44,6 @@ def benchmark_scenes(n: int, *, extended: bool = False) -> SceneSet:
     ``extended``, from the extended vocabulary (top/bottom, outlined/striped)."""
     return make_scenes(n, seed=BENCH_SEED, size=64, mask_size=16, progress=False,
                        **vocabulary(extended))
-
-
-def _is_extended(model: str | None) -> bool:
-    from ..models.loading import toyworld_model_dir
-
-    path = Path(model or toyworld_model_dir()) / "toyworld.json"
-    return path.is_file() and bool(json.loads(path.read_text()).get("extended", False))
 
 
 @torch.no_grad()
@@ -115,7 +109,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
-    extended = _is_extended(model)
+    extended = toyworld_extended(tw.folder)
     data = benchmark_scenes(n, extended=extended)
     adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes)
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))

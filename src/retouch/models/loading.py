@@ -17,6 +17,7 @@ __all__ = [
     "check_model_folder",
     "load_pipeline",
     "toyworld_vocabulary",
+    "toyworld_extended",
     "check_prompt",
 ]
 
@@ -128,6 +129,15 @@ def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
     return tuple(json.loads(path.read_text())["vocabulary"])
+
+
+def toyworld_extended(folder: str | Path | None) -> bool:
+    """Whether a ToyWorld model folder was trained on the extended vocabulary (top/bottom,
+    outlined/striped). Its tokenizer knows those words either way: only ``toyworld.json``
+    says whether the model learnt them."""
+    path = Path(folder) / "toyworld.json" if folder is not None else None
+    return path is not None and path.is_file() and bool(
+        json.loads(path.read_text()).get("extended", False))
 
 
 def check_prompt(prompt: str, vocabulary: tuple[str, ...] | None) -> None:

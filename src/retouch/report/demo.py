@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import psnr
+from ..models.loading import toyworld_extended
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
@@ -32,8 +33,7 @@ GENERIC_PROMPTS = ("a photograph of a red apple on a wooden table", "a watercolo
 
 def _generation_section(model: PipelineModel, n: int) -> Section:
     rng = random.Random(DEMO_SEED)
-    extended = "striped" in model.vocabulary  # the model knows top/bottom and fill styles
-    scenes = [random_scene(rng, **vocabulary(extended)) for _ in range(n)]
+    scenes = [random_scene(rng, **vocabulary(toyworld_extended(model.folder))) for _ in range(n)]
     prompts = [caption(s).text for s in scenes]
     t0 = time.time()
     images = generate(model, prompts, steps=25, cfg=5.0, seed=DEMO_SEED, progress=True)

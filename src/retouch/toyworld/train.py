@@ -261,11 +261,15 @@ def scene_weights(data: SceneSet, style_weights: dict[str, float] | None) -> tor
     """Per-scene sampling weights from ``style_weights`` (None: uniform sampling)."""
     if not style_weights:
         return None
-    unknown = sorted(set(style_weights) - set(STYLES))
-    if unknown or any(w <= 0 for w in style_weights.values()):
+    _check_style_weights(style_weights)
+    return torch.tensor([style_weights.get(s.style, 1.0) for s in data.scenes])
+
+
+def _check_style_weights(style_weights: dict[str, float] | None) -> None:
+    unknown = sorted(set(style_weights or {}) - set(STYLES))
+    if unknown or any(w <= 0 for w in (style_weights or {}).values()):
         raise ValueError(f"style weights need styles in {', '.join(STYLES)} and weights > 0, "
                          f"got {style_weights}")
-    return torch.tensor([style_weights.get(s.style, 1.0) for s in data.scenes])
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -302,6 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     tuning of :mod:`.decoder`), then the UNet stage; returns the run directory."""
     if cfg.cooldown is not None and not 0 <= cfg.cooldown[0] < cfg.cooldown[1]:
         raise ValueError(f"cooldown needs 0 <= START < END, got {cfg.cooldown}")
+    _check_style_weights(cfg.style_weights)  # before hours of rendering and VAE training
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
