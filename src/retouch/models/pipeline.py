@@ -93,7 +93,7 @@ class PipelineModel:
         if isinstance(images, np.ndarray):
             arr = images[None] if images.ndim == 3 else images
             images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return images.to(self.device, self.vae.dtype)
+        return images.to(self.device, self.vae.dtype).contiguous()  # HWC arrays arrive permuted
 
     @torch.no_grad()
     def encode_image(self, images: ImageLike) -> torch.Tensor:
@@ -101,13 +101,15 @@ class PipelineModel:
         x = self.to_tensor(images)
         z = torch.cat([self.vae.encode(b).latent_dist.mode() for b in x.split(64)])
         shift = self.vae.config.get("shift_factor") or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).float()
+        # The encoder's convolutions may hand back a channels-last layout; a latent's layout
+        # picks the CPU kernels of every later call, so it is made standard once, here.
+        return ((z - shift) * self.vae.config.scaling_factor).float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, output: str = "uint8"):
         """Images from scaled latents: uint8 (B, H, W, 3) numpy, or a [-1, 1] tensor."""
         shift = self.vae.config.get("shift_factor") or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        z = (latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).contiguous()
         x = torch.cat([self.vae.decode(b).sample for b in z.split(64)]).float()
         if output == "tensor":
             return x

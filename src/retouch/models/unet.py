@@ -78,8 +78,10 @@ class UNetDenoiser:
             ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
         timestep = torch.tensor(self.model_timestep(t), dtype=torch.float32, device=x.device)
         param = next(self.unet.parameters())
+        # Standard layout in: the same values then run the same kernels, whatever the caller's
+        # strides (a channels-last latent would pick other convolution kernels, other bits).
         out = self.unet(
-            x.to(param.dtype),
+            x.to(param.dtype).contiguous(),
             timestep,
             encoder_hidden_states=None if ehs is None else ehs.to(param.dtype),
             added_cond_kwargs=overrides.get("added_cond_kwargs", self.added_cond_kwargs),
