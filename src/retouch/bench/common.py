@@ -14,6 +14,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
+    "write_result",
+    "versions",
     "write_markdown_table",
     "loglog_plot",
     "image_grid",
@@ -57,6 +59,38 @@ def write_json(path: Path, obj: Any) -> Path:
         return o
 
     return atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """The versions a benchmark ran with: Python, retouch (and its git commit when run from a
+    checkout), torch and the libraries that compute."""
+    import importlib.metadata as md
+    import platform
+    import subprocess
+
+    found = {"python": platform.python_version()}
+    for name in ("retouch", "torch", "diffusers", "transformers", "numpy", "safetensors"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            found["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
+
+
+def write_result(path: Path, result: Mapping[str, Any]) -> Path:
+    """Write a benchmark's JSON: its ``headline`` first (the figures its issue's targets name),
+    then the rest, then :func:`versions`. Refuses a result without a headline."""
+    if not isinstance(result.get("headline"), Mapping) or not result["headline"]:
+        raise ValueError(f"a benchmark result needs a non-empty 'headline' object ({path})")
+    return write_json(path, {"headline": result["headline"], **result, "versions": versions()})
 
 
 def _cell(v: Any) -> str:

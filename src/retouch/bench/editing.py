@@ -50,7 +50,7 @@ import torch
 from ..metrics import psnr, ssim
 from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
-from .common import atomic_write_text, image_grid, write_json, write_markdown_table
+from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 
 __all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
            "processor_overhead", "COLUMNS"]
@@ -264,8 +264,9 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                 "sdedit_strength": SDEDIT_STRENGTH, "blend": BLEND,
                 "masactrl": _masactrl_options(pm.unet, steps),
                 "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
-    result = {"rows": rows, "overhead": overhead, "settings": settings}
-    write_json(out / "editing.json", result)
+    result = {"headline": headline(rows), "rows": rows, "overhead": overhead,
+              "settings": settings}
+    write_result(out / "editing.json", result)
     labels = [m.label for m in chosen]
     images, names = _sheet(examples, labels)
     image_grid(images, out / "editing.png", columns=len(labels) + 2, labels=names)
@@ -285,6 +286,18 @@ def _sheet(examples: dict, labels: list[str]) -> tuple[list[np.ndarray], list[st
                    *(edits.get(label, blank) for label in labels)]
         names += [f"src: {edit_type}", "truth", *labels]
     return images, names
+
+
+def headline(rows: list[dict]) -> dict:
+    """P2P (Direct Inversion, exact) on colour and shape edits: success, and the dB it keeps
+    outside the edit over regenerating without control (``none``) at the same step count."""
+    figures = {}
+    for edit_type, name in (("color", "colour"), ("shape", "shape")):
+        p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
+        figures[f"p2p_{name}_success"] = None if p2p is None else p2p["success"]
+        figures[f"p2p_{name}_gain_db"] = (None if p2p is None or none is None
+                                          else p2p["bg_psnr"] - none["bg_psnr"])
+    return figures
 
 
 def _get(rows, method: str, inversion: str, edit_type: str) -> dict | None:

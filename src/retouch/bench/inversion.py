@@ -20,6 +20,7 @@ Outputs: ``inversion.json`` (``{"rows": [...]}``), ``inversion.md`` (table), ``i
 
 from __future__ import annotations
 
+import math
 import time
 from io import BytesIO
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
-    write_json,
+    write_result,
     write_markdown_table,
 )
 from retouch.metrics import MSE_FLOOR
@@ -81,6 +82,17 @@ def _grid_png(columns: list[str], rows: list[tuple[str, list]], size: int) -> by
     return buf.getvalue()
 
 
+def _headline(rows: list[dict]) -> dict:
+    """Per method, the worst over the guidance scales: latent error and PSNR."""
+    worst: dict[str, dict] = {}
+    for r in rows:
+        w = worst.setdefault(r["method"], {"latent_rel_error": 0.0, "psnr": math.inf})
+        w["latent_rel_error"] = max(w["latent_rel_error"], r["latent_rel_error"])
+        w["psnr"] = min(w["psnr"], r["psnr"])
+    return {"worst_latent_rel_error": {m: w["latent_rel_error"] for m, w in worst.items()},
+            "worst_psnr": {m: w["psnr"] for m, w in worst.items()}}
+
+
 def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     """Run the benchmark; writes ``inversion.{json,md,png}`` in ``out`` and returns the JSON.
 
@@ -129,8 +141,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             }
         )
         shown[(cfg, method)] = _to_uint8(decoded[:GRID_IMAGES].cpu())
-    result = {"rows": rows}
-    write_json(out / "inversion.json", result)
+    result = {"headline": _headline(rows), "rows": rows}
+    write_result(out / "inversion.json", result)
     inputs = _to_uint8(images[:GRID_IMAGES].cpu())
     ceil = _to_uint8(ceiling_images[:GRID_IMAGES].cpu())
     grid_rows = [

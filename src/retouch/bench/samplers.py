@@ -30,7 +30,7 @@ from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
     loglog_plot,
-    write_json,
+    write_result,
     write_markdown_table,
 )
 from retouch.denoiser import CountedDenoiser
@@ -160,7 +160,13 @@ def _run(*, quick: bool, out: Path) -> dict:
                 }
             )
     summary = _summarise(rows)
+    t = summary["targets"]
     doc = {
+        "headline": {
+            "best_retouch_rmse_10_nfe": t["best_retouch_10"]["rmse"],
+            "best_diffusers_rmse_10_nfe": t["best_diffusers_10"]["rmse"],
+            "retouch_beats_diffusers_10_nfe": t["retouch_best_le_diffusers_best"],
+        },
         "rows": rows,
         "orders_10_20": summary["orders"],
         "targets": summary["targets"],
@@ -173,7 +179,7 @@ def _run(*, quick: bool, out: Path) -> dict:
             "gmm": {"dim": 64, "components": 8, "seed": 0},
         },
     }
-    write_json(out / "samplers.json", doc)
+    write_result(out / "samplers.json", doc)
     atomic_write_text(out / "samplers.md", _markdown(rows, summary, n))
     series = {}
     for r in rows:

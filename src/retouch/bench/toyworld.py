@@ -31,7 +31,7 @@ from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
 from ..toyworld.decoder import round_trip_accuracy
 from ..toyworld.grounding import grounding_loss, install_grounding
 from ..toyworld.scene import STYLES, caption, parse_caption
-from .common import atomic_write_text, image_grid, write_json, write_markdown_table
+from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 
 __all__ = ["run", "benchmark_scenes"]
 
@@ -123,7 +123,12 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     if extended:  # and does the model still follow core-vocabulary prompts?
         result["by_style"] = _by_style(scores, data.scenes)
         result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes)[0]
-    write_json(out / "toyworld.json", result)
+    result["headline"] = {
+        "all_right_extended" if extended else "all_right_core": adherence["all"],
+        **({"all_right_core": result["core_adherence"]["all"]} if extended else {}),
+        "attention_mass": result["attention_mass"],
+    }
+    write_result(out / "toyworld.json", result)
     rows = [{"metric": f"{group}.{k}", "value": v}
             for group in ("adherence", "core_adherence") for k, v in result.get(group, {}).items()]
     rows += [{"metric": f"by_style.{style}.{k}", "value": v}

@@ -1,0 +1,41 @@
+"""Every benchmark JSON leads with a headline and records the versions it ran with."""
+
+import json
+
+import pytest
+
+from retouch.bench.common import write_result
+from retouch.bench.editing import headline
+
+
+def test_samplers_bench_writes_headline_and_versions(tmp_path):
+    from retouch.cli import main
+
+    assert main(["bench", "samplers", "--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "samplers.json").read_text())
+    assert list(doc)[0] == "headline"
+    assert set(doc["headline"]) == {"best_retouch_rmse_10_nfe", "best_diffusers_rmse_10_nfe",
+                                    "retouch_beats_diffusers_10_nfe"}
+    assert doc["headline"]["best_retouch_rmse_10_nfe"] == min(
+        r["rmse"] for r in doc["rows"] if r["impl"] == "retouch" and r["nfe_budget"] == 10)
+    import torch
+
+    assert doc["versions"]["torch"] == torch.__version__
+
+
+def test_a_result_without_headline_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="headline"):
+        write_result(tmp_path / "x.json", {"rows": []})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_editing_headline_is_p2p_against_regeneration():
+    rows = [
+        {"method": "p2p", "inversion": "direct", "edit_type": "color", "success": 0.9,
+         "bg_psnr": 37.0},
+        {"method": "none", "inversion": "direct", "edit_type": "color", "success": 1.0,
+         "bg_psnr": 34.5},
+    ]
+    h = headline(rows)
+    assert h["p2p_colour_success"] == 0.9 and h["p2p_colour_gain_db"] == pytest.approx(2.5)
+    assert h["p2p_shape_success"] is None and h["p2p_shape_gain_db"] is None
