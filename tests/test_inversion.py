@@ -325,7 +325,7 @@ def test_invert_cli_replays_a_saved_inversion_only_on_its_image(tiny_toy_pipelin
     assert "is not the image" in capsys.readouterr().err
     assert main(["invert", str(paths[0]), *common, "--steps", "0",
                  "--out", str(tmp_path / "no")]) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "--steps: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_a_latent_layout_never_changes_the_bits():

@@ -195,7 +195,7 @@ def test_non_finite_latent_names_the_step():
             self.n += 1
             return den(x, t) * (float("nan") if self.n == 3 else 1.0)
 
-    with pytest.raises(FloatingPointError, match="step 2"):
+    with pytest.raises(FloatingPointError, match="denoiser returned NaN or Inf at step 2"):
         sample(Breaks(), x, grid(5), progress=False)
 
 

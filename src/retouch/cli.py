@@ -38,17 +38,23 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_demo(args) -> None:
+    from .files import check_output_dir
     from .report.demo import run_demo
 
+    check_output_dir(args.out, ("index.html",))
     index = run_demo(Path(args.out), model=args.model)
     print(f"wrote {index}")
 
 
 def _cmd_attention(args) -> None:
+    from .files import check_output_dir
     from .images import read_image
     from .models.pipeline import PipelineModel
-    from .recipes.attention_maps import attention_maps, save_attention_maps
+    from .recipes.attention_maps import OUTPUTS, attention_maps, save_attention_maps
 
+    check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
     model = PipelineModel.load(args.model)
     image = read_image(args.image, model.image_size) if args.image else None
     maps = attention_maps(model, args.prompt, image=image, words=args.tokens, steps=args.steps,
@@ -61,11 +67,13 @@ def _cmd_attention(args) -> None:
 
 def _cmd_bench(args) -> None:
     if args.name not in BENCHMARKS:
-        raise SystemExit(
+        raise ValueError(
             f"unknown benchmark {args.name!r}; valid: {', '.join(sorted(BENCHMARKS))}"
         )
+    from .files import check_output_dir
+
     module = importlib.import_module(BENCHMARKS[args.name])
-    out = Path(args.out)
+    out = check_output_dir(args.out, ())
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
@@ -73,7 +81,7 @@ def _cmd_bench(args) -> None:
     accepted = inspect.signature(module.run).parameters
     refused = [f"--{k}" for k in extra if k not in accepted]
     if refused:
-        raise SystemExit(f"retouch bench {args.name} does not take {', '.join(refused)}")
+        raise ValueError(f"retouch bench {args.name} does not take {', '.join(refused)}")
     module.run(quick=args.quick, out=out, **extra)
     print(f"wrote {out / (args.name + '.json')} and {args.name}.md in {time.time() - t0:.0f} s")
 
@@ -82,8 +90,10 @@ def _style_weight(text: str) -> tuple[str, float]:
     """``STYLE=WEIGHT`` as a pair (style names and weights are checked by ``train``)."""
     style, _, weight = text.partition("=")
     try:
-        return style, float(weight)
-    except ValueError:
+        from .arguments import number
+
+        return style, number(weight)
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected STYLE=WEIGHT, e.g. striped=1.5") from None
 
@@ -126,18 +136,21 @@ def _cmd_export(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retouch", description=__doc__)
+    from .arguments import OneLineParser, number, whole
+
+    p = OneLineParser(prog="retouch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-image with retouch's own sampling loop")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=whole(1), default=25)
+    g.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=whole(0), default=0)
     g.add_argument("--sampler", default="ddim")
-    g.add_argument("--n", type=int, default=1, help="images (saved as a row)")
-    g.add_argument("--out", required=True, help="output PNG")
+    g.add_argument("--n", type=whole(1), default=1, help="images (saved as a row)")
+    g.add_argument("--out", required=True,
+                   help="output image; the extension picks the format (.png, .jpg, .webp)")
     g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser("demo", help="the main job: an HTML gallery of what retouch does")
@@ -150,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", default=None, help="read the model's attention on this image")
     a.add_argument("--tokens", nargs="*", default=None, help="words to map (default: all)")
     a.add_argument("--model", default=None)
-    a.add_argument("--steps", type=int, default=25)
-    a.add_argument("--cfg", type=float, default=5.0)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=whole(1), default=25)
+    a.add_argument("--cfg", type=number, default=5.0)
+    a.add_argument("--seed", type=whole(0), default=0)
     a.add_argument("--out", required=True, help="output folder")
     a.set_defaults(func=_cmd_attention)
 
@@ -161,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
     b.add_argument("--out", default="bench")
     b.add_argument("--model", default=None, help="model folder, for benchmarks that use one")
-    b.add_argument("--cases", type=int, default=None,
+    b.add_argument("--cases", type=whole(1), default=None,
                    help="editing: ToyBench cases (they cycle through the edit types)")
-    b.add_argument("--steps", type=int, default=None, help="editing: sampling steps")
+    b.add_argument("--steps", type=whole(2), default=None, help="editing: sampling steps")
     b.set_defaults(func=_cmd_bench)
 
     from .inversion.cli import register as register_invert
@@ -178,18 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/toy", help="run directory")
     tr.add_argument("--resume", action="store_true")
     # Defaults are TrainConfig's (a test checks); written out so `retouch --help` needs no torch.
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--vae-steps", type=int, default=1500)
-    tr.add_argument("--unet-steps", type=int, default=100000)
-    tr.add_argument("--batch", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--grounding-weight", type=float, default=0.1)
+    tr.add_argument("--seed", type=whole(0), default=0)
+    tr.add_argument("--vae-steps", type=whole(0), default=1500)
+    tr.add_argument("--unet-steps", type=whole(1), default=100000)
+    tr.add_argument("--batch", type=whole(1), default=32)
+    tr.add_argument("--lr", type=number, default=3e-4)
+    tr.add_argument("--grounding-weight", type=number, default=0.1)
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.add_argument("--extended", action="store_true",
                     help="the extended vocabulary (top/bottom, outlined/striped); with "
                          "--init-from the VAE first learns the new renders (--vae-steps)")
-    tr.add_argument("--cooldown", type=int, nargs=2, default=None, metavar=("START", "END"),
+    tr.add_argument("--cooldown", type=whole(0), nargs=2, default=None, metavar=("START", "END"),
                     help="UNet steps over which the learning rate decays linearly to 0; "
                          "training stops at END")
     tr.add_argument("--style-weight", action="append", default=[], type=_style_weight,
@@ -202,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a run's VAE decoder (encoder frozen) so colours and edges decode right",
     )
     td.add_argument("run", help="a `retouch toyworld train` run directory")
-    td.add_argument("--steps", type=int, default=3000)
-    td.add_argument("--object-weight", type=float, default=10.0,
+    td.add_argument("--steps", type=whole(1), default=3000)
+    td.add_argument("--object-weight", type=number, default=10.0,
                     help="loss weight of object pixels relative to background pixels")
     td.add_argument("--extended", action="store_true", help="extended-vocabulary renders")
     td.add_argument("--train-encoder", action="store_true",
@@ -217,16 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Errors that bad input, a bad file or a diverging computation raise: one line and exit 2.
+#: Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``retouch`` command line; returns the exit code (0, 2 on an expected error)."""
+    from .arguments import notes_to_stderr
+
     # transformers warns about optional image processors SD pipelines never use here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"retouch: error: {exc}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a one-line usage error (2)
+        return int(exc.code or 0)
+    try:
+        with notes_to_stderr():
+            args.func(args)
+    except EXPECTED_ERRORS as exc:
+        print(f"retouch: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("retouch: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Images in, images out: the one rule for adapting a user's image to a model.
 
 An image that is not RGB (L, RGBA, P, ...) is converted, with a note (an alpha channel is
-dropped). An image of another size is resized to the model's image size when its aspect ratio
-matches the model's (square, within 1 %), with a note; any other aspect ratio is refused --
+dropped); a 16-bit image is scaled to 8 bits (never clipped), a floating-point one refused.
+An image of another size is resized to the model's image size when its aspect ratio matches
+the model's (square, within 1 %), with a note; any other aspect ratio is refused --
 crop the image first.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from PIL import Image
+
+from .checks import note
 
 __all__ = ["prepare_image", "read_image", "ASPECT_TOLERANCE"]
 
@@ -25,6 +27,15 @@ def prepare_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]
     Raises ValueError for an aspect ratio other than square (see the module rules).
     """
     notes = []
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG opens as I)
+        import numpy as np
+
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        notes.append("scaled the 16-bit image to 8 bits")
+    elif image.mode == "F":
+        raise ValueError("floating-point (mode F) images are not read: save the image as an "
+                         "8- or 16-bit PNG first")
     if image.mode != "RGB":
         had_alpha = "A" in image.getbands() or "transparency" in image.info
         notes.append(
@@ -44,7 +55,8 @@ def prepare_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]
 
 
 def read_image(path: str | Path, size: int) -> Image.Image:
-    """Open ``path`` and adapt it with :func:`prepare_image`, printing notes to stderr."""
+    """Open ``path`` and adapt it with :func:`prepare_image`; each change is a
+    :func:`retouch.checks.note`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
@@ -54,6 +66,6 @@ def read_image(path: str | Path, size: int) -> Image.Image:
     except OSError as exc:
         raise ValueError(f"cannot read {path} as an image: {exc}") from exc
     image, notes = prepare_image(raw, size)
-    for note in notes:
-        print(f"retouch: note: {note}", file=sys.stderr)
+    for text in notes:
+        note(text)
     return image

@@ -363,22 +363,41 @@ def sample(
     ts = check_grid(times, inverse=inverse)
     if noises is not None and len(noises) != len(ts) - 1:
         raise ValueError(f"noises has {len(noises)} entries for {len(ts) - 1} steps")
+    if not _finite(x):
+        raise ValueError("the start latent holds NaN or Inf values; pass finite values")
     state = SamplerState(times=ts, generator=generator, noises=noises)
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc="sampling", leave=False):
         t, t_next = ts[i], ts[i + 1]
+        where = f"at step {i} (t={t:g} -> {t_next:g})"
         state.index, state.noise = i, None
         x0_hat = denoiser(x, t)
+        if not _finite(x0_hat):
+            raise FloatingPointError(f"the denoiser returned NaN or Inf {where}: check the model "
+                                     "weights and the guidance scale")
         x_next = step(denoiser, x, t, t_next, x0_hat, state)
+        if not _finite(x_next):
+            raise FloatingPointError(f"the {_name(step)} step produced NaN or Inf {where}")
         state.history = [*state.history[-(HISTORY_LEN - 1) :], (t, x0_hat)]
         ctx = StepContext(i, t, t_next, x_next, x, x0_hat, state.noise, denoiser)
         for callback in callbacks:
             out = callback(ctx)
             if out is not None:
+                if not _finite(out):
+                    raise FloatingPointError(f"the callback {_name(callback)} returned NaN or "
+                                             f"Inf {where}")
                 ctx.x = out
-        if not bool(torch.isfinite(ctx.x).all()):
-            raise FloatingPointError(f"non-finite latent after step {i} (t={t:g} -> {t_next:g})")
         x = ctx.x
     return x
+
+
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def _name(fn: Any) -> str:
+    """A readable name of a step function or callback (partials and bound methods too)."""
+    fn = getattr(fn, "func", fn)
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _unipc() -> Step:

@@ -179,7 +179,6 @@ def save_heatmaps(
     for i, (word, tile) in enumerate(tiles):
         sheet.paste(tile.resize((cell, cell), Image.NEAREST), (i * cell, 0))
         draw.text((i * cell + 2, cell), word, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    from retouch.files import save_image
+
+    return save_image(sheet, path)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retouch.checks import count, finite, finite_tensor, prompt_list
 from retouch.inversion.core import DenoiserFactory
 from retouch.inversion.ddim import (
     DDIMConfig,
@@ -48,7 +49,7 @@ from retouch.inversion.exact import (
 )
 from retouch.inversion.null_text import NullTextConfig, invert_null_text
 from retouch.inversion.result import Inversion
-from retouch.samplers import StepContext, ddim_step, sample
+from retouch.samplers import StepContext, check_grid, ddim_step, sample
 
 __all__ = ["METHODS", "invert", "reconstruct", "as_factory", "method_config", "fingerprint_of"]
 
@@ -165,23 +166,41 @@ def invert(
     """
     entry = _method(method)
     options = method_config(method, config)
-    if _is_pipeline(model):
-        for p in [prompt] if isinstance(prompt, str) else list(prompt or []):
-            model.check_prompt(p)
-    factory = as_factory(model, prompt)
+    finite("cfg", cfg)
+    if steps is not None:
+        count("steps", steps)
+    if times is not None:
+        check_grid(times)
+        if steps is not None and steps != len(times) - 1:
+            raise ValueError(f"steps={steps} disagrees with a grid of {len(times) - 1} steps")
+    pipeline = _is_pipeline(model)
     if isinstance(image_or_latent, Tensor):
-        x = image_or_latent
-    elif _is_pipeline(model):
-        x = model.encode_image(image_or_latent)
+        x = model.check_latent(image_or_latent) if pipeline else finite_tensor(
+            "the latent", image_or_latent)
+    elif pipeline:
+        x = None  # encoded below, once the prompts are known to be right
     else:
         raise TypeError("without a pipeline model the input must be a latent tensor")
+    if pipeline:
+        batch = x.shape[0] if x is not None else _batch_of(image_or_latent)
+        for p in prompt_list(prompt, batch=batch, name="source prompt"):
+            model.check_prompt(p)
+    factory = as_factory(model, prompt)
+    if x is None:
+        x = model.encode_image(image_or_latent)
     if times is None:
         times = factory.time_grid(50 if steps is None else steps)
-    elif steps is not None and steps != len(times) - 1:
-        raise ValueError(f"steps={steps} disagrees with a grid of {len(times) - 1} steps")
     inv = entry.invert(factory, x, times, cfg=cfg, config=options, progress=progress)
     inv.prompt = prompt if _is_pipeline(model) else None
     return inv
+
+
+def _batch_of(images: Any) -> int:
+    """How many images ``images`` holds (a PIL image, a list, an (H, W, 3) or (B, ...) array)."""
+    if isinstance(images, list):
+        return len(images)
+    ndim = getattr(images, "ndim", None)
+    return images.shape[0] if ndim == 4 else 1
 
 
 def _rows(e: Tensor, b: int, copies: int) -> Tensor:
@@ -265,6 +284,7 @@ def reconstruct(
     per-step corrections (BDIA's loop starts at step 1, so its ``ctx.i`` is ``k - 1``).
     """
     inv = inversion
+    inv.check_finite()
     factory = as_factory(model, inv.prompt if _is_pipeline(model) else None)
     inv.check_compatible(fingerprint=factory.fingerprint)
     if isinstance(target, str | list):

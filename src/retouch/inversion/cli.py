@@ -20,10 +20,12 @@ import argparse
 import json
 from pathlib import Path
 
-from PIL import Image
-
+from retouch.files import atomic_write_text, check_output_dir, save_image
 from retouch.images import read_image
 from retouch.metrics import psnr
+
+#: The files ``retouch invert`` writes into its --out folder.
+OUTPUTS = ("input.png", "reconstruction.png", "inversion.safetensors", "inversion.json")
 
 __all__ = ["register", "run_invert"]
 
@@ -45,15 +47,13 @@ def run_invert(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown inversion method {args.method!r}; valid: {', '.join(METHODS)}")
     if args.from_inversion is None and args.prompt is None:
         raise ValueError("--prompt is required (the caption of the image)")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    out = check_output_dir(args.out, OUTPUTS, inputs=(args.image, args.from_inversion))
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
     model = PipelineModel.load(args.model)
     if args.prompt is not None:
         model.check_prompt(args.prompt)
     image = read_image(args.image, model.image_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    image.save(out / "input.png")
     if args.from_inversion is not None:
         inv = load_inversion(
             args.from_inversion,
@@ -82,10 +82,12 @@ def run_invert(args: argparse.Namespace) -> None:
             steps=50 if args.steps is None else args.steps,
             cfg=1.0 if args.cfg is None else args.cfg,
         )
-        inv.save(out / "inversion.safetensors")
     latent = reconstruct(inv, model)
     rec = model.decode(latent)[0]
-    Image.fromarray(rec).save(out / "reconstruction.png")
+    save_image(image, out / "input.png")
+    if args.from_inversion is None:
+        inv.save(out / "inversion.safetensors")
+    save_image(rec, out / "reconstruction.png")
     target = np.asarray(image)
     with torch.no_grad():
         ceiling = model.decode(model.encode_image(image))[0]
@@ -101,16 +103,19 @@ def run_invert(args: argparse.Namespace) -> None:
         "psnr_ceiling": psnr(ceiling, target),
         "latent_rel_error": float((latent - inv.trajectory[-1]).norm() / inv.trajectory[-1].norm()),
     }
-    (out / "inversion.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "inversion.json", json.dumps(report, indent=2) + "\n")
+    saved = args.from_inversion or out / "inversion.safetensors"
     print(
         f"wrote {out / 'reconstruction.png'}: PSNR {report['psnr']:.2f} dB "
         f"(VAE ceiling {report['psnr_ceiling']:.2f} dB), latent error "
-        f"{report['latent_rel_error']:.2e}; inversion in {out / 'inversion.safetensors'}"
+        f"{report['latent_rel_error']:.2e}; inversion "
+        + (f"read from {saved}" if args.from_inversion else f"in {saved}")
     )
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``invert`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from retouch.arguments import number, whole
     from retouch.inversion.api import METHODS
 
     p = subparsers.add_parser(
@@ -121,9 +126,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", default=None, help="caption of the image (the source prompt)")
     p.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default ddim)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    p.add_argument("--steps", type=whole(1), default=None, help="sampling steps (default 50)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="guidance scale of the reconstruction (default 1)"
+        "--cfg", type=number, default=None, help="guidance scale of the reconstruction (default 1)"
     )
     p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
     p.add_argument("--out", required=True, help="output folder")

@@ -9,6 +9,7 @@ another model (fingerprint), another step count or another method than the calle
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
@@ -118,8 +119,13 @@ class Inversion:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
         if raw is None:
             raise ValueError(f"{path} is not a retouch inversion file (no {_META_KEY} metadata)")
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT_VERSION:
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is damaged: its {_META_KEY} metadata is not valid JSON "
+                             f"({exc}); invert the image again") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise ValueError(
                 f"{path} has inversion format {meta.get('format')}; this retouch reads "
                 f"format {FORMAT_VERSION} -- invert the image again"
@@ -127,11 +133,30 @@ class Inversion:
         unknown = sorted(set(tensors) - set(_TENSORS))
         if unknown or "times" not in tensors or "trajectory" not in tensors:
             raise ValueError(f"{path} is damaged: tensors {sorted(tensors)}")
+        missing = sorted({"method", "cfg", "fingerprint", "prompt", "offset_rows", "options",
+                          "nfe", "steps"} - set(meta))
+        if missing:
+            raise ValueError(f"{path} is damaged: its metadata lacks {', '.join(missing)}")
         kw = {k: meta[k] for k in ("method", "cfg", "fingerprint", "prompt", "offset_rows")}
+        if not isinstance(kw["cfg"], int | float):
+            raise ValueError(f"{path} is damaged: cfg {kw['cfg']!r} is not a number")
         inv = cls(**kw, **tensors, options=meta["options"], nfe=meta["nfe"])
         if inv.steps != meta["steps"]:
             raise ValueError(f"{path} is damaged: {inv.steps} times for {meta['steps']} steps")
+        inv.check_finite(str(path))
         return inv
+
+    def check_finite(self, source: str = "this inversion") -> None:
+        """Refuse an inversion whose tensors or guidance scale hold NaN or Inf."""
+        if not math.isfinite(self.cfg):
+            raise ValueError(f"refusing {source}: its cfg is {self.cfg}; invert the image again")
+        for name in _TENSORS:
+            value = getattr(self, name)
+            if value is not None and value.is_floating_point():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    raise ValueError(f"refusing {source}: its {name} holds {bad} non-finite "
+                                     "value(s) (NaN or Inf); invert the image again")
 
     def check_compatible(
         self,

@@ -6,7 +6,6 @@ Only safetensors weights are loaded: a component whose weights exist only as a p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,19 @@ __all__ = [
     "check_prompt",
 ]
 
+from ..files import read_json
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: Pipeline classes (``_class_name`` in model_index.json) retouch runs today.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+#: Families retouch recognises but has no adapter for yet, by pipeline class.
+UNSUPPORTED_FAMILIES = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD3",
+    "FluxPipeline": "Flux",
+    "StableDiffusionInpaintPipeline": "SD inpainting (9-channel UNet)",
+}
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transformer")
 
 
@@ -51,6 +62,9 @@ def check_model_folder(folder: Path) -> dict:
     """
     folder = Path(folder)
     index_path = folder / "model_index.json"
+    if folder.is_file():
+        raise ModelFolderError(f"the model {folder} is a file; pass the diffusers folder that "
+                               "holds model_index.json (single-file checkpoints are not read)")
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist")
     if not index_path.is_file():
@@ -59,9 +73,19 @@ def check_model_folder(folder: Path) -> dict:
             "(save one with `pipeline.save_pretrained(folder)`)"
         )
     try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"corrupt {index_path}: {exc}") from exc
+        index = read_json(index_path, "pipeline index")
+    except ValueError as exc:
+        raise ModelFolderError(str(exc)) from None
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{index_path} is not a diffusers pipeline index (not an object)")
+    kind = index.get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        family = UNSUPPORTED_FAMILIES.get(kind)
+        found = f"a {kind} folder ({family})" if family else f"of unknown class {kind!r}"
+        raise ModelFolderError(
+            f"cannot load {folder}: it is {found}; retouch runs "
+            f"{', '.join(SUPPORTED_PIPELINES)} folders (SD 1.x / 2.x) so far"
+        )
     problems = []
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
@@ -91,7 +115,7 @@ def check_model_folder(folder: Path) -> dict:
             except ModelFolderError as exc:
                 problems.append(str(exc))
     if problems:
-        raise ModelFolderError(f"cannot load {folder}:\n  " + "\n  ".join(problems))
+        raise ModelFolderError(f"cannot load {folder}: " + "; ".join(problems))
     return index
 
 
@@ -106,7 +130,7 @@ def load_pipeline(
 
     folder = Path(model) if model is not None else toyworld_model_dir()
     index = check_model_folder(folder)
-    cls = getattr(diffusers, index.get("_class_name", "StableDiffusionPipeline"))
+    cls = getattr(diffusers, index["_class_name"])
     extra = {}
     if "safety_checker" in index:
         extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -128,7 +152,11 @@ def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:
     path = Path(folder) / "toyworld.json"
     if not path.is_file():
         return None
-    return tuple(json.loads(path.read_text())["vocabulary"])
+    info = read_json(path, "ToyWorld model description")
+    if not isinstance(info, dict) or not isinstance(info.get("vocabulary"), list):
+        raise ModelFolderError(f"{path} has no 'vocabulary' list; re-export the model "
+                               "(retouch toyworld export)")
+    return tuple(info["vocabulary"])
 
 
 def toyworld_extended(folder: str | Path | None) -> bool:
@@ -136,8 +164,10 @@ def toyworld_extended(folder: str | Path | None) -> bool:
     outlined/striped). Its tokenizer knows those words either way: only ``toyworld.json``
     says whether the model learnt them."""
     path = Path(folder) / "toyworld.json" if folder is not None else None
-    return path is not None and path.is_file() and bool(
-        json.loads(path.read_text()).get("extended", False))
+    if path is None or not path.is_file():
+        return False
+    info = read_json(path, "ToyWorld model description")
+    return bool(isinstance(info, dict) and info.get("extended", False))
 
 
 def check_prompt(prompt: str, vocabulary: tuple[str, ...] | None) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checks import finite, finite_tensor, note, prompt_list
 from ..denoiser import CFGDenoiser
 from ..grids import discrete_grid
 from ..schedules import Schedule
@@ -65,12 +66,23 @@ class PipelineModel:
     # --- text ----------------------------------------------------------------------------
 
     def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt the model would not read whole: words outside a ToyWorld model's
+        vocabulary, or more tokens than the text encoder takes (never truncated silently)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string, got {prompt!r}")
         check_prompt(prompt, self.vocabulary)
+        limit = self.tokenizer.model_max_length
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)  # with BOS and EOS
+        if n > limit:
+            raise ValueError(
+                f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is {n} tokens "
+                f"with BOS/EOS; this text encoder reads at most {limit}: shorten it"
+            )
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
         """Text-encoder hidden states (B, L, D) for ``prompts``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         for p in prompts:
             self.check_prompt(p)
         ids = self.tokenizer(
@@ -85,15 +97,67 @@ class PipelineModel:
     # --- images --------------------------------------------------------------------------
 
     def to_tensor(self, images: ImageLike) -> torch.Tensor:
-        """Images as a float tensor (B, 3, H, W) in [-1, 1] on the model's device."""
+        """Images as a float tensor (B, 3, H, W) in [-1, 1] on the model's device.
+
+        Takes PIL images (adapted by :func:`retouch.images.prepare_image`: converted to RGB,
+        resized to the model's square size, other aspect ratios refused), uint8 arrays
+        (H, W, 3) or (B, H, W, 3) of the model's size, or float tensors (B, 3, H, W) in [-1, 1].
+        """
+        from ..images import prepare_image
+
+        size = self.image_size
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, list):
-            images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+            if not images or not all(isinstance(im, Image.Image) for im in images):
+                raise ValueError("a list of images must hold at least one PIL image and only "
+                                 "PIL images")
+            adapted = []
+            for im in images:
+                im, notes = prepare_image(im, size)
+                for text in notes:
+                    note(text)
+                adapted.append(np.asarray(im))
+            images = np.stack(adapted)
         if isinstance(images, np.ndarray):
             arr = images[None] if images.ndim == 3 else images
+            if arr.dtype != np.uint8:
+                raise ValueError(
+                    f"image arrays must be uint8 (0..255), got {arr.dtype}; for floats in "
+                    "[0, 1] pass (array * 255).round().astype(np.uint8)")
+            if arr.ndim != 4 or arr.shape[-1] != 3:
+                raise ValueError(
+                    f"an image array must be (H, W, 3) or (B, H, W, 3) RGB, got shape "
+                    f"{images.shape}; drop an alpha channel with array[..., :3]")
+            if arr.shape[1:3] != (size, size):
+                raise ValueError(f"the image array is {arr.shape[2]}x{arr.shape[1]}; this model "
+                                 f"takes {size}x{size}: resize it (or pass a PIL image)")
             images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        elif isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+                raise ValueError(f"an image tensor must be float (B, 3, H, W) in [-1, 1], got "
+                                 f"{images.dtype} {tuple(images.shape)}")
+            finite_tensor("the image tensor", images)
+        else:
+            raise ValueError(f"cannot read a {type(images).__name__} as images; pass a PIL "
+                             "image, a uint8 array or a float tensor in [-1, 1]")
         return images.to(self.device, self.vae.dtype).contiguous()  # HWC arrays arrive permuted
+
+    def check_latent(self, x: torch.Tensor, name: str = "latent") -> torch.Tensor:
+        """Refuse a latent this model cannot take: not (B, C, h, w) with the UNet's channel
+        count, sides not a multiple of its downsampling, or holding NaN / Inf."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"a {name} must be a (B, C, h, w) tensor, got {shape}")
+        c = self.unet.config.in_channels
+        if x.shape[1] != c:
+            raise ValueError(f"the {name} has {x.shape[1]} channels; this model's latents have "
+                             f"{c} (encode images with model.encode_image)")
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"the {name} is {x.shape[3]}x{x.shape[2]}; this UNet needs sides "
+                             f"that are multiples of {factor}")
+        return finite_tensor(f"the {name}", x)
 
     @torch.no_grad()
     def encode_image(self, images: ImageLike) -> torch.Tensor:
@@ -108,6 +172,7 @@ class PipelineModel:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, output: str = "uint8"):
         """Images from scaled latents: uint8 (B, H, W, 3) numpy, or a [-1, 1] tensor."""
+        finite_tensor("the latents to decode", latents)
         shift = self.vae.config.get("shift_factor") or 0.0
         z = (latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).contiguous()
         x = torch.cat([self.vae.decode(b).sample for b in z.split(64)]).float()
@@ -131,6 +196,7 @@ class PipelineModel:
 
         ``cfg == 1`` gives the conditional denoiser alone (one UNet call per step).
         """
+        finite("cfg", cfg)
         cond = prompts if isinstance(prompts, torch.Tensor) else self.encode_prompt(prompts)
         unet = UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type,
                             encoder_hidden_states=cond)

@@ -29,6 +29,8 @@ from ..attention import (
 from ..attention.maps import save_heatmaps, token_heatmaps
 from ..attention.segment import label_segments, segment_self_attention
 from ..attention.tokens import word_positions
+from ..checks import count, finite
+from ..files import save_image
 from ..models.pipeline import ImageLike, PipelineModel
 from ..samplers import get_step, sample, start_latents
 
@@ -59,6 +61,10 @@ def attention_maps(
     progress: bool = False,
 ) -> AttentionMaps:
     """Cross-attention heatmaps of ``words`` (default: the prompt's content words)."""
+    count("steps", steps)
+    finite("cfg", cfg)
+    count("clusters", clusters)
+    model.check_prompt(prompt)
     words = words or [w for w in dict.fromkeys(prompt.lower().split()) if w not in GRAMMAR_WORDS]
     positions = {w: word_positions(model.tokenizer, prompt, w) for w in words}
     den = model.denoiser([prompt], cfg=cfg)
@@ -91,12 +97,15 @@ def attention_maps(
     return AttentionMaps(picture, heatmaps, labels.cpu().numpy(), named)
 
 
+#: The files :func:`save_attention_maps` writes.
+OUTPUTS = ("heatmaps.png", "segments.png")
+
+
 def save_attention_maps(maps: AttentionMaps, out: Path) -> list[Path]:
     """Write ``heatmaps.png`` (image + one map per word) and ``segments.png`` into ``out``."""
     from PIL import Image
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [save_heatmaps(out / "heatmaps.png", maps.heatmaps, image=maps.image)]
     palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                         [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]])
@@ -104,7 +113,6 @@ def save_attention_maps(maps: AttentionMaps, out: Path) -> list[Path]:
     size = maps.image.shape[0]
     tile = Image.fromarray(seg).resize((size, size), Image.NEAREST)
     both = np.concatenate([maps.image, np.asarray(tile)], axis=1)
-    path = out / "segments.png"
-    Image.fromarray(both).resize((both.shape[1] * 2, both.shape[0] * 2), Image.NEAREST).save(path)
-    paths.append(path)
+    big = Image.fromarray(both).resize((both.shape[1] * 2, both.shape[0] * 2), Image.NEAREST)
+    paths.append(save_image(big, out / "segments.png"))
     return paths

@@ -44,6 +44,7 @@ from ..attention import (
     attention_control,
     guidance_halves,
 )
+from ..checks import count, finite
 from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
 from .editors import EDITORS, check_editor
 
@@ -121,6 +122,8 @@ def edit_generated(
     pinning the source row), ``callbacks`` (run first each step), ``denoiser`` (for rows
     [source, target], replacing ``model.denoiser``).
     """
+    count("steps", steps)
+    finite("cfg", cfg)
     step = get_step(sampler)
     controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
                                       editor_options)
@@ -268,6 +271,8 @@ def edit(
     """
     from ..inversion import invert, method_config
 
+    count("steps", steps)
+    finite("cfg", cfg)
     model.check_prompt(source_prompt)
     model.check_prompt(target_prompt)
     options = dict(inversion_options or {})
@@ -298,10 +303,12 @@ def sdedit(
     target prompt. ``result.source`` is the VAE round trip; ``strength=0`` returns it as the
     edit. No attention control. References: Meng et al. 2022 (SDEdit), diffusers img2img.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
+    finite("strength", strength, low=0.0, high=1.0)
+    count("steps", steps)
+    finite("cfg", cfg)
     model.check_prompt(target_prompt)
-    z = image.to(model.device) if isinstance(image, Tensor) else model.encode_image(image)
+    z = (model.check_latent(image).to(model.device) if isinstance(image, Tensor)
+         else model.encode_image(image))
     run = min(int(steps * strength), steps)  # steps actually run, as diffusers' img2img
     x = z
     if run > 0:

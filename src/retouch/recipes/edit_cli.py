@@ -27,7 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from retouch.files import atomic_write_text, check_output_dir, save_image
 from retouch.images import read_image
+
+#: The files ``retouch edit`` may write into its --out folder.
+OUTPUTS = ("input.png", "edited.png", "source_reconstruction.png", "mask_local_blend.png",
+           "attention.png", "edit.json")
 
 __all__ = ["register", "run_edit", "parse_options"]
 
@@ -67,9 +72,8 @@ def _save_masks(result, model, source: str, target: str, out: Path) -> list[Path
     size = result.edited.shape[:2]
     if "local_blend" in result.masks:
         mask = (result.masks["local_blend"] > 0).astype(np.uint8) * 255
-        path = out / "mask_local_blend.png"
-        Image.fromarray(mask).resize(size[::-1], Image.Resampling.NEAREST).save(path)
-        paths.append(path)
+        big = Image.fromarray(mask).resize(size[::-1], Image.Resampling.NEAREST)
+        paths.append(save_image(big, out / "mask_local_blend.png"))
     src_pos, tgt_pos = changed_tokens(model.tokenizer, source, target)
     if result.store is not None and result.store.counts.get("cross") and (src_pos or tgt_pos):
         cross = result.store.cross()  # (2, S, S, T): rows [source, target]
@@ -101,11 +105,13 @@ def run_edit(args: argparse.Namespace) -> None:
         raise ValueError("--blend is Prompt-to-Prompt's local blending; use it with --editor p2p")
     if args.editor != "sdedit":
         check_editor(args.editor, {**_blend(args.blend), **options})
+    out = check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
     model = PipelineModel.load(args.model)
     model.check_prompt(args.source)
     model.check_prompt(args.target)
     image = read_image(args.image, model.image_size)
-    out = Path(args.out)
     common = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
     if args.editor == "sdedit":
         strength = 0.6 if args.strength is None else args.strength
@@ -114,23 +120,23 @@ def run_edit(args: argparse.Namespace) -> None:
         result = edit(model, image, args.source, args.target, editor=args.editor,
                       inversion=args.inversion or "direct", maps=True, **common,
                       **{**_blend(args.blend), **options})
-    out.mkdir(parents=True, exist_ok=True)
-    image.save(out / "input.png")
-    Image.fromarray(result.edited).save(out / "edited.png")
-    Image.fromarray(result.source).save(out / "source_reconstruction.png")
+    save_image(image, out / "input.png")
+    save_image(result.edited, out / "edited.png")
+    save_image(result.source, out / "source_reconstruction.png")
     masks = _save_masks(result, model, args.source, args.target, out)
     report = {"source": args.source, "target": args.target, "editor": args.editor,
               "inversion": None if args.editor == "sdedit" else args.inversion or "direct",
               "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
               "strength": strength if args.editor == "sdedit" else None,
               "options": {**_blend(args.blend), **options}, "masks": [p.name for p in masks]}
-    (out / "edit.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "edit.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'edited.png'}, {out / 'source_reconstruction.png'}"
           + "".join(f", {p}" for p in masks))
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from retouch.arguments import fraction, number, whole
     from retouch.inversion.api import METHODS
     from retouch.recipes.editors import EDITORS
 
@@ -141,10 +147,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="caption of the edited image")
     p.add_argument("--inversion", default=None, choices=METHODS, help="default direct")
     p.add_argument("--editor", default="p2p", choices=(*EDITORS, "sdedit"))
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="SDEdit / edit-friendly noise seed")
-    p.add_argument("--strength", type=float, default=None, help="SDEdit strength (default 0.6)")
+    p.add_argument("--steps", type=whole(1), default=25)
+    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=whole(0), default=0, help="SDEdit / edit-friendly noise seed")
+    p.add_argument("--strength", type=fraction, default=None,
+                   help="SDEdit strength in [0, 1] (default 0.6)")
     p.add_argument("--blend", default=None, metavar="changed|SRC:TGT",
                    help="P2P local blending on these words")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="editor option")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..checks import count, finite, prompt_list
+from ..files import check_output_file, save_image
 from ..models.pipeline import PipelineModel
 from ..samplers import get_step, sample, start_latents
 
@@ -27,7 +28,10 @@ def generate(
 ) -> np.ndarray:
     """Sample one image per prompt; returns uint8 (B, H, W, 3). Start noise is drawn on the CPU
     from ``seed`` so results do not depend on the device."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = prompt_list(prompts)
+    count("steps", steps)
+    finite("cfg", cfg)
+    count("seed", seed, minimum=0)
     step = get_step(sampler)  # validates the name before any work
     denoiser = model.denoiser(prompts, cfg=cfg, negative=[negative] * len(prompts))
     gen = torch.Generator().manual_seed(seed)
@@ -41,14 +45,10 @@ def generate(
 
 
 def generate_to_file(prompt: str, out: str | Path, *, model=None, n: int = 1, **kw) -> Path:
-    """Generate ``n`` images of ``prompt`` and save them side by side as one PNG."""
-    if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
+    """Generate ``n`` images of ``prompt`` and save them side by side as one image, in the
+    format ``out``'s extension names."""
+    count("n", n)
+    out = check_output_file(out)
     tw = PipelineModel.load(model)
     images = generate(tw, [prompt] * n, **kw)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    Image.fromarray(np.concatenate(list(images), axis=1)).save(tmp)
-    tmp.replace(out)
-    return out
+    return save_image(np.concatenate(list(images), axis=1), out)

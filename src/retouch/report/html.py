@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,9 +62,6 @@ def write_gallery(path: Path, title: str, sections: list[Section]) -> Path:
                 f"<figcaption>{html.escape(fig.caption)}</figcaption></figure>"
             )
         parts.append("</div>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    from ..files import atomic_write_text
+
+    return atomic_write_text(path, "\n".join(parts))
