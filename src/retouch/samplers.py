@@ -397,7 +397,7 @@ def _finite(x: Tensor) -> bool:
 def _name(fn: Any) -> str:
     """A readable name of a step function or callback (partials and bound methods too)."""
     fn = getattr(fn, "func", fn)
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _unipc() -> Step:

@@ -47,7 +47,8 @@ def run_invert(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown inversion method {args.method!r}; valid: {', '.join(METHODS)}")
     if args.from_inversion is None and args.prompt is None:
         raise ValueError("--prompt is required (the caption of the image)")
-    out = check_output_dir(args.out, OUTPUTS, inputs=(args.image, args.from_inversion))
+    writes = [n for n in OUTPUTS if not (args.from_inversion and n.endswith(".safetensors"))]
+    out = check_output_dir(args.out, writes, inputs=(args.image, args.from_inversion))
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"no image at {args.image}")
     model = PipelineModel.load(args.model)

@@ -6,6 +6,7 @@ Only safetensors weights are loaded: a component whose weights exist only as a p
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -119,6 +120,30 @@ def check_model_folder(folder: Path) -> dict:
     return index
 
 
+@contextmanager
+def _quiet_loading():
+    """No per-component progress bars and no library advice while a pipeline loads (a
+    local load takes a second); both libraries' settings are restored after."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
 def load_pipeline(
     model: str | Path | None = None,
     *,
@@ -135,9 +160,10 @@ def load_pipeline(
     if "safety_checker" in index:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_pretrained(
-            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **extra
-        )
+        with _quiet_loading():
+            pipe = cls.from_pretrained(
+                str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **extra
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelFolderError(f"cannot load {folder}: {exc}") from exc
     if device is None:

@@ -28,6 +28,7 @@ from ..attention import (
 )
 from ..attention.sites import Window
 from ..attention.tokens import refinement_map, token_ids
+from ..checks import note
 
 __all__ = ["EDITORS", "check_editor", "changed_tokens", "p2p_editor", "masactrl_editor",
            "pnp_editor", "no_editor"]
@@ -80,7 +81,8 @@ def p2p_editor(
     elif mode == "auto":
         try:
             cross = word_swap(tokenizer, source, target, **kw)
-        except ValueError:
+        except ValueError as why:
+            note(f"Prompt-to-Prompt runs as a refinement, not a word swap: {why}".split("; use")[0])
             cross = refinement(tokenizer, source, target, **kw)
     else:
         raise ValueError(f"unknown Prompt-to-Prompt mode {mode!r}; valid: auto, swap, refine")
