@@ -21,6 +21,7 @@ __all__ = [
     "optimizer_tensors",
     "restore_optimizer",
     "append_log",
+    "trim_log",
     "save_state",
     "restore_state",
 ]
@@ -74,6 +75,28 @@ def append_log(run: Path, record: dict) -> None:
     """Append one JSON line to the run's ``log.jsonl``."""
     with open(Path(run) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_log(run: Path, stage: str, step: int) -> None:
+    """On resume from ``step``: drop the ``stage`` records after it (a killed run logged steps
+    its last checkpoint does not hold; they are run, and logged, again). Atomic."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not _after(line, stage, step)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _after(line: str, stage: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by the kill
+        return True
+    return record.get("stage") == stage and record.get("step", 0) > step
 
 
 def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ..metrics import psnr
 from . import checker, configs
-from .checkpoint import append_log, atomic_save, restore_state, save_state
+from .checkpoint import append_log, atomic_save, restore_state, save_state, trim_log
 from .dataset import make_scenes, vocabulary
 from .scene import BACKGROUNDS
 
@@ -108,6 +108,8 @@ def tune_decoder(cfg: DecoderConfig, *, resume: bool = False, progress: bool = T
     if resume and ckpt.exists():
         meta = restore_state(ckpt, vae, opt, gen)
         step, best = meta["step"], meta["best"]
+    if resume:
+        trim_log(run, "decoder", step)
 
     data = make_scenes(
         cfg.dataset_size + cfg.held_out, seed=cfg.seed, size=configs.IMAGE_SIZE,

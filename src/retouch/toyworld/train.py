@@ -33,6 +33,7 @@ from .checkpoint import (
     restore_optimizer,
     restore_state,
     save_state,
+    trim_log,
     unprefixed,
 )
 from .dataset import SceneSet, caption_batch, make_scenes, vocabulary
@@ -117,6 +118,8 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
     if resume and ckpt.exists():
         meta = restore_state(ckpt, vae, opt, gen)
         step, best = meta["step"], meta["best_psnr"]
+    if resume:
+        trim_log(out, "vae", step)
     n_held = min(256, len(data) // 4)  # the last scenes are held out for PSNR
     held_out = data.images[-n_held:].to(dev)
     train_n = len(data) - n_held
@@ -193,6 +196,8 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         version, internal, gauss = meta["python_rng"]
         py_rng.setstate((version, tuple(internal), gauss))
         step = meta["step"]
+    if resume:
+        trim_log(out, "unet", step)
     store = install_grounding(unet, cfg.grounding_resolutions)
     last = cfg.unet_steps if cfg.cooldown is None else min(cfg.unet_steps, cfg.cooldown[1])
     bar = tqdm(total=last, initial=step, desc="unet", disable=not progress)
