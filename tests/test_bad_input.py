@@ -89,6 +89,24 @@ def test_bad_counts_and_fractions_are_refused(refused, scene_png, tmp_path):
     refused(["bench", "nosuch", "--out", out], "unknown benchmark 'nosuch'", "valid:")
 
 
+def test_editor_options_and_names_are_checked_before_any_work(refused, scene_png, tmp_path):
+    image, prompt = scene_png
+    edit = ["edit", image, "--source", prompt, "--target", prompt, "--out", tmp_path / "e"]
+    refused([*edit, "--option", "cross_steps=nan"], "p2p option cross_steps must be a fraction",
+            "got 'nan'")
+    refused([*edit, "--option", "cross_steps=2"], "0 <= start <= end <= 1, got 2")
+    refused([*edit, "--option", "blend_dilation=-1"], "blend_dilation must be at least 0")
+    refused([*edit, "--editor", "masactrl", "--option", "start_step=x"],
+            "start_step must be a whole number")
+    refused([*edit, "--option", "nosuch=1"], "takes no option nosuch", "its options:")
+    refused(["generate", prompt, "--sampler", "nosuch", "--out", tmp_path / "g.png"],
+            "unknown sampler 'nosuch'", "ddim")
+    refused(["toyworld", "export", tmp_path / "norun", "--dest", tmp_path / "x"],
+            "is not a finished `retouch toyworld train` run")
+    (tmp_path / "afile").write_text("x")
+    refused(["toyworld", "train", "--out", tmp_path / "afile"], "is a file")
+
+
 def _inversion_file(tiny_toy_pipeline, scene_png, tmp_path) -> Path:
     image, prompt = scene_png
     first = tmp_path / "first"
@@ -329,6 +347,15 @@ def test_api_reconstruct_refuses_a_non_finite_inversion(model):
     inv.trajectory[0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="trajectory holds 1 non-finite"):
         reconstruct(inv, model, progress=False)
+
+
+def test_an_inversion_that_diverges_says_so(model):
+    from retouch.inversion import invert
+
+    with pytest.raises(ValueError, match="the ddim inversion it computed: its trajectory holds "
+                                         ".* the computation diverged at cfg=1e"):
+        invert(model, torch.zeros(1, 4, 8, 8), "a red square", cfg=1e38, steps=3,
+               progress=False)
 
 
 def test_sampling_names_the_part_that_made_nan(model):

@@ -74,7 +74,6 @@ def _cmd_bench(args) -> None:
 
     module = importlib.import_module(BENCHMARKS[args.name])
     out = check_output_dir(args.out, ())
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
                                ("steps", args.steps)) if v is not None}
@@ -99,8 +98,10 @@ def _style_weight(text: str) -> tuple[str, float]:
 
 
 def _cmd_train(args) -> None:
+    from .files import check_output_dir
     from .toyworld.train import TrainConfig, train
 
+    check_output_dir(args.out, ())
     cfg = TrainConfig(
         out=args.out,
         seed=args.seed,

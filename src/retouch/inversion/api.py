@@ -191,6 +191,8 @@ def invert(
     if times is None:
         times = factory.time_grid(50 if steps is None else steps)
     inv = entry.invert(factory, x, times, cfg=cfg, config=options, progress=progress)
+    inv.check_finite(f"the {method} inversion it computed",
+                     f"the computation diverged at cfg={cfg:g}: try a lower cfg or more steps")
     inv.prompt = prompt if _is_pipeline(model) else None
     return inv
 

@@ -146,17 +146,18 @@ class Inversion:
         inv.check_finite(str(path))
         return inv
 
-    def check_finite(self, source: str = "this inversion") -> None:
+    def check_finite(self, source: str = "this inversion",
+                     fix: str = "invert the image again") -> None:
         """Refuse an inversion whose tensors or guidance scale hold NaN or Inf."""
         if not math.isfinite(self.cfg):
-            raise ValueError(f"refusing {source}: its cfg is {self.cfg}; invert the image again")
+            raise ValueError(f"refusing {source}: its cfg is {self.cfg}; {fix}")
         for name in _TENSORS:
             value = getattr(self, name)
             if value is not None and value.is_floating_point():
                 bad = int((~torch.isfinite(value)).sum())
                 if bad:
                     raise ValueError(f"refusing {source}: its {name} holds {bad} non-finite "
-                                     "value(s) (NaN or Inf); invert the image again")
+                                     f"value(s) (NaN or Inf); {fix}")
 
     def check_compatible(
         self,

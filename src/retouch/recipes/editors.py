@@ -13,6 +13,7 @@ References: Hertz et al. 2022 (Prompt-to-Prompt); Cao et al. 2023 (MasaCtrl); Tu
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 
 from ..attention import (
@@ -26,9 +27,9 @@ from ..attention import (
     reweight,
     word_swap,
 )
-from ..attention.sites import Window
+from ..attention.sites import Window, check_window
 from ..attention.tokens import refinement_map, token_ids
-from ..checks import note
+from ..checks import count, finite, note
 
 __all__ = ["EDITORS", "check_editor", "changed_tokens", "p2p_editor", "masactrl_editor",
            "pnp_editor", "no_editor"]
@@ -152,3 +153,23 @@ def check_editor(editor: str, options: Mapping) -> None:
         valid = ", ".join(params) if params else "none"
         raise ValueError(f"editor {editor!r} takes no option {', '.join(unknown)}; its options: "
                          f"{valid}")
+    hints = typing.get_type_hints(EDITORS[editor])
+    for key, value in options.items():
+        _check_option(f"{editor} option {key}", value, hints.get(key))
+
+
+def _check_option(name: str, value, hint) -> None:
+    """Check an option whose annotation is a window, a bool, an int or a float (or one of
+    them or None); other types are the editor's to check."""
+    args = set(typing.get_args(hint)) or {hint}
+    if value is None and type(None) in args:
+        return
+    args.discard(type(None))
+    if args == set(typing.get_args(Window)):
+        check_window(value, name)
+    elif args == {bool} and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif args == {int}:
+        count(name, value, minimum=0)
+    elif args == {float}:
+        finite(name, value)

@@ -48,6 +48,7 @@ def generate_to_file(prompt: str, out: str | Path, *, model=None, n: int = 1, **
     """Generate ``n`` images of ``prompt`` and save them side by side as one image, in the
     format ``out``'s extension names."""
     count("n", n)
+    get_step(kw.get("sampler", "ddim"))  # the sampler's name, before the model loads
     out = check_output_file(out)
     tw = PipelineModel.load(model)
     images = generate(tw, [prompt] * n, **kw)
