@@ -26,8 +26,8 @@ from retouch.attention import (
     word_swap,
 )
 from retouch.attention.sites import Site
-from retouch.denoiser import CFGDenoiser
 from retouch.grids import discrete_grid
+from retouch.guidance import CFGDenoiser
 from retouch.models import UNetDenoiser
 from retouch.samplers import sample
 from retouch.schedules import get_schedule

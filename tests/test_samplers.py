@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
-from retouch.denoiser import CFGDenoiser, Denoiser
+from retouch.denoiser import Denoiser
 from retouch.grids import discrete_grid, log_snr_grid, uniform_grid
+from retouch.guidance import CFGDenoiser
 from retouch.samplers import (
     SAMPLERS,
     SamplerState,

@@ -11,7 +11,7 @@ import diffusers
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from retouch.denoiser import CFGDenoiser
+from retouch.guidance import CFGDenoiser
 from retouch.models.pipeline import PipelineModel
 from retouch.models.unet import UNetDenoiser
 from retouch.toyworld.tokenizer import save_tokenizer

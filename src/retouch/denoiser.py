@@ -8,23 +8,28 @@ A denoiser is a callable ``denoiser(x, t) -> x0_hat`` with a ``schedule`` attrib
 * ``eps_hat`` is derived, never stored: ``(x - alpha x0_hat) / sigma`` (:func:`eps_from_x0`).
 
 Model adapters (:mod:`retouch.models`) convert eps / v / flow predictions to ``x0`` once.
-Conditioning is the denoiser's business: a wrapper denoiser (e.g. :class:`CFGDenoiser`) may
-call an inner denoiser with extra keyword arguments (``encoder_hidden_states=...``).
+Conditioning is the denoiser's business: a wrapper denoiser (guidance, :mod:`retouch.guidance`)
+may call an inner denoiser with extra keyword arguments (``encoder_hidden_states=...``).
+
+A guidance method may return a :class:`Prediction` instead of a bare ``x0_hat`` when the step
+must renoise with another noise than the one ``x0_hat`` implies (CFG++ renoises with the
+unconditional ``eps``). A denoiser that stacks guidance branches in one call says so in its
+``halves`` attribute (the row blocks of that call, unconditional first); plain denoisers have
+one half, ``("cond",)``.
 
 References: Karras et al. 2022 (EDM, "denoiser" D(x; sigma)); Ho & Salimans 2022 (CFG).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from retouch.schedules import Schedule
 
-__all__ = ["Denoiser", "CFGDenoiser", "CountedDenoiser", "eps_from_x0"]
+__all__ = ["Denoiser", "Prediction", "CountedDenoiser", "eps_from_x0", "halves_of", "x0_of"]
 
 
 @runtime_checkable
@@ -44,6 +49,33 @@ def eps_from_x0(schedule: Schedule, x: Tensor, t: float, x0_hat: Tensor) -> Tens
     return (x - alpha * x0_hat) / sigma
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A guided prediction that renoises with its own noise: the step moves ``x`` to
+    ``alpha' x0 + sigma' eps`` instead of deriving ``eps`` from ``x0`` (CFG++)."""
+
+    x0: Tensor  # x0_hat, (B, ...)
+    eps: Tensor  # the noise the step renoises with, (B, ...)
+
+
+def x0_of(prediction: Tensor | Prediction) -> Tensor:
+    """The ``x0_hat`` of a denoiser's output (a tensor or a :class:`Prediction`)."""
+    return prediction.x0 if isinstance(prediction, Prediction) else prediction
+
+
+def halves_of(denoiser: Any) -> tuple[str, ...]:
+    """The guidance halves a denoiser stacks the rows of its model call into (its ``halves``
+    attribute, read through wrappers; ``("cond",)`` for a plain denoiser)."""
+    halves = getattr(denoiser, "halves", ("cond",))
+    if halves is None:
+        raise ValueError(
+            f"{type(denoiser).__name__} calls the model once per guidance branch, so the rows of "
+            "a call change between calls; attention control needs one batched call "
+            "(e.g. CFGDenoiser(batched=True))"
+        )
+    return tuple(halves)
+
+
 class CountedDenoiser:
     """A denoiser wrapper counting network evaluations in ``calls`` (NFE; a batched CFG pair
     counts once)."""
@@ -51,66 +83,12 @@ class CountedDenoiser:
     def __init__(self, inner: Denoiser):
         self.inner, self.schedule, self.calls = inner, inner.schedule, 0
 
+    @property
+    def halves(self) -> tuple[str, ...] | None:
+        return getattr(self.inner, "halves", ("cond",))
+
     def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
         self.calls += 1
         return self.inner(x, t, **cond)
 
 
-def _cat(a: Any, b: Any) -> Any:
-    """Concatenate two conditioning trees (tensors, or dicts of them) along the batch axis."""
-    if isinstance(a, Tensor):
-        return torch.cat([a, b])
-    if isinstance(a, Mapping):
-        return {k: _cat(a[k], b[k]) for k in a}
-    raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
-
-
-def _expand(c: Any, batch: int) -> Any:
-    """Repeat a batch-1 conditioning tree to ``batch`` rows (a prompt shared by all latents)."""
-    if isinstance(c, Tensor):
-        return c.expand(batch, *c.shape[1:]) if c.shape[0] == 1 and batch > 1 else c
-    if isinstance(c, Mapping):
-        return {k: _expand(v, batch) for k, v in c.items()}
-    return c
-
-
-class CFGDenoiser:
-    """Classifier-free guidance: ``x0 = x0_u + w (x0_c - x0_u)``, one batched inner call.
-
-    ``inner(x, t, **cond)`` is a conditional denoiser (e.g. :class:`~retouch.models.UNetDenoiser`
-    called with ``encoder_hidden_states=``). Guiding ``x0`` equals guiding ``eps`` or ``v``:
-    each is affine in the other with the same ``x``, and the weights sum to one.
-    The unconditional half comes FIRST in the batch (as in diffusers' SD pipelines).
-
-    References: Ho & Salimans 2022, eq. 6.
-    """
-
-    def __init__(
-        self,
-        inner: Callable[..., Tensor],
-        *,
-        cond: Mapping[str, Any],
-        uncond: Mapping[str, Any],
-        scale: float,
-        batched: bool = True,
-    ):
-        if set(cond) != set(uncond):
-            raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
-        self.inner = inner
-        self.schedule = inner.schedule
-        self.cond = dict(cond)  # keyword arguments of the conditional branch
-        self.uncond = dict(uncond)  # keyword arguments of the unconditional branch
-        self.scale = scale  # guidance weight w; 1 = conditional only, 0 = unconditional only
-        self.batched = batched  # one inner call on [uncond; cond] rows (what SD does)
-
-    def __call__(self, x: Tensor, t: float) -> Tensor:
-        b = x.shape[0]
-        cond = {k: _expand(v, b) for k, v in self.cond.items()}
-        uncond = {k: _expand(v, b) for k, v in self.uncond.items()}
-        if self.batched:
-            both = {k: _cat(uncond[k], cond[k]) for k in cond}
-            x0_u, x0_c = self.inner(torch.cat([x, x]), t, **both).chunk(2)
-        else:
-            x0_u = self.inner(x, t, **uncond)
-            x0_c = self.inner(x, t, **cond)
-        return x0_u + self.scale * (x0_c - x0_u)

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retouch.denoiser import Denoiser
+from retouch.denoiser import Denoiser, Prediction
 from retouch.schedules import Schedule
 
 __all__ = [
@@ -86,6 +86,7 @@ class SamplerState:
     generator: torch.Generator | None = None  # randomness of stochastic steps
     noises: Sequence[Tensor | None] | None = None  # caller-supplied noise per step, or None
     noise: Tensor | None = None  # noise the current step injected (set by stochastic steps)
+    renoise: Tensor | None = None  # eps the step must renoise with (a guided Prediction's)
     scratch: dict[str, Any] = field(default_factory=dict)  # a step function's own memory
 
     @property
@@ -169,13 +170,15 @@ def ddim_step(
     alpha_n, sigma_n = denoiser.schedule.coeffs(t_next)
     if sigma == 0:
         raise ValueError(f"cannot step from clean time t={t} (sigma = 0)")
-    if eta == 0 or sigma_n == 0:
+    renoise = state.renoise  # CFG++: eps is the guidance's own, not (x - alpha x0_hat) / sigma
+    if (eta == 0 or sigma_n == 0) and renoise is None:
         return (sigma_n / sigma) * x + (alpha_n - alpha * sigma_n / sigma) * x0_hat
-    if t_next > t:
+    if t_next > t and eta != 0:
         raise ValueError("stochastic DDIM (eta > 0) cannot run with t_next > t (inversion)")
     c = ddim_noise_scale(denoiser.schedule, t, t_next, eta)
-    eps_hat = (x - alpha * x0_hat) / sigma
-    return alpha_n * x0_hat + math.sqrt(sigma_n**2 - c**2) * eps_hat + c * state.draw_noise(x)
+    eps_hat = (x - alpha * x0_hat) / sigma if renoise is None else renoise
+    z = state.draw_noise(x) if eta != 0 and sigma_n != 0 else 0.0
+    return alpha_n * x0_hat + math.sqrt(sigma_n**2 - c**2) * eps_hat + c * z
 
 
 def ddpm_step(
@@ -186,6 +189,9 @@ def ddpm_step(
     References: Ho et al. 2020, eq. 6-7 (posterior variance ``beta_tilde``).
     """
     return ddim_step(denoiser, x, t, t_next, x0_hat, state, eta=1.0)
+
+
+ddim_step.renoises = ddpm_step.renoises = True  # they take a Prediction's own eps
 
 
 def _flow_view(denoiser: Denoiser, t: float) -> tuple[float, float]:
@@ -370,7 +376,7 @@ def sample(
         t, t_next = ts[i], ts[i + 1]
         where = f"at step {i} (t={t:g} -> {t_next:g})"
         state.index, state.noise = i, None
-        x0_hat = denoiser(x, t)
+        x0_hat, state.renoise = _split(denoiser(x, t), step)
         if not _finite(x0_hat):
             raise FloatingPointError(f"the denoiser returned NaN or Inf {where}: check the model "
                                      "weights and the guidance scale")
@@ -388,6 +394,16 @@ def sample(
                 ctx.x = out
         x = ctx.x
     return x
+
+
+def _split(prediction: Tensor | Prediction, step: Step) -> tuple[Tensor, Tensor | None]:
+    """``(x0_hat, eps to renoise with or None)``; a Prediction needs a step that renoises."""
+    if not isinstance(prediction, Prediction):
+        return prediction, None
+    if not getattr(getattr(step, "func", step), "renoises", False):
+        raise ValueError(f"this guidance (e.g. CFG++) renoises with its own eps, which the "
+                         f"{_name(step)} step cannot take; use the ddim or ddpm sampler")
+    return prediction.x0, prediction.eps
 
 
 def _finite(x: Tensor) -> bool:

@@ -319,6 +319,10 @@ class ControlledDenoiser:
         self.num_steps = len(ts) - 1
         self.index = {t: i for i, t in enumerate(ts)}  # grid time -> step index
 
+    @property
+    def halves(self):
+        return getattr(self.inner, "halves", ("cond",))
+
     def __call__(self, x: Tensor, t: float, **kw) -> Tensor:
         step = self.index.get(float(t))
         if step is None:

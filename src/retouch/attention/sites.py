@@ -7,7 +7,7 @@ and from structural attributes of the UNet (``downsamplers`` / ``upsamplers``, t
 
 A :class:`BatchLayout` says what the rows of a model call are: the latent rows' roles
 (``("source", "target")``) repeated once per classifier-free-guidance half, unconditional half
-first (the order of :class:`~retouch.denoiser.CFGDenoiser`).
+first (the order of :class:`~retouch.guidance.CFGDenoiser`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retouch.denoiser import CFGDenoiser
+from retouch.denoiser import halves_of
 
 __all__ = [
     "Site",
@@ -121,15 +121,9 @@ class BatchLayout:
 
 
 def guidance_halves(denoiser) -> tuple[str, ...]:
-    """The guidance halves a denoiser stacks its rows into (see :class:`BatchLayout`)."""
-    if isinstance(denoiser, CFGDenoiser):
-        if not denoiser.batched:
-            raise ValueError(
-                "attention control needs CFG as one batched call (CFGDenoiser(batched=True)): "
-                "with two calls per step the rows of a call change between calls"
-            )
-        return ("uncond", "cond")
-    return ("cond",)
+    """The guidance halves a denoiser stacks its rows into (see :class:`BatchLayout`): what its
+    ``halves`` attribute says (:func:`retouch.denoiser.halves_of`)."""
+    return halves_of(denoiser)
 
 
 def _downsample_counts(unet: torch.nn.Module) -> tuple[list[int], int, list[int]]:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from retouch.checks import count, finite, finite_tensor, prompt_list
+from retouch.guidance import NullTextGuidance
 from retouch.inversion.core import DenoiserFactory
 from retouch.inversion.ddim import (
     DDIMConfig,
@@ -211,27 +212,6 @@ def _rows(e: Tensor, b: int, copies: int) -> Tensor:
     return torch.cat([e] * copies) if copies > 1 else e
 
 
-class _PerStepUncond:
-    """CFG with the current step's null embedding: ``x0(∅_k) + w (x0(c) - x0(∅_k))``."""
-
-    def __init__(
-        self,
-        factory: DenoiserFactory,
-        *,
-        cond: Tensor,
-        embeddings: list[Tensor],
-        times: Tensor,
-        scale: float,
-    ):
-        self.factory, self.cond, self.embeddings, self.scale = factory, cond, embeddings, scale
-        self.schedule = factory.schedule
-        self._step = {float(t): k for k, t in enumerate(times[:-1])}  # t_k -> k
-
-    def __call__(self, x: Tensor, t: float) -> Tensor:
-        uncond = self.embeddings[self._step[float(t)]]
-        return self.factory.denoiser(cfg=self.scale, cond=self.cond, uncond=uncond)(x, t)
-
-
 def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Tensor | None):
     b, copies = inv.batch, 1 if target is None else 2
     if not factory.conditional:
@@ -246,8 +226,8 @@ def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Tensor | None):
     nulls = inv.uncond_embeddings
     if nulls is not None and len(nulls) > 1:
         embeddings = [_rows(e.to(cond), b, copies) for e in nulls]
-        return _PerStepUncond(
-            factory, cond=cond, embeddings=embeddings, times=inv.times, scale=inv.cfg
+        return NullTextGuidance(
+            factory.inner, cond=cond, embeddings=embeddings, times=inv.times, scale=inv.cfg
         )
     uncond = factory.uncond if nulls is None else nulls[0]
     return factory.denoiser(cfg=inv.cfg, cond=cond, uncond=_rows(uncond.to(cond), b, copies))

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retouch.denoiser import CFGDenoiser, CountedDenoiser, Denoiser, eps_from_x0
+from retouch.denoiser import CountedDenoiser, Denoiser, eps_from_x0
 from retouch.grids import discrete_grid, uniform_grid
+from retouch.guidance import CFGDenoiser
 from retouch.inversion.result import Inversion
 from retouch.samplers import SamplerState, ddim_step
 from retouch.schedules import DiscreteVPSchedule, Schedule

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from retouch.guidance import combine
 from retouch.inversion.core import DenoiserFactory, record_inversion, step_state
 from retouch.inversion.ddim import ddim_trajectory
 from retouch.inversion.result import Inversion
@@ -91,7 +92,7 @@ def invert_null_text(
         embeddings.append(emb)
         with torch.no_grad():
             x0_u = factory.branch(emb)(x_bar, t) if cfg != 1.0 else x0_c
-            x0 = x0_u + cfg * (x0_c - x0_u)
+            x0 = combine(x0_u, x0_c, cfg)
             x_bar = ddim_step(cond, x_bar, t, t_next, x0, step_state())
     return record_inversion(factory, "null_text", times, pivot, cfg, calls0, config,
                             uncond_embeddings=torch.stack(embeddings))
@@ -104,7 +105,7 @@ def _tune(factory, emb, x_bar, x0_c, target, t, t_next, *, cfg, lr, threshold, i
     for _ in range(iterations):
         with torch.enable_grad():
             x0_u = factory.branch(emb)(x_bar, t)
-            x0 = x0_u + cfg * (x0_c - x0_u)
+            x0 = combine(x0_u, x0_c, cfg)
             x_next = ddim_step(factory.inner, x_bar, t, t_next, x0, step_state())
             loss = F.mse_loss(x_next, target)
             (grad,) = torch.autograd.grad(loss, [emb])

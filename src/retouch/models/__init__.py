@@ -1,6 +1,6 @@
 """Adapters from diffusers/transformers models to the retouch denoiser contract."""
 
-from retouch.denoiser import CFGDenoiser
+from retouch.guidance import CFGDenoiser
 from retouch.models.unet import UNetDenoiser
 
 __all__ = ["UNetDenoiser", "CFGDenoiser"]

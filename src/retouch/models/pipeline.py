@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ..checks import finite, finite_tensor, note, prompt_list
-from ..denoiser import CFGDenoiser
 from ..grids import discrete_grid
+from ..guidance import CFGDenoiser
 from ..schedules import Schedule
 from .loading import check_prompt, load_pipeline, toyworld_model_dir, toyworld_vocabulary
 from .unet import UNetDenoiser
