@@ -38,6 +38,7 @@ class LocalBlend(Controller):
     """
 
     uses_probs = True
+    rewrites = False  # reads the maps only
 
     def __init__(
         self,

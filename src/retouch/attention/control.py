@@ -6,14 +6,21 @@
         den = s.denoiser(model.denoiser(prompts, cfg=7.5), times)   # tells s the step and time
         x = sample(den, x, times, callbacks=[s.callback])            # s.callback: local blending
 
-:class:`ControlProcessor` is installed (through diffusers' ``set_attn_processor``) under every
-attention module's name and knows its :class:`~retouch.attention.sites.Site`. Per call it asks
-the controllers selected for that site whether they are active (step windows); with none it runs
-exactly diffusers' ``AttnProcessor2_0`` path (``F.scaled_dot_product_attention``, no attention
-matrix). Controllers may rewrite queries/keys/values (:meth:`Controller.qkv`, still SDPA), or read
-and rewrite the probabilities (:meth:`Controller.probs`, which materialises ``softmax(q k^T /
-sqrt(d))`` at that site only). The step index and time come from :meth:`AttentionSession.denoiser`,
-a denoiser wrapper that looks ``t`` up on the sampling grid; nothing counts calls.
+:class:`ControlProcessor` is installed (through diffusers' ``set_attn_processor``) under the
+name of every attention module some controller selected, and knows its
+:class:`~retouch.attention.sites.Site`; every other module keeps its processor. Per call it reads
+the query grid and the row count from the call itself (so controllers work on crops, tiles,
+frame batches and any resolution) and asks the site's controllers whether they are active
+(step windows). With none active, the processor that was installed before runs unchanged
+(diffusers' own, or one with weights such as IP-Adapter's or a LoRA loader's). Otherwise
+controllers may rewrite queries/keys/values (:meth:`Controller.qkv`, still SDPA), read and
+rewrite the probabilities (:meth:`Controller.probs`, which materialises ``softmax(q k^T /
+sqrt(d))`` at that site only), or add an output term (:meth:`Controller.output`, e.g. a
+decoupled cross-attention). Where the previous processor is not diffusers' stock one, only
+controllers that read (``rewrites = False``) may act: the previous processor computes the output
+and the readers see the probabilities computed beside it. The step index and time come from
+:meth:`AttentionSession.denoiser`, a denoiser wrapper that looks ``t`` up on the sampling grid;
+nothing counts calls.
 
 References: diffusers ``models/attention_processor.py`` (``AttnProcessor2_0``); Hertz et al. 2022
 (Prompt-to-Prompt, controllers over attention).
@@ -80,6 +87,7 @@ class Controller:
     """
 
     uses_probs: bool = False  # materialise softmax(q k^T / sqrt(d)) at active sites
+    rewrites: bool = True  # False: only reads (may run beside a processor with weights)
 
     def select(self, site: Site) -> bool:
         """Whether this controller acts at ``site`` at all (decided once, at installation)."""
@@ -101,6 +109,11 @@ class Controller:
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
         """Read or rewrite attention probabilities (B, H, N, M); default: unchanged."""
         return p
+
+    def output(self, call: AttnCall, attn, q: Tensor) -> Tensor | None:
+        """An extra attention output (B, H, N, d) added before the output projection (e.g.
+        IP-Adapter's decoupled cross-attention); default: none."""
+        return None
 
     def after_step(self, ctx, layout: BatchLayout) -> Tensor | None:
         """Sampling-loop callback after each step (``ctx``: StepContext); may return new x."""
@@ -131,21 +144,56 @@ def _attend(q, k, v, mask, probs_fn: Callable[[Tensor], Tensor] | None) -> Tenso
     return (p @ v.to(dtype)).to(q.dtype)
 
 
+def _is_stock(processor) -> bool:
+    """Whether ``processor`` is diffusers' own weightless attention (whose computation the
+    controlled path reproduces)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return type(processor) in (AttnProcessor, AttnProcessor2_0)
+
+
 class ControlProcessor:
     """The attention processor installed at one site; routes calls to the session's controllers.
 
-    Follows diffusers' ``AttnProcessor2_0`` step by step (spatial/group norm, projections,
-    q/k norms, output projection, residual, rescale) so that with no active controller the result
-    is the same computation.
+    With an active controller it follows diffusers' ``AttnProcessor2_0`` step by step (spatial /
+    group norm, projections, q/k norms, output projection, residual, rescale), so that
+    controllers that change nothing give the same computation; with none, ``previous`` runs.
     """
 
-    def __init__(self, site: Site, session: AttentionSession):
+    def __init__(self, site: Site, session: AttentionSession, previous):
         self.site = site
         self.session = session
+        self.previous = previous  # the processor installed before (runs when none is active)
+        self.stock = _is_stock(previous)
         self.controllers = session.controllers_at(site)  # selected at installation
+        if not self.stock:
+            writers = [type(c).__name__ for c in self.controllers if c.rewrites]
+            if writers:
+                raise ValueError(
+                    f"{', '.join(writers)} rewrites attention at {site.name}, where a "
+                    f"{type(previous).__name__} is installed; retouch can combine only "
+                    "controllers that read (e.g. AttentionStore) with another processor"
+                )
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None):
+                 temb=None, **kwargs):
+        active = self._active(attn, hidden_states) if self.controllers else []
+        if not active or not self.stock:
+            extra = {"temb": temb} if temb is not None else {}
+            out = self.previous(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=attention_mask, **extra, **kwargs)
+            if active:
+                text = encoder_hidden_states
+                if isinstance(text, tuple):  # IP-Adapter: (text tokens, [image tokens])
+                    text = text[0]
+                self._attention(attn, hidden_states, text, attention_mask, temb, active)
+            return out
+        return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                               active)
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                   active: list[tuple[Controller, AttnCall]]) -> Tensor:
+        """diffusers' AttnProcessor2_0 with the active controllers acting inside it."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -178,21 +226,21 @@ class ControlProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        active = self._active(query, attn.heads) if self.controllers else ()
-        if active:
-            call = active[0][1]
-            for ctrl, _ in active:
-                query, key, value = ctrl.qkv(call, query, key, value)
-            readers = [ctrl for ctrl, _ in active if ctrl.uses_probs]
+        call = active[0][1]
+        for ctrl, _ in active:
+            query, key, value = ctrl.qkv(call, query, key, value)
+        readers = [ctrl for ctrl, _ in active if ctrl.uses_probs]
 
-            def probs_fn(p: Tensor) -> Tensor:
-                for ctrl in readers:
-                    p = ctrl.probs(call, p)
-                return p
+        def probs_fn(p: Tensor) -> Tensor:
+            for ctrl in readers:
+                p = ctrl.probs(call, p)
+            return p
 
-            out = _attend(query, key, value, attention_mask, probs_fn if readers else None)
-        else:
-            out = _attend(query, key, value, attention_mask, None)
+        out = _attend(query, key, value, attention_mask, probs_fn if readers else None)
+        for ctrl, _ in active:
+            term = ctrl.output(call, attn, query)
+            if term is not None:
+                out = out + term.to(out.dtype)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -202,20 +250,19 @@ class ControlProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _active(self, query: Tensor, heads: int) -> list[tuple[Controller, AttnCall]]:
+    def _active(self, attn, hidden_states: Tensor) -> list[tuple[Controller, AttnCall]]:
+        """The controllers acting on this call, with the call's rows, grid and step."""
         info = self.session.require_step(self.site)
-        if query.shape[0] != info.layout.size:
+        rows = hidden_states.shape[0]
+        if rows != info.layout.size:
             raise ValueError(
-                f"attention call at {self.site.name} has {query.shape[0]} rows but the batch "
+                f"attention call at {self.site.name} has {rows} rows but the batch "
                 f"layout {info.layout} has {info.layout.size} (latent rows x guidance halves)"
             )
-        hw = self.site.grid(info.latent_hw)
-        if hw[0] * hw[1] != query.shape[2]:
-            raise ValueError(
-                f"{self.site.name}: {query.shape[2]} queries do not form the expected "
-                f"{hw[0]}x{hw[1]} grid for latents of size {info.latent_hw}"
-            )
-        call = AttnCall(**vars(info), site=self.site, hw=hw, heads=heads)
+        n = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else (
+            hidden_states.shape[1])
+        call = AttnCall(**vars(info), site=self.site, hw=self.site.grid_of(n, info.latent_hw),
+                        heads=attn.heads)
         active = [(c, call) for c in self.controllers if c.active(call)]
         for c, _ in active:
             self.session.record(c)
@@ -339,7 +386,8 @@ def attention_control(
     *,
     layout: BatchLayout,
 ) -> Iterator[AttentionSession]:
-    """Install :class:`ControlProcessor` on every attention module of ``unet`` for the block.
+    """Install :class:`ControlProcessor` at the attention modules of ``unet`` that the
+    controllers select, for the block.
 
     The previous processors (and forward hooks of feature controllers) are restored on exit,
     errors included. On a normal exit, a controller that never acted raises RuntimeError.
@@ -350,9 +398,11 @@ def attention_control(
     handles = []
     ok = False
     try:
-        unet.set_attn_processor(
-            {key: ControlProcessor(site, session) for key, site in session.sites.items()}
-        )
+        unet.set_attn_processor({
+            key: ControlProcessor(site, session, previous[key])
+            if session.controllers_at(site) else previous[key]
+            for key, site in session.sites.items()
+        })
         for c in session.controllers:
             for name, fn in c.hooks().items():
                 try:

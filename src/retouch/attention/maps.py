@@ -52,6 +52,7 @@ class AttentionStore(Controller):
     """
 
     uses_probs = True
+    rewrites = False  # reads the maps only
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ first (the order of :class:`~retouch.guidance.CFGDenoiser`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Site:
     """One attention module of the UNet, as controllers see it."""
 
     name: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    kind: str  # "self" or "cross"
+    kind: str  # "self" or "cross" (room for "joint" MMDiT and "temporal" attention)
     place: str  # "down", "mid" or "up"
     block: int | None  # index in down_blocks / up_blocks (None for mid)
     factor: int  # spatial downsampling factor of the latent at this site (1, 2, 4, ...)
@@ -54,6 +55,16 @@ class Site:
     def grid(self, latent_hw: Sequence[int]) -> tuple[int, int]:
         """(h, w) of this site's query grid for a latent of spatial size ``latent_hw``."""
         return _reduce(int(latent_hw[0]), self.factor), _reduce(int(latent_hw[1]), self.factor)
+
+    def grid_of(self, queries: int, latent_hw: Sequence[int] | None = None) -> tuple[int, int]:
+        """(h, w) of a call with ``queries`` queries: the latent's grid at this site when it has
+        that many cells, else a square, else one row (a token sequence)."""
+        if latent_hw is not None:
+            hw = self.grid(latent_hw)
+            if hw[0] * hw[1] == queries:
+                return hw
+        side = math.isqrt(queries)
+        return (side, side) if side * side == queries else (1, queries)
 
 
 def _reduce(n: int, factor: int) -> int:
