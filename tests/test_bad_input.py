@@ -217,7 +217,7 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
             (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
         return edit
 
-    sdxl = _copy_with(tiny_toy_pipeline, tmp_path, "sdxl", set_class("StableDiffusionXLPipeline"))
+    sd3 = _copy_with(tiny_toy_pipeline, tmp_path, "sd3", set_class("StableDiffusion3Pipeline"))
     odd = _copy_with(tiny_toy_pipeline, tmp_path, "odd", set_class("MyPipeline"))
     bad_toy = _copy_with(tiny_toy_pipeline, tmp_path, "badtoy",
                          lambda f: (f / "toyworld.json").write_text("{oops"))
@@ -225,12 +225,13 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
                            lambda f: (f / "model_index.json").write_text("[1,"))
     out = tmp_path / "out"
     invert = ["invert", image, "--prompt", prompt, "--out", out, "--model"]
-    refused([*invert, sdxl], "StableDiffusionXLPipeline folder (SDXL)", "StableDiffusionPipeline")
+    refused([*invert, sd3], "StableDiffusion3Pipeline folder (SD3)",
+            "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL)")
     refused([*invert, odd], "unknown class 'MyPipeline'")
     refused([*invert, bad_toy], "toyworld.json (ToyWorld model description) is not valid JSON")
     refused([*invert, bad_index], "model_index.json (pipeline index) is not valid JSON")
     refused([*invert, image], "is a file; pass the diffusers folder")
-    refused(["generate", prompt, "--out", out / "g.png", "--model", sdxl], "(SDXL)")
+    refused(["generate", prompt, "--out", out / "g.png", "--model", sd3], "(SD3)")
     assert not out.exists()
 
 

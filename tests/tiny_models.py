@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import diffusers
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from retouch.guidance import CFGDenoiser
 from retouch.models.pipeline import PipelineModel
-from retouch.models.unet import UNetDenoiser
+from retouch.models.sdxl import SDXLModel
 from retouch.toyworld.tokenizer import save_tokenizer
 
-__all__ = ["CONFIGS", "TEXT_DIM", "TOKENS", "WORDS", "SDXLModel", "tiny_model", "tiny_model_f64",
+__all__ = ["CONFIGS", "TEXT_DIM", "TOKENS", "WORDS", "tiny_model", "tiny_model_f64",
            "tiny_tokenizer", "tiny_unet"]
 
 CONFIGS = ("sd1", "sd2v", "sdxl")
@@ -60,27 +59,6 @@ def tiny_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(d)
 
 
-class SDXLModel(PipelineModel):
-    """A PipelineModel whose denoiser adds SDXL's pooled-text and size conditioning."""
-
-    def _added(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=TOKENS,
-                             return_tensors="pt").input_ids
-        pooled = self.text_encoder(ids)[1]  # (B, TEXT_DIM)
-        size = self.image_size
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
-        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
-
-    @torch.no_grad()
-    def denoiser(self, prompts, *, cfg=5.0, negative=""):
-        cond = {"encoder_hidden_states": self.encode_prompt(prompts),
-                "added_cond_kwargs": self._added(prompts)}
-        uncond = {"encoder_hidden_states": self.encode_prompt(negative),
-                  "added_cond_kwargs": self._added([negative])}
-        inner = UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type)
-        return CFGDenoiser(inner, cond=cond, uncond=uncond, scale=cfg)
-
-
 @functools.cache
 def tiny_model(kind: str = "sd1") -> PipelineModel:
     """A PipelineModel of tiny random parts: 16x16 images, 8x8 latents, :func:`tiny_unet`."""
@@ -97,15 +75,29 @@ def tiny_model(kind: str = "sd1") -> PipelineModel:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
         prediction_type="v_prediction" if kind == "sd2v" else "epsilon")
-    pipe = SimpleNamespace(unet=tiny_unet(kind), vae=vae, tokenizer=tok, text_encoder=text,
-                           scheduler=scheduler)
-    return (SDXLModel if kind == "sdxl" else PipelineModel)(pipe)
+    if kind != "sdxl":
+        pipe = SimpleNamespace(unet=tiny_unet(kind), vae=vae, tokenizer=tok, text_encoder=text,
+                               scheduler=scheduler)
+        return PipelineModel(pipe)
+    # SDXL: two text encoders whose hidden states concatenate to TEXT_DIM; the second's pooled
+    # projection (TEXT_DIM) and 6 size ids feed the UNet's text_time embedding.
+    torch.manual_seed(1)
+    encoders = [cls(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=TEXT_DIM // 2, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TOKENS, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=TEXT_DIM,
+    )).eval() for cls in (CLIPTextModel, CLIPTextModelWithProjection)]
+    pipe = SimpleNamespace(unet=tiny_unet(kind), vae=vae, tokenizer=tok, text_encoder=encoders[0],
+                           tokenizer_2=tok, text_encoder_2=encoders[1], scheduler=scheduler,
+                           config={"force_zeros_for_empty_prompt": True})
+    return SDXLModel(pipe)
 
 
 @functools.cache
 def tiny_model_f64(kind: str = "sd1") -> PipelineModel:
     """:func:`tiny_model` in float64 (a copy): exact methods are exact to round-off there."""
     model = copy.deepcopy(tiny_model(kind))
-    for part in (model.unet, model.vae, model.text_encoder):
-        part.double()
+    for part in (model.unet, model.vae, model.text_encoder, getattr(model, "text_encoder_2", None)):
+        if part is not None:
+            part.double()
     return model

@@ -11,6 +11,7 @@ from retouch.guidance.cfg import (
     CFGDenoiser,
     DualGuidance,
     NullTextGuidance,
+    as_kwargs,
     batch_tree,
     combine,
     expand_tree,
@@ -19,4 +20,4 @@ from retouch.guidance.cfgpp import CFGPlusPlus
 from retouch.guidance.loss import LossGuidance
 
 __all__ = ["CFGDenoiser", "NullTextGuidance", "DualGuidance", "CFGPlusPlus", "LossGuidance",
-           "combine", "batch_tree", "expand_tree"]
+           "combine", "batch_tree", "expand_tree", "as_kwargs"]

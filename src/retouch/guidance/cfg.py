@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "batch_tree", "expand_tree", "CFGDenoiser", "NullTextGuidance",
-           "DualGuidance"]
+__all__ = ["combine", "batch_tree", "expand_tree", "as_kwargs", "CFGDenoiser",
+           "NullTextGuidance", "DualGuidance"]
 
 
 def combine(x0_u: Tensor, x0_c: Tensor, scale: float) -> Tensor:
@@ -31,12 +31,15 @@ def combine(x0_u: Tensor, x0_c: Tensor, scale: float) -> Tensor:
 
 
 def batch_tree(trees: Sequence[Any]) -> Any:
-    """Concatenate conditioning trees (tensors, or dicts of them) along the batch axis."""
+    """Concatenate conditioning trees (tensors, dicts of them, or objects with a ``cat``
+    such as :class:`~retouch.models.Conditioning`) along the batch axis."""
     first = trees[0]
     if isinstance(first, Tensor):
         return torch.cat(list(trees))
     if isinstance(first, Mapping):
         return {k: batch_tree([t[k] for t in trees]) for k in first}
+    if hasattr(type(first), "cat"):
+        return type(first).cat(list(trees))
     raise TypeError(f"cannot batch conditioning of type {type(first).__name__}")
 
 
@@ -46,7 +49,19 @@ def expand_tree(c: Any, batch: int) -> Any:
         return c.expand(batch, *c.shape[1:]) if c.shape[0] == 1 and batch > 1 else c
     if isinstance(c, Mapping):
         return {k: expand_tree(v, batch) for k, v in c.items()}
+    if hasattr(c, "expand"):
+        return c.expand(batch)
     return c
+
+
+def as_kwargs(c: Any) -> dict[str, Any]:
+    """A branch's keyword arguments to the inner denoiser: a mapping as it is, a tensor as the
+    token embeddings (``encoder_hidden_states``), a typed conditioning as ``cond``."""
+    if isinstance(c, Mapping):
+        return dict(c)
+    if isinstance(c, Tensor):
+        return {"encoder_hidden_states": c}
+    return {"cond": c}
 
 
 def _branches(inner, x: Tensor, t: float, conds: Sequence[Mapping[str, Any]],
@@ -71,17 +86,18 @@ class CFGDenoiser:
         self,
         inner: Callable[..., Tensor],
         *,
-        cond: Mapping[str, Any],
-        uncond: Mapping[str, Any],
+        cond: Any,
+        uncond: Any,
         scale: float,
         batched: bool = True,
     ):
+        cond, uncond = as_kwargs(cond), as_kwargs(uncond)
         if set(cond) != set(uncond):
             raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
         self.inner = inner
         self.schedule = inner.schedule
-        self.cond = dict(cond)  # keyword arguments of the conditional branch
-        self.uncond = dict(uncond)  # keyword arguments of the unconditional branch
+        self.cond = cond  # keyword arguments of the conditional branch (see as_kwargs)
+        self.uncond = uncond  # keyword arguments of the unconditional branch
         self.scale = scale  # guidance weight w; 1 = conditional only, 0 = unconditional only
         self.batched = batched  # one inner call on [uncond; cond] rows (what SD does)
 
@@ -98,14 +114,14 @@ class CFGDenoiser:
 class NullTextGuidance:
     """CFG with the current step's null embedding: ``x0(∅_k) + w (x0(c) - x0(∅_k))``.
 
-    ``embeddings[k]`` (B, L, D) is the unconditional text embedding of sampling step ``k``
-    (the step from ``times[k]``); ``inner`` takes ``encoder_hidden_states=``.
+    ``embeddings[k]`` is the unconditional conditioning of sampling step ``k`` (the step from
+    ``times[k]``): a (B, L, D) text embedding or a typed conditioning (see :func:`as_kwargs`).
     """
 
     halves = ("uncond", "cond")
 
-    def __init__(self, inner: Callable[..., Tensor], *, cond: Tensor,
-                 embeddings: Sequence[Tensor], times: Sequence[float] | Tensor, scale: float):
+    def __init__(self, inner: Callable[..., Tensor], *, cond: Any,
+                 embeddings: Sequence[Any], times: Sequence[float] | Tensor, scale: float):
         ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
         if len(embeddings) != len(ts) - 1:
             raise ValueError(f"{len(embeddings)} null embeddings for {len(ts) - 1} steps")
@@ -117,9 +133,8 @@ class NullTextGuidance:
         k = self._step.get(float(t))
         if k is None:
             raise ValueError(f"time {t} is not a step of this null-text guidance's grid")
-        uncond = {"encoder_hidden_states": self.embeddings[k]}
-        cond = {"encoder_hidden_states": self.cond}
-        x0_u, x0_c = _branches(self.inner, x, t, [uncond, cond], True)
+        branches = [as_kwargs(self.embeddings[k]), as_kwargs(self.cond)]
+        x0_u, x0_c = _branches(self.inner, x, t, branches, True)
         return combine(x0_u, x0_c, self.scale)
 
 
@@ -134,14 +149,14 @@ class DualGuidance:
 
     halves = ("uncond", "image", "cond")
 
-    def __init__(self, inner: Callable[..., Tensor], *, uncond: Mapping[str, Any],
-                 image: Mapping[str, Any], full: Mapping[str, Any], image_scale: float,
-                 text_scale: float):
+    def __init__(self, inner: Callable[..., Tensor], *, uncond: Any, image: Any, full: Any,
+                 image_scale: float, text_scale: float):
+        uncond, image, full = as_kwargs(uncond), as_kwargs(image), as_kwargs(full)
         if not set(uncond) == set(image) == set(full):
             raise ValueError("the three branches need the same conditioning keys, got "
                              f"{sorted(uncond)}, {sorted(image)}, {sorted(full)}")
         self.inner, self.schedule = inner, inner.schedule
-        self.branches = [dict(uncond), dict(image), dict(full)]
+        self.branches = [uncond, image, full]
         self.image_scale, self.text_scale = image_scale, text_scale
 
     def __call__(self, x: Tensor, t: float) -> Tensor:

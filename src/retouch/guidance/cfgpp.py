@@ -12,13 +12,13 @@ Diffusion Models", Algorithm 1 (DDIM), Sec. 3).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from retouch.denoiser import Prediction, eps_from_x0
-from retouch.guidance.cfg import _branches, combine
+from retouch.guidance.cfg import _branches, as_kwargs, combine
 
 __all__ = ["CFGPlusPlus"]
 
@@ -28,15 +28,15 @@ class CFGPlusPlus:
 
     halves = ("uncond", "cond")
 
-    def __init__(self, inner: Callable[..., Tensor], *, cond: Mapping[str, Any],
-                 uncond: Mapping[str, Any], scale: float):
+    def __init__(self, inner: Callable[..., Tensor], *, cond: Any, uncond: Any, scale: float):
         if not 0.0 <= scale <= 1.0:
             raise ValueError(f"CFG++ takes a guidance scale lambda in [0, 1], got {scale}; "
                              "(CFG's w = 7.5 corresponds to a lambda well below 1)")
+        cond, uncond = as_kwargs(cond), as_kwargs(uncond)
         if set(cond) != set(uncond):
             raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
         self.inner, self.schedule = inner, inner.schedule
-        self.cond, self.uncond, self.scale = dict(cond), dict(uncond), scale
+        self.cond, self.uncond, self.scale = cond, uncond, scale
 
     def __call__(self, x: Tensor, t: float) -> Prediction:
         x0_u, x0_c = _branches(self.inner, x, t, [self.uncond, self.cond], True)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from retouch.checks import count, finite, finite_tensor, prompt_list
 from retouch.guidance import NullTextGuidance
-from retouch.inversion.core import DenoiserFactory
+from retouch.inversion.core import DenoiserFactory, embeds_of, rows, stack, with_embeds
 from retouch.inversion.ddim import (
     DDIMConfig,
     DirectConfig,
@@ -116,14 +116,11 @@ def as_factory(model: Any, prompt: str | list[str] | None = None) -> DenoiserFac
     if _is_pipeline(model):
         if prompt is None:
             raise ValueError("inverting with a pipeline model needs the source prompt")
-        from retouch.models.unet import UNetDenoiser
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        inner = UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
         return DenoiserFactory(
-            inner,
-            cond=model.encode_prompt(prompts),
-            uncond=model.encode_prompt([""]),
+            model.unet_denoiser(),
+            cond=model.encode(prompts),
+            uncond=model.encode_negative([""]),
             time_grid=model.time_grid,
         )
     if callable(model) and hasattr(model, "schedule"):
@@ -139,11 +136,8 @@ def fingerprint_of(model: Any) -> str:
         return model.fingerprint
     if _is_pipeline(model):
         from retouch.inversion.core import model_fingerprint
-        from retouch.models.unet import UNetDenoiser
 
-        return model_fingerprint(
-            UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
-        )
+        return model_fingerprint(model.unet_denoiser())
     return as_factory(model).fingerprint
 
 
@@ -206,31 +200,30 @@ def _batch_of(images: Any) -> int:
     return images.shape[0] if ndim == 4 else 1
 
 
-def _rows(e: Tensor, b: int, copies: int) -> Tensor:
-    """A (1 or b, ...) tensor as ``copies`` stacked blocks of b rows."""
-    e = e.expand(b, *e.shape[1:]) if e.shape[0] == 1 else e
-    return torch.cat([e] * copies) if copies > 1 else e
-
-
-def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Tensor | None):
+def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Any):
     b, copies = inv.batch, 1 if target is None else 2
     if not factory.conditional:
         if target is not None:
             raise ValueError("a target branch needs a text-conditional model")
         return factory.denoiser(cfg=inv.cfg)
-    cond = _rows(factory.cond, b, 1)
+    cond = rows(factory.cond, b)
     if target is not None:
-        cond = torch.cat([cond, _rows(target.to(cond), b, 1)])
+        if isinstance(target, Tensor) and not isinstance(cond, Tensor):  # bare embeddings
+            target = with_embeds(rows(factory.cond, target.shape[0]), target)
+        cond = stack([cond, rows(target, b)])
     if inv.cfg == 1.0:
         return factory.branch(cond)
+    like = embeds_of(cond)
     nulls = inv.uncond_embeddings
+    uncond = rows(factory.uncond, b, copies)
     if nulls is not None and len(nulls) > 1:
-        embeddings = [_rows(e.to(cond), b, copies) for e in nulls]
+        embeddings = [with_embeds(uncond, rows(e.to(like), b, copies)) for e in nulls]
         return NullTextGuidance(
             factory.inner, cond=cond, embeddings=embeddings, times=inv.times, scale=inv.cfg
         )
-    uncond = factory.uncond if nulls is None else nulls[0]
-    return factory.denoiser(cfg=inv.cfg, cond=cond, uncond=_rows(uncond.to(cond), b, copies))
+    if nulls is not None:
+        uncond = with_embeds(uncond, rows(nulls[0].to(like), b, copies))
+    return factory.denoiser(cfg=inv.cfg, cond=cond, uncond=uncond)
 
 
 def _offset_callback(inv: Inversion, copies: int, shift: int):
@@ -244,7 +237,7 @@ def _offset_callback(inv: Inversion, copies: int, shift: int):
         k = ctx.i + shift
         x = ctx.x.clone()
         if inv.offset_rows == "all":
-            return x + _rows(inv.offsets[k].to(x), b, copies)
+            return x + rows(inv.offsets[k].to(x), b, copies)
         x[:b] = inv.trajectory[k + 1].to(x)  # = x[:b] + o_k, o_k = x*_{k+1} - x[:b]
         return x
 
@@ -272,23 +265,23 @@ def reconstruct(
     if isinstance(target, str | list):
         if not _is_pipeline(model):
             raise ValueError("a target prompt needs a pipeline model; pass an embedding")
-        target = model.encode_prompt(target)
+        target = model.encode(target)
     copies = 1 if target is None else 2
     with torch.no_grad():
         den = _denoiser(inv, factory, target)
-        x0, ts = _rows(inv.trajectory[0], inv.batch, copies), inv.times
+        x0, ts = rows(inv.trajectory[0], inv.batch, copies), inv.times
         if inv.method == "edict":
             if callbacks:
                 raise ValueError("edict's coupled two-chain loop does not take callbacks")
-            return _edict_replay(inv, den, x0, _rows(inv.coupled, inv.batch, copies), progress)
+            return _edict_replay(inv, den, x0, rows(inv.coupled, inv.batch, copies), progress)
         step, noises, shift = ddim_step, None, 0
         if inv.method == "bdia":
             step = BDIAStep(x_prev=x0, t_prev=float(ts[0]), gamma=inv.options["gamma"],
                             source_rows=inv.batch if copies > 1 else None)
-            x0, ts, shift = _rows(inv.coupled, inv.batch, copies), ts[1:], 1
+            x0, ts, shift = rows(inv.coupled, inv.batch, copies), ts[1:], 1
         elif inv.method == "ddpm_edit_friendly":
             step = partial(ddim_step, eta=inv.options["eta"])
-            noises = [_rows(z, inv.batch, copies) for z in inv.noises]
+            noises = [rows(z, inv.batch, copies) for z in inv.noises]
         corrected = inv.offsets is not None or inv.method == "direct"
         own = [_offset_callback(inv, copies, shift)] if corrected else []
         return sample(

@@ -41,13 +41,17 @@ from torch import Tensor
 
 from retouch.denoiser import CountedDenoiser, Denoiser, eps_from_x0
 from retouch.grids import discrete_grid, uniform_grid
-from retouch.guidance import CFGDenoiser
+from retouch.guidance import CFGDenoiser, as_kwargs
 from retouch.inversion.result import Inversion
 from retouch.samplers import SamplerState, ddim_step
 from retouch.schedules import DiscreteVPSchedule, Schedule
 
 __all__ = [
     "DenoiserFactory",
+    "embeds_of",
+    "with_embeds",
+    "rows",
+    "stack",
     "model_fingerprint",
     "default_grid",
     "predict",
@@ -64,42 +68,67 @@ HOLDS = ("eps", "x0", "velocity")
 
 
 class _Bound:
-    """The conditional denoiser for one embedding: ``x0_hat(x, t | c)``."""
+    """The conditional denoiser for one conditioning: ``x0_hat(x, t | c)``."""
 
-    def __init__(self, inner: CountedDenoiser, embedding: Tensor | None):
-        self.inner, self.embedding, self.schedule = inner, embedding, inner.schedule
+    def __init__(self, inner: CountedDenoiser, cond: Any):
+        self.inner, self.cond, self.schedule = inner, cond, inner.schedule
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
-        if self.embedding is None:
+        if self.cond is None:
             return self.inner(x, t)
-        return self.inner(x, t, encoder_hidden_states=self.embedding)
+        return self.inner(x, t, **as_kwargs(self.cond))
+
+
+def embeds_of(cond: Any) -> Tensor:
+    """The token embeddings (B, L, D) of a conditioning (a tensor is its own)."""
+    return cond if isinstance(cond, Tensor) else cond.embeds
+
+
+def with_embeds(cond: Any, embeds: Tensor) -> Any:
+    """``cond`` with other token embeddings (a tensor conditioning is replaced)."""
+    return embeds if isinstance(cond, Tensor) else cond.with_embeds(embeds)
+
+
+def rows(cond: Any, b: int, copies: int = 1) -> Any:
+    """A (1 or b)-row conditioning (tensor or typed) as ``copies`` stacked blocks of b rows."""
+    if isinstance(cond, Tensor):
+        e = cond.expand(b, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+        return torch.cat([e] * copies) if copies > 1 else e
+    return cond.expand(b).repeat(copies)
+
+
+def stack(conds: list[Any]) -> Any:
+    """Conditionings (tensors or typed) stacked along the batch."""
+    return torch.cat(conds) if isinstance(conds[0], Tensor) else type(conds[0]).cat(conds)
 
 
 class DenoiserFactory:
     """Makes the denoisers an inversion needs from one text-conditional network.
 
-    ``inner(x, t, encoder_hidden_states=E) -> x0_hat`` (e.g. a
-    :class:`~retouch.models.UNetDenoiser`); ``cond`` is the source prompt's embedding ``c`` and
-    ``uncond`` the empty prompt's ``∅``, each (1 or B, L, D). A plain denoiser (no
-    embeddings, e.g. the analytic GMM) is accepted too; it supports ``cfg = 1`` only.
-    Counts network evaluations in :attr:`calls`.
+    ``inner(x, t, cond=C) -> x0_hat`` (e.g. a model adapter's
+    :class:`~retouch.models.UNetDenoiser`); ``cond`` is the source prompt's conditioning ``c``
+    and ``uncond`` the empty prompt's ``∅``, each with 1 or B rows: a
+    :class:`~retouch.models.conditioning.Conditioning`, or a bare (1 or B, L, D) embedding for
+    a network that takes ``encoder_hidden_states=``. A plain denoiser (no conditioning, e.g.
+    the analytic GMM) is accepted too; it supports ``cfg = 1`` only. Counts network
+    evaluations in :attr:`calls`.
     """
 
     def __init__(
         self,
         inner: Callable[..., Tensor],
         *,
-        cond: Tensor | None = None,
-        uncond: Tensor | None = None,
+        cond: Any = None,
+        uncond: Any = None,
         fingerprint: str | None = None,
         time_grid: Callable[[int], Tensor] | None = None,
     ):
         if (cond is None) != (uncond is None):
-            raise ValueError("give both cond and uncond embeddings, or neither")
+            raise ValueError("give both cond and uncond conditionings, or neither")
         self.inner = CountedDenoiser(inner)
         self.schedule: Schedule = inner.schedule
-        self.cond = cond  # (1 or B, L, D) source-prompt embedding c
-        self.uncond = uncond  # (1 or B, L, D) null-text embedding ∅
+        self.cond = cond  # source-prompt conditioning c
+        self.uncond = uncond  # null-text conditioning ∅
         self.fingerprint = fingerprint or model_fingerprint(inner)  # identifies the network
         self._time_grid = time_grid  # the model's own sampling grid for N steps, if it has one
 
@@ -116,33 +145,31 @@ class DenoiserFactory:
         if not self.conditional:
             raise ValueError(
                 f"{what} needs a text-conditional model (a DenoiserFactory with cond/uncond "
-                "embeddings); got a plain denoiser"
+                "conditionings); got a plain denoiser"
             )
 
-    def branch(self, embedding: Tensor | None) -> Denoiser:
-        """The conditional denoiser ``x0_hat(x, t | embedding)`` (one network call)."""
-        if embedding is not None:
-            self.require_conditional("an embedding")
-        return _Bound(self.inner, embedding)
+    def uncond_with(self, embeds: Tensor) -> Any:
+        """The unconditional conditioning with other token embeddings (null-text's ∅_k)."""
+        self.require_conditional("an unconditional embedding")
+        return with_embeds(self.uncond, embeds)
 
-    def denoiser(
-        self, *, cfg: float, cond: Tensor | None = None, uncond: Tensor | None = None
-    ) -> Denoiser:
+    def branch(self, cond: Any) -> Denoiser:
+        """The conditional denoiser ``x0_hat(x, t | cond)`` (one network call)."""
+        if cond is not None:
+            self.require_conditional("a conditioning")
+        return _Bound(self.inner, cond)
+
+    def denoiser(self, *, cfg: float, cond: Any = None, uncond: Any = None) -> Denoiser:
         """CFG ``x0 = x0(∅) + w (x0(c) - x0(∅))`` in one batched call; ``cfg = 1`` is ``x0(c)``.
 
-        ``cond`` / ``uncond`` default to the factory's embeddings.
+        ``cond`` / ``uncond`` default to the factory's conditionings.
         """
         cond = self.cond if cond is None else cond
         if cfg == 1.0:
             return self.branch(cond)
         self.require_conditional(f"classifier-free guidance (cfg={cfg:g})")
         uncond = self.uncond if uncond is None else uncond
-        return CFGDenoiser(
-            self.inner,
-            cond={"encoder_hidden_states": cond},
-            uncond={"encoder_hidden_states": uncond},
-            scale=cfg,
-        )
+        return CFGDenoiser(self.inner, cond=cond, uncond=uncond, scale=cfg)
 
     def time_grid(self, steps: int) -> Tensor:
         """The model's sampling grid for ``steps`` steps (else :func:`default_grid`)."""

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from retouch.denoiser import Denoiser
 from retouch.inversion.core import (
     DenoiserFactory,
+    embeds_of,
     inverse_ddim_step,
     predict,
     record_inversion,
@@ -143,7 +144,8 @@ def invert_negative_prompt(
     traj = ddim_trajectory(
         factory.denoiser(cfg=1.0), x, times, progress=progress, desc="invert negative_prompt"
     )
-    uncond = factory.cond.expand(x.shape[0], *factory.cond.shape[1:])[None].clone()
+    c = embeds_of(factory.cond)
+    uncond = c.expand(x.shape[0], *c.shape[1:])[None].clone()
     return record_inversion(
         factory, "negative_prompt", times, traj, cfg, calls0, config, uncond_embeddings=uncond
     )

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retouch.guidance import combine
-from retouch.inversion.core import DenoiserFactory, record_inversion, step_state
+from retouch.inversion.core import DenoiserFactory, embeds_of, record_inversion, step_state
 from retouch.inversion.ddim import ddim_trajectory
 from retouch.inversion.result import Inversion
 from retouch.samplers import ddim_step
@@ -68,7 +68,8 @@ def invert_null_text(
     ts = [float(t) for t in times]
     n, b = len(ts) - 1, x.shape[0]
     cond = factory.branch(factory.cond)
-    emb = factory.uncond.expand(b, *factory.uncond.shape[1:]).detach().clone()
+    null = embeds_of(factory.uncond)
+    emb = null.expand(b, *null.shape[1:]).detach().clone()
     x_bar, embeddings = pivot[0], []
     bar = tqdm(range(n), desc="invert null_text (tuning)", disable=not progress, leave=False)
     for k in bar:
@@ -91,7 +92,7 @@ def invert_null_text(
             )
         embeddings.append(emb)
         with torch.no_grad():
-            x0_u = factory.branch(emb)(x_bar, t) if cfg != 1.0 else x0_c
+            x0_u = factory.branch(factory.uncond_with(emb))(x_bar, t) if cfg != 1.0 else x0_c
             x0 = combine(x0_u, x0_c, cfg)
             x_bar = ddim_step(cond, x_bar, t, t_next, x0, step_state())
     return record_inversion(factory, "null_text", times, pivot, cfg, calls0, config,
@@ -104,7 +105,7 @@ def _tune(factory, emb, x_bar, x0_c, target, t, t_next, *, cfg, lr, threshold, i
     opt = torch.optim.Adam([emb], lr=lr)
     for _ in range(iterations):
         with torch.enable_grad():
-            x0_u = factory.branch(emb)(x_bar, t)
+            x0_u = factory.branch(factory.uncond_with(emb))(x_bar, t)
             x0 = combine(x0_u, x0_c, cfg)
             x_next = ddim_step(factory.inner, x_bar, t, t_next, x0, step_state())
             loss = F.mse_loss(x_next, target)

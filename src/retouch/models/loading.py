@@ -25,11 +25,11 @@ from ..files import read_json
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: Pipeline classes (``_class_name`` in model_index.json) retouch runs today.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "SD 1.x / 2.x",
+                       "StableDiffusionXLPipeline": "SDXL"}
 #: Families retouch recognises but has no adapter for yet, by pipeline class.
 UNSUPPORTED_FAMILIES = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL img2img",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
     "StableDiffusionInpaintPipeline": "SD inpainting (9-channel UNet)",
@@ -83,9 +83,9 @@ def check_model_folder(folder: Path) -> dict:
     if kind not in SUPPORTED_PIPELINES:
         family = UNSUPPORTED_FAMILIES.get(kind)
         found = f"a {kind} folder ({family})" if family else f"of unknown class {kind!r}"
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_PIPELINES.items())
         raise ModelFolderError(
-            f"cannot load {folder}: it is {found}; retouch runs "
-            f"{', '.join(SUPPORTED_PIPELINES)} folders (SD 1.x / 2.x) so far"
+            f"cannot load {folder}: it is {found}; retouch runs {supported} folders so far"
         )
     problems = []
     for name, spec in index.items():

@@ -18,6 +18,7 @@ from ..checks import finite, finite_tensor, note, prompt_list
 from ..grids import discrete_grid
 from ..guidance import CFGDenoiser
 from ..schedules import Schedule
+from .conditioning import Conditioning
 from .loading import check_prompt, load_pipeline, toyworld_model_dir, toyworld_vocabulary
 from .unet import UNetDenoiser
 
@@ -43,9 +44,14 @@ class PipelineModel:
 
     @classmethod
     def load(cls, model: str | Path | None = None, **kw) -> PipelineModel:
-        """Load a local diffusers folder (default: the shipped ToyWorld model)."""
+        """Load a local diffusers folder (default: the shipped ToyWorld model) with the
+        adapter of its family (``_class_name`` in ``model_index.json``)."""
+        from .sdxl import SDXLModel
+
         folder = Path(model) if model is not None else toyworld_model_dir()
-        return cls(load_pipeline(folder, **kw), folder=folder)
+        pipe = load_pipeline(folder, **kw)
+        adapter = SDXLModel if type(pipe).__name__.startswith("StableDiffusionXL") else cls
+        return adapter(pipe, folder=folder)
 
     @property
     def device(self) -> torch.device:
@@ -79,20 +85,32 @@ class PipelineModel:
                 f"with BOS/EOS; this text encoder reads at most {limit}: shorten it"
             )
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
-        """Text-encoder hidden states (B, L, D) for ``prompts``."""
-        prompts = prompt_list(prompts)
-        for p in prompts:
-            self.check_prompt(p)
-        ids = self.tokenizer(
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+
+    def encode(self, prompts: list[str] | str) -> Conditioning:
+        """The conditioning of ``prompts``: one row each (SD1/2: the text encoder's last
+        hidden states as ``embeds``)."""
+        prompts = prompt_list(prompts)
+        for p in prompts:
+            self.check_prompt(p)
+        with torch.no_grad():
+            return Conditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0])
+
+    def encode_negative(self, prompts: list[str] | str) -> Conditioning:
+        """The unconditional (negative-prompt) conditioning of ``prompts`` (SD1/2: as
+        :meth:`encode`)."""
+        return self.encode(prompts)
+
+    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
+        """Token embeddings (B, L, D) of ``prompts`` (the ``embeds`` of :meth:`encode`)."""
+        return self.encode(prompts).embeds
 
     # --- images --------------------------------------------------------------------------
 
@@ -185,30 +203,41 @@ class PipelineModel:
 
     # --- denoising -----------------------------------------------------------------------
 
+    def unet_denoiser(self, cond: Conditioning | None = None) -> UNetDenoiser:
+        """The UNet as a conditional denoiser ``x0_hat(x, t, cond=...)`` (no guidance)."""
+        return UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type,
+                            cond=cond)
+
     def denoiser(
         self,
-        prompts: list[str] | str | torch.Tensor,
+        prompts: list[str] | str | Conditioning | torch.Tensor,
         *,
         cfg: float = 5.0,
-        negative: list[str] | str | torch.Tensor = "",
+        negative: list[str] | str | Conditioning | torch.Tensor = "",
     ):
-        """The denoiser ``x0_hat(x, t)`` for ``prompts`` (or their embeddings) with CFG ``cfg``.
+        """The denoiser ``x0_hat(x, t)`` for ``prompts`` (or their conditioning) with CFG ``cfg``.
 
         ``cfg == 1`` gives the conditional denoiser alone (one UNet call per step).
         """
         finite("cfg", cfg)
-        cond = prompts if isinstance(prompts, torch.Tensor) else self.encode_prompt(prompts)
-        unet = UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type,
-                            encoder_hidden_states=cond)
+        cond = self._conditioning(prompts, self.encode)
         if cfg == 1.0:
-            return unet
-        uncond = negative if isinstance(negative, torch.Tensor) else self.encode_prompt(negative)
-        return CFGDenoiser(
-            unet,
-            cond={"encoder_hidden_states": cond},
-            uncond={"encoder_hidden_states": uncond},
-            scale=cfg,
-        )
+            return self.unet_denoiser(cond)
+        uncond = self._conditioning(negative, self.encode_negative)
+        return CFGDenoiser(self.unet_denoiser(), cond=cond, uncond=uncond, scale=cfg)
+
+    def _conditioning(self, given, encode) -> Conditioning:
+        if isinstance(given, Conditioning):
+            return given
+        if isinstance(given, torch.Tensor):  # bare token embeddings
+            if self.needs_added:
+                raise ValueError(f"a {type(self).__name__} needs added conditions beside the "
+                                 "token embeddings: pass model.encode(prompts)")
+            return Conditioning(given)
+        return encode(given)
+
+    #: Whether the family's UNet needs added conditions beside the token embeddings (SDXL).
+    needs_added = False
 
     def time_grid(self, steps: int) -> torch.Tensor:
         """The pipeline scheduler's own timestep grid for ``steps`` steps, ending clean.

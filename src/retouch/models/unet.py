@@ -23,19 +23,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retouch.models.conditioning import Conditioning
 from retouch.schedules import PREDICTION_TYPES, FlowSchedule, Schedule, to_x0
 
 __all__ = ["UNetDenoiser"]
 
 
 class UNetDenoiser:
-    """``denoiser(x, t, **overrides) -> x0_hat`` around a diffusers ``UNet2DConditionModel``.
+    """``denoiser(x, t, cond=...) -> x0_hat`` around a diffusers ``UNet2DConditionModel``.
 
-    Keyword overrides at call time (``encoder_hidden_states=``, ``added_cond_kwargs=``,
-    ``cross_attention_kwargs=``) replace the defaults given here, which lets
-    :class:`~retouch.denoiser.CFGDenoiser` batch the conditional and unconditional rows
-    into one UNet call. A batch-1 ``encoder_hidden_states`` is shared by all latents.
-    Shapes: x (B, C, H, W); encoder_hidden_states (B or 1, L, D).
+    ``cond`` is a :class:`~retouch.models.conditioning.Conditioning` (the default one given
+    here, or one per call, which lets guidance batch its branches into one UNet call); a 1-row
+    conditioning is shared by all latents. The UNet's own keyword arguments
+    (``encoder_hidden_states=``, ``added_cond_kwargs=``, ``cross_attention_kwargs=``) are
+    accepted too, as overrides of the defaults. Shapes: x (B, C, H, W).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class UNetDenoiser:
         schedule: Schedule,
         *,
         prediction_type: str = "epsilon",
+        cond: Conditioning | None = None,
         encoder_hidden_states: Tensor | None = None,
         added_cond_kwargs: Mapping[str, Tensor] | None = None,
         cross_attention_kwargs: Mapping[str, Any] | None = None,
@@ -55,6 +57,7 @@ class UNetDenoiser:
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type  # what the network outputs (scheduler config)
+        self.cond = cond  # default conditioning
         self.encoder_hidden_states = encoder_hidden_states  # default text conditioning
         self.added_cond_kwargs = added_cond_kwargs  # SDXL-style extra conditioning
         self.cross_attention_kwargs = cross_attention_kwargs  # passed to attention processors
@@ -67,15 +70,23 @@ class UNetDenoiser:
 
     def __call__(self, x: Tensor, t: float, **overrides: Any) -> Tensor:
         unknown = set(overrides) - {
+            "cond",
             "encoder_hidden_states",
             "added_cond_kwargs",
             "cross_attention_kwargs",
         }
         if unknown:
             raise TypeError(f"unexpected conditioning arguments: {sorted(unknown)}")
-        ehs = overrides.get("encoder_hidden_states", self.encoder_hidden_states)
-        if ehs is not None and ehs.shape[0] == 1 and x.shape[0] > 1:
-            ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
+        cond = overrides.get("cond", None if "encoder_hidden_states" in overrides else self.cond)
+        extra: dict[str, Any] = {}
+        if cond is not None:
+            cond = cond.expand(x.shape[0])
+            ehs, added, extra = cond.embeds, dict(cond.added) or None, dict(cond.extra)
+        else:
+            ehs = overrides.get("encoder_hidden_states", self.encoder_hidden_states)
+            if ehs is not None and ehs.shape[0] == 1 and x.shape[0] > 1:
+                ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
+            added = overrides.get("added_cond_kwargs", self.added_cond_kwargs)
         timestep = torch.tensor(self.model_timestep(t), dtype=torch.float32, device=x.device)
         param = next(self.unet.parameters())
         # Standard layout in: the same values then run the same kernels, whatever the caller's
@@ -84,11 +95,12 @@ class UNetDenoiser:
             x.to(param.dtype).contiguous(),
             timestep,
             encoder_hidden_states=None if ehs is None else ehs.to(param.dtype),
-            added_cond_kwargs=overrides.get("added_cond_kwargs", self.added_cond_kwargs),
+            added_cond_kwargs=added,
             cross_attention_kwargs=overrides.get(
                 "cross_attention_kwargs", self.cross_attention_kwargs
             ),
             return_dict=False,
+            **extra,
         )[0].to(x.dtype)
         alpha, sigma = self.schedule.coeffs(t)
         return to_x0(out, x, alpha, sigma, self.prediction_type)

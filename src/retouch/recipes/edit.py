@@ -227,20 +227,19 @@ def edit_inverted(
 
 def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -> EditResult:
     from ..inversion import DenoiserFactory, fingerprint_of, reconstruct
-    from ..models.unet import UNetDenoiser
 
     # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call.
     layout = BatchLayout(ROLES, ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
-    inner = UNetDenoiser(model.unet, model.schedule, prediction_type=model.prediction_type)
+    inner = model.unet_denoiser()
     stepwise = bool(_stepwise(controllers))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         factory = DenoiserFactory(
             session.denoiser(inner, inv.times),  # the controllers learn step and time here
-            cond=model.encode_prompt([inv.prompt]),
-            uncond=model.encode_prompt([""]),
+            cond=model.encode([inv.prompt]),
+            uncond=model.encode_negative([""]),
             fingerprint=fingerprint_of(model),
         )
-        latents = reconstruct(inv, factory, target=model.encode_prompt([target]),
+        latents = reconstruct(inv, factory, target=model.encode([target]),
                               callbacks=[session.callback] if stepwise else (),
                               progress=progress)
     return _result(model, latents, controllers, store)
