@@ -136,7 +136,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.arguments import fraction, number, whole
+    from retouch.cli.arguments import fraction, number, whole
     from retouch.inversion.api import METHODS
     from retouch.recipes.editors import EDITORS
 

@@ -116,7 +116,7 @@ def run_invert(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``invert`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.arguments import number, whole
+    from retouch.cli.arguments import number, whole
     from retouch.inversion.api import METHODS
 
     p = subparsers.add_parser(

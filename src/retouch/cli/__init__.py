@@ -1,4 +1,6 @@
-"""The ``retouch`` command line: generate, demo, bench and ToyWorld training."""
+"""The ``retouch`` command line: generate, invert, edit, attention, demo, bench and ToyWorld
+training. Each sub-command's module parses its arguments and calls the library; expected errors
+become one line and exit code 2 (:func:`main`)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ BENCHMARKS = {
     "toyworld": "retouch.bench.toyworld",
     "inversion": "retouch.bench.inversion",
     "editing": "retouch.bench.editing",
+    "scale": "retouch.bench.scale",
 }
 
 
 def _cmd_generate(args) -> None:
-    from .recipes.generate import generate_to_file
+    from ..recipes.generate import generate_to_file
 
     out = generate_to_file(
         args.prompt,
@@ -38,8 +41,8 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from .files import check_output_dir
-    from .report.demo import run_demo
+    from ..files import check_output_dir
+    from ..report.demo import run_demo
 
     check_output_dir(args.out, ("index.html",))
     index = run_demo(Path(args.out), model=args.model)
@@ -47,10 +50,10 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_attention(args) -> None:
-    from .files import check_output_dir
-    from .images import read_image
-    from .models.pipeline import PipelineModel
-    from .recipes.attention_maps import OUTPUTS, attention_maps, save_attention_maps
+    from ..files import check_output_dir
+    from ..images import read_image
+    from ..models.pipeline import PipelineModel
+    from ..recipes.attention_maps import OUTPUTS, attention_maps, save_attention_maps
 
     check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
     if args.image is not None and not Path(args.image).is_file():
@@ -70,7 +73,7 @@ def _cmd_bench(args) -> None:
         raise ValueError(
             f"unknown benchmark {args.name!r}; valid: {', '.join(sorted(BENCHMARKS))}"
         )
-    from .files import check_output_dir
+    from ..files import check_output_dir
 
     module = importlib.import_module(BENCHMARKS[args.name])
     out = check_output_dir(args.out, ())
@@ -98,8 +101,8 @@ def _style_weight(text: str) -> tuple[str, float]:
 
 
 def _cmd_train(args) -> None:
-    from .files import check_output_dir
-    from .toyworld.train import TrainConfig, train
+    from ..files import check_output_dir
+    from ..toyworld.train import TrainConfig, train
 
     check_output_dir(args.out, ())
     cfg = TrainConfig(
@@ -119,7 +122,7 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_tune_decoder(args) -> None:
-    from .toyworld.decoder import DecoderConfig, tune_decoder
+    from ..toyworld.decoder import DecoderConfig, tune_decoder
 
     cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight,
                         extended=args.extended, train_encoder=args.train_encoder)
@@ -129,8 +132,8 @@ def _cmd_tune_decoder(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from .models.loading import toyworld_model_dir
-    from .toyworld.export import export_pipeline
+    from ..models.loading import toyworld_model_dir
+    from ..toyworld.export import export_pipeline
 
     dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else toyworld_model_dir())
     print(f"exported {args.run} to {dest}")
@@ -180,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=whole(2), default=None, help="editing: sampling steps")
     b.set_defaults(func=_cmd_bench)
 
-    from .inversion.cli import register as register_invert
-    from .recipes.edit_cli import register as register_edit
+    from .edit import register as register_edit
+    from .invert import register as register_invert
 
     register_invert(sub)
     register_edit(sub)

@@ -21,7 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from retouch.denoiser import Denoiser
-from retouch.samplers import SamplerState, _lam, _usable_history
+from retouch.samplers.state import SamplerState, log_snr_at, usable_history
 
 __all__ = ["unipc_step"]
 
@@ -59,8 +59,8 @@ def _update(
     ``(lambda_k, x0_hat_k)`` newest first; order = ``len(past) + 1``."""
     alpha, sigma = denoiser.schedule.coeffs(t)
     alpha_n, sigma_n = denoiser.schedule.coeffs(t_next)
-    lam = _lam(denoiser, t)
-    h = _lam(denoiser, t_next) - lam
+    lam = log_snr_at(denoiser, t)
+    h = log_snr_at(denoiser, t_next) - lam
     rks = [(lam_k - lam) / h for lam_k, _ in past] + [1.0]
     d1s = [(m_k - m0) / rk for rk, (_, m_k) in zip(rks, past, strict=False)]
     order = len(past) + 1
@@ -103,20 +103,20 @@ def unipc_step(
     memo = state.scratch.get("unipc")
     if memo is not None and memo["index"] == state.index - 1 and state.history:
         t_prev, m_prev = state.history[-1]
-        past = _usable_history(
-            denoiser, state.history[:-1], _lam(denoiser, t_prev), memo["order"] - 1
+        past = usable_history(
+            denoiser, state.history[:-1], log_snr_at(denoiser, t_prev), memo["order"] - 1
         )
         x_corr = _update(
             denoiser, memo["x"], t_prev, t, m_prev, past, m_next=x0_hat, variant=variant
         )
         x = x + (x_corr - memo["x_pred"])
-    lam = _lam(denoiser, t)
+    lam = log_snr_at(denoiser, t)
     p = min(order, state.index + 1)
     if lower_order_final:
         p = min(p, state.steps_left)
     if denoiser.schedule.coeffs(t_next)[1] == 0:
         p = 1
-    past = _usable_history(denoiser, state.history, lam, p - 1)
+    past = usable_history(denoiser, state.history, lam, p - 1)
     x_pred = _update(denoiser, x, t, t_next, x0_hat, past, m_next=None, variant=variant)
     state.scratch["unipc"] = {
         "index": state.index,

@@ -60,7 +60,7 @@ def whole(minimum: int = 1):
 @contextmanager
 def notes_to_stderr():
     """Within it, :class:`retouch.checks.Note` warnings print as ``retouch: note: ...``."""
-    from .checks import Note
+    from ..checks import Note
 
     with warnings.catch_warnings():  # restores the filters and showwarning on exit
         warnings.simplefilter("always", Note)

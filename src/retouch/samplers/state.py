@@ -1,0 +1,91 @@
+"""What the sampling loop owns and shows: the per-run state every step function receives,
+the context callbacks see, and the helpers multistep solvers share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retouch.denoiser import Denoiser
+
+__all__ = ["LOWER_ORDER_FINAL_STEPS", "HISTORY_LEN", "SamplerState", "StepContext", "Step",
+           "log_snr_at", "usable_history"]
+
+#: diffusers' DPM-Solver/UniPC ``lower_order_final`` applies below this many steps.
+LOWER_ORDER_FINAL_STEPS = 15
+#: How many past ``(t, x0_hat)`` pairs the loop keeps for multistep solvers.
+HISTORY_LEN = 3
+
+
+@dataclass
+class SamplerState:
+    """Per-run memory the loop owns and passes to every step."""
+
+    times: list[float]  # the whole time grid, t_0 ... t_N
+    index: int = 0  # current step i (from times[i] to times[i + 1])
+    history: list[tuple[float, Tensor]] = field(default_factory=list)  # past (t_j, x0_hat_j)
+    generator: torch.Generator | None = None  # randomness of stochastic steps
+    noises: Sequence[Tensor | None] | None = None  # caller-supplied noise per step, or None
+    noise: Tensor | None = None  # noise the current step injected (set by stochastic steps)
+    renoise: Tensor | None = None  # eps the step must renoise with (a guided Prediction's)
+    scratch: dict[str, Any] = field(default_factory=dict)  # a step function's own memory
+
+    @property
+    def steps_left(self) -> int:
+        """Steps remaining including the current one."""
+        return len(self.times) - 1 - self.index
+
+    def draw_noise(self, like: Tensor) -> Tensor:
+        """The supplied noise for this step, else ``N(0, I)`` from ``generator``; recorded."""
+        z = self.noises[self.index] if self.noises is not None else None
+        if z is None:
+            z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device="cpu")
+        self.noise = z.to(device=like.device, dtype=like.dtype)
+        return self.noise
+
+
+@dataclass
+class StepContext:
+    """What a callback sees after step ``i``; it may return a replacement for ``x``."""
+
+    i: int  # step index
+    t: float  # time the model was evaluated at
+    t_next: float  # time of ``x``
+    x: Tensor  # latent after the step (at t_next), shape (B, ...)
+    x_prev: Tensor  # latent the model saw (at t)
+    x0_hat: Tensor  # denoiser output at (x_prev, t)
+    noise: Tensor | None  # noise injected by a stochastic step, else None
+    denoiser: Denoiser
+
+    @property
+    def eps_hat(self) -> Tensor:
+        """The model output in eps form, ``(x_prev - alpha x0_hat) / sigma``."""
+        alpha, sigma = self.denoiser.schedule.coeffs(self.t)
+        return (self.x_prev - alpha * self.x0_hat) / sigma
+
+
+Step = Callable[[Denoiser, Tensor, float, float, Tensor, SamplerState], Tensor]
+
+
+def log_snr_at(denoiser: Denoiser, t: float) -> float:
+    return float(denoiser.schedule.log_snr(t))
+
+
+
+def usable_history(denoiser: Denoiser, history: list, lam: float, k: int) -> list:
+    """Up to ``k`` most recent ``(lambda_j, x0_hat_j)`` of ``history``, newest first, while the
+    log-SNR gaps to ``lam`` stay finite and non-zero."""
+    out = []
+    for t_j, x0_j in reversed(history[-k:] if k > 0 else []):
+        lam_j = log_snr_at(denoiser, t_j)
+        if not (math.isfinite(lam_j) and math.isfinite(lam) and lam_j != lam):
+            break
+        out.append((lam_j, x0_j))
+    return out
+
+
