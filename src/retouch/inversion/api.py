@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +26,14 @@ from torch import Tensor
 
 from retouch.checks import count, finite, finite_tensor, prompt_list
 from retouch.guidance import NullTextGuidance
-from retouch.inversion.core import DenoiserFactory, embeds_of, rows, stack, with_embeds
+from retouch.inversion.core import (
+    DenoiserFactory,
+    embeds_of,
+    replay_ddim,
+    rows,
+    stack,
+    with_embeds,
+)
 from retouch.inversion.ddim import (
     DDIMConfig,
     DirectConfig,
@@ -40,17 +46,18 @@ from retouch.inversion.ddim import (
 )
 from retouch.inversion.exact import (
     BDIAConfig,
-    BDIAStep,
     EDICTConfig,
     EditFriendlyConfig,
-    edict_step,
     invert_bdia,
     invert_ddpm_edit_friendly,
     invert_edict,
+    replay_bdia,
+    replay_edict,
+    replay_edit_friendly,
 )
 from retouch.inversion.null_text import NullTextConfig, invert_null_text
 from retouch.inversion.result import Inversion
-from retouch.samplers import StepContext, check_grid, ddim_step, sample
+from retouch.samplers import StepContext, check_grid
 
 __all__ = ["METHODS", "invert", "reconstruct", "as_factory", "method_config", "fingerprint_of"]
 
@@ -59,16 +66,19 @@ __all__ = ["METHODS", "invert", "reconstruct", "as_factory", "method_config", "f
 class _Method:
     invert: Callable[..., Inversion]  # invert_xxx(factory, x, times, *, cfg, config, progress)
     config: type  # the method's options dataclass
+    # replay_xxx(inv, den, *, copies, callbacks, progress) -> latents: its reconstruction
+    replay: Callable[..., Tensor] = replay_ddim
 
 
 _REGISTRY = {
     "ddim": _Method(invert_ddim, DDIMConfig),
     "null_text": _Method(invert_null_text, NullTextConfig),
     "negative_prompt": _Method(invert_negative_prompt, NegativePromptConfig),
-    "edict": _Method(invert_edict, EDICTConfig),
-    "bdia": _Method(invert_bdia, BDIAConfig),
+    "edict": _Method(invert_edict, EDICTConfig, replay_edict),
+    "bdia": _Method(invert_bdia, BDIAConfig, replay_bdia),
     "direct": _Method(invert_direct, DirectConfig),
-    "ddpm_edit_friendly": _Method(invert_ddpm_edit_friendly, EditFriendlyConfig),
+    "ddpm_edit_friendly": _Method(invert_ddpm_edit_friendly, EditFriendlyConfig,
+                                  replay_edit_friendly),
     "renoise": _Method(invert_renoise, ReNoiseConfig),
 }
 #: Inversion methods by name.
@@ -226,24 +236,6 @@ def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Any):
     return factory.denoiser(cfg=inv.cfg, cond=cond, uncond=uncond)
 
 
-def _offset_callback(inv: Inversion, copies: int, shift: int):
-    """Add ``o_k`` after step ``k``: the stored offsets to every row (``offset_rows="all"``),
-    or Direct Inversion's ``o_k = x*_{k+1} - x`` to the source rows, written as the stored
-    trajectory ``x*_{k+1}`` itself: it cannot drift by round-off amplified over the steps (nor
-    by the source rows being batched with target rows in an edit)."""
-    b = inv.batch
-
-    def add_offset(ctx: StepContext) -> Tensor:
-        k = ctx.i + shift
-        x = ctx.x.clone()
-        if inv.offset_rows == "all":
-            return x + rows(inv.offsets[k].to(x), b, copies)
-        x[:b] = inv.trajectory[k + 1].to(x)  # = x[:b] + o_k, o_k = x*_{k+1} - x[:b]
-        return x
-
-    return add_offset
-
-
 def reconstruct(
     inversion: Inversion,
     model: Any,
@@ -269,32 +261,5 @@ def reconstruct(
     copies = 1 if target is None else 2
     with torch.no_grad():
         den = _denoiser(inv, factory, target)
-        x0, ts = rows(inv.trajectory[0], inv.batch, copies), inv.times
-        if inv.method == "edict":
-            if callbacks:
-                raise ValueError("edict's coupled two-chain loop does not take callbacks")
-            return _edict_replay(inv, den, x0, rows(inv.coupled, inv.batch, copies), progress)
-        step, noises, shift = ddim_step, None, 0
-        if inv.method == "bdia":
-            step = BDIAStep(x_prev=x0, t_prev=float(ts[0]), gamma=inv.options["gamma"],
-                            source_rows=inv.batch if copies > 1 else None)
-            x0, ts, shift = rows(inv.coupled, inv.batch, copies), ts[1:], 1
-        elif inv.method == "ddpm_edit_friendly":
-            step = partial(ddim_step, eta=inv.options["eta"])
-            noises = [rows(z, inv.batch, copies) for z in inv.noises]
-        corrected = inv.offsets is not None or inv.method == "direct"
-        own = [_offset_callback(inv, copies, shift)] if corrected else []
-        return sample(
-            den, x0, ts, step=step, callbacks=[*own, *callbacks], progress=progress, noises=noises
-        )
-
-
-def _edict_replay(inv: Inversion, den, x: Tensor, y: Tensor, progress: bool) -> Tensor:
-    from tqdm.auto import tqdm
-
-    ts = [float(t) for t in inv.times]
-    for k in tqdm(range(len(ts) - 1), desc="reconstruct edict", disable=not progress, leave=False):
-        x, y = edict_step(
-            den, x, y, ts[k], ts[k + 1], k=k, p=inv.options["p"], leapfrog=inv.options["leapfrog"]
-        )
-    return x
+        return _method(inv.method).replay(inv, den, copies=copies, callbacks=list(callbacks),
+                                          progress=progress)

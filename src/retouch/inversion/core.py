@@ -313,3 +313,37 @@ def record_inversion(
         nfe=factory.calls - calls0,
         **extra,
     )
+
+
+# --- replay: the sampler an inversion lands on -----------------------------------------------
+
+
+def corrections(inv: Inversion, copies: int, shift: int = 0) -> list[Callable]:
+    """The per-step callback that adds ``o_k`` after step ``k`` (none without offsets): the
+    stored offsets to every row (``offset_rows="all"``), or Direct Inversion's
+    ``o_k = x*_{k+1} - x`` to the source rows, written as the stored trajectory ``x*_{k+1}``
+    itself (it cannot drift by round-off amplified over the steps, nor by the source rows being
+    batched with target rows in an edit). ``shift``: grid index of the loop's step 0."""
+    if inv.offsets is None and inv.method != "direct":
+        return []
+    b = inv.batch
+
+    def add_offset(ctx) -> Tensor:
+        k = ctx.i + shift
+        x = ctx.x.clone()
+        if inv.offset_rows == "all":
+            return x + rows(inv.offsets[k].to(x), b, copies)
+        x[:b] = inv.trajectory[k + 1].to(x)  # = x[:b] + o_k, o_k = x*_{k+1} - x[:b]
+        return x
+
+    return [add_offset]
+
+
+def replay_ddim(inv: Inversion, den: Denoiser, *, copies: int, callbacks, progress: bool):
+    """Reconstruct by DDIM along the inversion's grid from ``x_0`` (ddim, null-text,
+    negative-prompt, direct and ReNoise inversions), with the stored corrections."""
+    from retouch.samplers import sample
+
+    x0 = rows(inv.trajectory[0], inv.batch, copies)
+    return sample(den, x0, inv.times, step=ddim_step,
+                  callbacks=[*corrections(inv, copies), *callbacks], progress=progress)

@@ -42,10 +42,12 @@ from tqdm.auto import tqdm
 from retouch.denoiser import Denoiser
 from retouch.inversion.core import (
     DenoiserFactory,
+    corrections,
     ddim_eps_step,
     inverse_ddim_step,
     predict,
     record_inversion,
+    rows,
     step_state,
 )
 from retouch.inversion.result import Inversion
@@ -61,6 +63,9 @@ __all__ = [
     "invert_edict",
     "invert_bdia",
     "invert_ddpm_edit_friendly",
+    "replay_edict",
+    "replay_bdia",
+    "replay_edit_friendly",
 ]
 
 
@@ -293,3 +298,45 @@ def invert_ddpm_edit_friendly(
         offsets=torch.stack(offsets),
         offset_rows="all",
     )
+
+
+# --- replays ----------------------------------------------------------------------------------
+
+
+def replay_edict(inv: Inversion, den: Denoiser, *, copies: int, callbacks, progress: bool):
+    """Reconstruct EDICT: its coupled two-chain loop from ``(x_0, y_0)`` (takes no callbacks)."""
+    if callbacks:
+        raise ValueError("edict's coupled two-chain loop does not take callbacks")
+    x, y = rows(inv.trajectory[0], inv.batch, copies), rows(inv.coupled, inv.batch, copies)
+    ts = [float(t) for t in inv.times]
+    for k in tqdm(range(len(ts) - 1), desc="reconstruct edict", disable=not progress, leave=False):
+        x, y = edict_step(den, x, y, ts[k], ts[k + 1], k=k, p=inv.options["p"],
+                          leapfrog=inv.options["leapfrog"])
+    return x
+
+
+def replay_bdia(inv: Inversion, den: Denoiser, *, copies: int, callbacks, progress: bool):
+    """Reconstruct BDIA from the stored pair ``(x_0, x_1)``: its loop starts at step 1, so a
+    callback's ``ctx.i`` is ``k - 1``."""
+    from retouch.samplers import sample
+
+    x0 = rows(inv.trajectory[0], inv.batch, copies)
+    step = BDIAStep(x_prev=x0, t_prev=float(inv.times[0]), gamma=inv.options["gamma"],
+                    source_rows=inv.batch if copies > 1 else None)
+    return sample(den, rows(inv.coupled, inv.batch, copies), inv.times[1:], step=step,
+                  callbacks=[*corrections(inv, copies, shift=1), *callbacks], progress=progress)
+
+
+def replay_edit_friendly(inv: Inversion, den: Denoiser, *, copies: int, callbacks,
+                         progress: bool):
+    """Reconstruct the edit-friendly DDPM inversion: stochastic DDIM with the stored noise maps
+    ``z_k`` (and the offsets of steps to a clean time)."""
+    from functools import partial
+
+    from retouch.samplers import sample
+
+    noises = [rows(z, inv.batch, copies) for z in inv.noises]
+    return sample(den, rows(inv.trajectory[0], inv.batch, copies), inv.times,
+                  step=partial(ddim_step, eta=inv.options["eta"]),
+                  callbacks=[*corrections(inv, copies), *callbacks], progress=progress,
+                  noises=noises)
