@@ -1,15 +1,14 @@
 """Guidance (CFG, null-text, dual, CFG++, loss guidance): exact identities on the analytic GMM.
 
-The conditional model is exact: ``label = 1`` is the denoiser of the mixture's first two
-components (the "class"), ``label = 0`` that of the whole mixture (the unconditional model).
+The conditional model is exact (:class:`~retouch.analytic.ClassConditionalGMM`): ``label = 1``
+is the denoiser of the mixture's first two components (the "class"), ``label = 0`` that of
+the whole mixture (the unconditional model).
 """
-
-import functools
 
 import pytest
 import torch
 
-from retouch.analytic import GaussianMixture, GMMDenoiser
+from retouch.analytic import ClassConditionalGMM, GaussianMixture
 from retouch.attention import attention_control
 from retouch.attention.sites import BatchLayout, guidance_halves
 from retouch.denoiser import CountedDenoiser, Prediction, halves_of
@@ -26,25 +25,9 @@ from retouch.samplers import ddim_step, get_step, sample
 from retouch.schedules import get_schedule
 
 
-@functools.cache
-def _gmms():
-    full = GaussianMixture.random(dim=8, components=6, seed=3)
-    part = GaussianMixture(full.means[:2], full.variances[:2],
-                           torch.log_softmax(full.log_weights[:2], 0))
-    return full, part
-
-
-class Labelled:
+def Labelled(schedule):  # noqa: N802 (reads as the class it makes)
     """``D(x, t | label)``: the class-conditional exact denoiser (label 1) or the full one (0)."""
-
-    def __init__(self, schedule):
-        full, part = _gmms()
-        self.schedule = schedule
-        self.full, self.part = GMMDenoiser(full, schedule), GMMDenoiser(part, schedule)
-
-    def __call__(self, x, t, *, label):
-        pick = label.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return pick * self.part(x, t) + (1 - pick) * self.full(x, t)
+    return ClassConditionalGMM(GaussianMixture.random(dim=8, components=6, seed=3), schedule)
 
 
 SCHEDULE = get_schedule("scaled_linear")
@@ -201,3 +184,17 @@ def test_ddim_step_without_a_prediction_is_unchanged():
     alpha, sigma = SCHEDULE.coeffs(t)
     alpha_n, sigma_n = SCHEDULE.coeffs(t_next)
     torch.testing.assert_close(got, alpha_n * x0 + sigma_n * (x - alpha * x0) / sigma)
+
+
+def test_cfgpp_ddim_step_is_cfg_with_weight_lambda_over_one_minus_decay():
+    """Exact identity behind `bench guidance`: a CFG++ DDIM step equals a CFG DDIM step with
+    ``w = lambda / (1 - e^{-h})``, ``e^{-h} = alpha sigma' / (alpha' sigma)``."""
+    from retouch.bench.guidance import effective_weights
+
+    inner, x, t, t_next = Labelled(SCHEDULE), _x(), 600.0, 300.0
+    (w,) = effective_weights(SCHEDULE, [t, t_next], 0.4)
+    pp = sample(CFGPlusPlus(inner, cond=COND, uncond=UNCOND, scale=0.4), x, [t, t_next],
+                progress=False)
+    cfg = sample(CFGDenoiser(inner, cond=COND, uncond=UNCOND, scale=w), x, [t, t_next],
+                 progress=False)
+    torch.testing.assert_close(pp, cfg, rtol=1e-10, atol=1e-10)

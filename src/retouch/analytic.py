@@ -17,6 +17,7 @@ Dormand & Prince 1980 (DOP853 via scipy.integrate.solve_ivp).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from retouch.schedules import Schedule, to_prediction
 
-__all__ = ["GaussianMixture", "GMMDenoiser", "reference_solution"]
+__all__ = ["GaussianMixture", "GMMDenoiser", "ClassConditionalGMM", "reference_solution"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,25 @@ class GaussianMixture:
         x0 = (w * (self.means + alpha * self.variances * r)).sum(1)
         eps = (w * (sigma * r)).sum(1)
         return x0, eps
+
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x0)`` of each row of ``x`` (B, d), float64."""
+        return torch.logsumexp(self.component_log_probs(x), dim=-1)
+
+    def component_log_probs(self, x: Tensor) -> Tensor:
+        """``log pi_k + log N(x; mu_k, c_k)`` per row and component, (B, K)."""
+        x = x.to(torch.float64)
+        diff = x[:, None, :] - self.means
+        quad = (diff**2 / self.variances).sum(-1)
+        logdet = self.variances.log().sum(-1)
+        return self.log_weights - 0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))
+
+    def subset(self, components) -> GaussianMixture:
+        """The mixture of ``components`` only (their weights renormalised)."""
+        idx = torch.as_tensor(list(components))
+        return GaussianMixture(self.means[idx], self.variances[idx],
+                               torch.log_softmax(self.log_weights[idx], 0))
 
 
 class GMMDenoiser:
@@ -148,3 +168,23 @@ def reference_solution(
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
     z1 = torch.from_numpy(sol.y[:, -1].reshape(shape[0], -1))
     return (z1 * (alpha1 + sigma1)).reshape(shape).to(x.dtype)
+
+
+class ClassConditionalGMM:
+    """An exact class-conditional denoiser: ``D(x, t | label)`` is the denoiser of the mixture's
+    ``components`` (the "class") where ``label = 1`` and of the whole mixture (the unconditional
+    model) where ``label = 0``; ``label`` (1 or B,) may be fractional (a blend)."""
+
+    def __init__(self, gmm: GaussianMixture, schedule: Schedule, components=(0, 1)):
+        self.gmm, self.schedule, self.components = gmm, schedule, tuple(components)
+        self.full = GMMDenoiser(gmm, schedule)
+        self.part = GMMDenoiser(gmm.subset(self.components), schedule)
+
+    def __call__(self, x: Tensor, t: float, *, label: Tensor) -> Tensor:
+        pick = label.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return pick * self.part(x, t) + (1 - pick) * self.full(x, t)
+
+    def class_probability(self, x0: Tensor) -> Tensor:
+        """``p(class | x0)`` under the clean mixture, per row (B,)."""
+        logp = self.gmm.component_log_probs(x0.reshape(x0.shape[0], -1))
+        return torch.softmax(logp, -1)[:, list(self.components)].sum(-1)

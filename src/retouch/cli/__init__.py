@@ -21,6 +21,7 @@ BENCHMARKS = {
     "inversion": "retouch.bench.inversion",
     "editing": "retouch.bench.editing",
     "scale": "retouch.bench.scale",
+    "guidance": "retouch.bench.guidance",
 }
 
 
