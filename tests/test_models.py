@@ -84,7 +84,7 @@ def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
 def test_only_toyworld_json_says_whether_a_model_learnt_the_extended_words(tmp_path):
     from pathlib import Path
 
-    from retouch.models.loading import toyworld_extended, toyworld_model_dir, toyworld_vocabulary
+    from retouch.toyworld.folder import toyworld_extended, toyworld_model_dir, toyworld_vocabulary
 
     core = Path(__file__).parents[1] / "checkpoints" / "toyworld-core"
     assert "striped" in toyworld_vocabulary(core)  # its tokenizer knows the word ...

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..metrics import psnr
-from ..models.loading import toyworld_extended
+from ..toyworld.folder import toyworld_extended
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker

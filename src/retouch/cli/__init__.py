@@ -133,8 +133,8 @@ def _cmd_tune_decoder(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from ..models.loading import toyworld_model_dir
     from ..toyworld.export import export_pipeline
+    from ..toyworld.folder import toyworld_model_dir
 
     dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else toyworld_model_dir())
     print(f"exported {args.run} to {dest}")

@@ -13,12 +13,8 @@ import torch
 
 __all__ = [
     "ModelFolderError",
-    "toyworld_model_dir",
     "check_model_folder",
     "load_pipeline",
-    "toyworld_vocabulary",
-    "toyworld_extended",
-    "check_prompt",
 ]
 
 from ..files import read_json
@@ -39,11 +35,6 @@ WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transform
 
 class ModelFolderError(ValueError):
     """A model folder is missing files, has corrupt files, or only unsafe pickle weights."""
-
-
-def toyworld_model_dir() -> Path:
-    """The ToyWorld pipeline shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "toyworld" / "weights"
 
 
 def _check_safetensors(path: Path) -> None:
@@ -153,7 +144,11 @@ def load_pipeline(
     """A diffusers pipeline from a local folder (default: the shipped ToyWorld model)."""
     import diffusers
 
-    folder = Path(model) if model is not None else toyworld_model_dir()
+    if model is None:
+        from ..toyworld.folder import toyworld_model_dir
+
+        model = toyworld_model_dir()
+    folder = Path(model)
     index = check_model_folder(folder)
     cls = getattr(diffusers, index["_class_name"])
     extra = {}
@@ -171,39 +166,3 @@ def load_pipeline(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:
-    """The word list of a ToyWorld model folder, or None for any other model."""
-    path = Path(folder) / "toyworld.json"
-    if not path.is_file():
-        return None
-    info = read_json(path, "ToyWorld model description")
-    if not isinstance(info, dict) or not isinstance(info.get("vocabulary"), list):
-        raise ModelFolderError(f"{path} has no 'vocabulary' list; re-export the model "
-                               "(retouch toyworld export)")
-    return tuple(info["vocabulary"])
-
-
-def toyworld_extended(folder: str | Path | None) -> bool:
-    """Whether a ToyWorld model folder was trained on the extended vocabulary (top/bottom,
-    outlined/striped). Its tokenizer knows those words either way: only ``toyworld.json``
-    says whether the model learnt them."""
-    path = Path(folder) / "toyworld.json" if folder is not None else None
-    if path is None or not path.is_file():
-        return False
-    info = read_json(path, "ToyWorld model description")
-    return bool(isinstance(info, dict) and info.get("extended", False))
-
-
-def check_prompt(prompt: str, vocabulary: tuple[str, ...] | None) -> None:
-    """Refuse words outside a ToyWorld model's vocabulary (no-op for other models)."""
-    if vocabulary is None:
-        return
-    words = prompt.lower().replace(",", " ").split()
-    unknown = sorted({w for w in words if w not in vocabulary})
-    if unknown:
-        raise ValueError(
-            f"the ToyWorld model does not know the word(s) {', '.join(unknown)}; "
-            f"its vocabulary is: {' '.join(vocabulary)}"
-        )

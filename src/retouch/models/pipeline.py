@@ -18,8 +18,9 @@ from ..checks import finite, finite_tensor, note, prompt_list
 from ..grids import discrete_grid
 from ..guidance import CFGDenoiser
 from ..schedules import Schedule
+from ..toyworld.folder import check_prompt, toyworld_model_dir, toyworld_vocabulary
 from .conditioning import Conditioning
-from .loading import check_prompt, load_pipeline, toyworld_model_dir, toyworld_vocabulary
+from .loading import load_pipeline
 from .unet import UNetDenoiser
 
 __all__ = ["PipelineModel", "ImageLike"]

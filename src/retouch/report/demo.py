@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import psnr
-from ..models.loading import toyworld_extended
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.dataset import vocabulary
+from ..toyworld.folder import toyworld_extended
 from ..toyworld.render import render
 from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
