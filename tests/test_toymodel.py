@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from retouch.toyworld.folder import toyworld_model_dir
 from retouch.models.pipeline import PipelineModel
+from retouch.toyworld.folder import toyworld_model_dir
 from retouch.toyworld.render import render
 from retouch.toyworld.scene import caption
 
