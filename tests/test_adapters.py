@@ -112,3 +112,17 @@ def test_an_sdxl_folder_runs_through_the_command_line(tmp_path, capsys):
                  str(tmp_path / "h.png")]) == 2
     err = capsys.readouterr().err
     assert f"missing folder {folder / 'text_encoder_2'}" in err and len(err.splitlines()) == 1
+
+
+def test_an_edit_encodes_each_prompt_once():
+    from retouch.recipes.edit import edit
+
+    model = tiny_model("sd1")
+    calls = []
+    hook = model.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+        edit(model, x, PROMPT, "a blue square", inversion="direct", editor="p2p", steps=4)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # source, empty negative, target

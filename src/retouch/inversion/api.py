@@ -199,6 +199,8 @@ def invert(
     inv.check_finite(f"the {method} inversion it computed",
                      f"the computation diverged at cfg={cfg:g}: try a lower cfg or more steps")
     inv.prompt = prompt if _is_pipeline(model) else None
+    if factory.conditional:
+        inv.conditioning = (factory.cond, factory.uncond)
     return inv
 
 

@@ -52,6 +52,9 @@ class Inversion:
     noises: Tensor | None = None  # (N, B, C, H, W) edit-friendly noise maps z_k
     options: dict[str, Any] = field(default_factory=dict)  # method options reconstruction uses
     nfe: int = 0  # network evaluations the inversion cost (a batched CFG pair counts once)
+    # (cond, uncond) the inversion was made with, kept in memory only (a loaded file's are
+    # encoded again from its prompt): editors reuse them instead of encoding the prompts again
+    conditioning: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
@@ -184,6 +187,8 @@ class Inversion:
     def equals(self, other: Inversion) -> bool:
         """Field-by-field equality (tensors compared exactly)."""
         for f in fields(self):
+            if f.name == "conditioning":  # in memory only, never saved
+                continue
             a, b = getattr(self, f.name), getattr(other, f.name)
             if isinstance(a, Tensor) or isinstance(b, Tensor):
                 if a is None or b is None or a.dtype != b.dtype or not torch.equal(a, b):

@@ -232,11 +232,12 @@ def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -
     layout = BatchLayout(ROLES, ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
     inner = model.unet_denoiser()
     stepwise = bool(_stepwise(controllers))
+    cond, uncond = inv.conditioning or (model.encode([inv.prompt]), model.encode_negative([""]))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         factory = DenoiserFactory(
             session.denoiser(inner, inv.times),  # the controllers learn step and time here
-            cond=model.encode([inv.prompt]),
-            uncond=model.encode_negative([""]),
+            cond=cond,
+            uncond=uncond,
             fingerprint=fingerprint_of(model),
         )
         latents = reconstruct(inv, factory, target=model.encode([target]),
