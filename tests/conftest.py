@@ -19,7 +19,7 @@ def _one_thread():
 def tiny_toy_run(tmp_path_factory) -> Path:
     """A `retouch toyworld train` run directory (barely trained: plumbing only). Read-only:
     tests that change a run copy it first."""
-    from retouch.toyworld.train import TrainConfig, train
+    from retouch.training.toyworld import TrainConfig, train
 
     run = tmp_path_factory.mktemp("toyrun")
     cfg = TrainConfig(out=str(run), dataset_size=48, vae_steps=2, unet_steps=2, batch=2,
@@ -31,6 +31,6 @@ def tiny_toy_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_toy_pipeline(tiny_toy_run, tmp_path_factory) -> Path:
     """A diffusers folder exported from :func:`tiny_toy_run`."""
-    from retouch.toyworld.export import export_pipeline
+    from retouch.training.export import export_pipeline
 
     return export_pipeline(tiny_toy_run, tmp_path_factory.mktemp("toypipe") / "pipe")

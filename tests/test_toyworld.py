@@ -142,8 +142,8 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     """A run stopped and resumed ends bit-identical to an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from retouch.toyworld.checkpoint import load
-    from retouch.toyworld.train import TrainConfig, train
+    from retouch.training.checkpoint import load
+    from retouch.training.toyworld import TrainConfig, train
 
     common = dict(dataset_size=48, vae_steps=2, batch=2, unet_width=32,
                   checkpoint_every=2, log_every=1)
@@ -168,7 +168,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_learning_rate_warms_up_holds_and_cools_down():
-    from retouch.toyworld.train import TrainConfig, learning_rate, train
+    from retouch.training.toyworld import TrainConfig, learning_rate, train
 
     cfg = TrainConfig(out="unused", lr=1.0, warmup=10, cooldown=(100, 200))
     rates = [learning_rate(cfg, s) for s in (0, 9, 50, 100, 150, 200, 300)]
@@ -181,7 +181,7 @@ def test_learning_rate_warms_up_holds_and_cools_down():
 def test_style_weights_and_cli_defaults():
     from retouch.cli import build_parser
     from retouch.toyworld.dataset import SceneSet
-    from retouch.toyworld.train import TrainConfig, scene_weights, train
+    from retouch.training.toyworld import TrainConfig, scene_weights, train
 
     scenes = [random_scene(random.Random(i), styles=STYLES) for i in range(30)]
     data = SceneSet(scenes=scenes, images=torch.zeros(30), masks=torch.zeros(30))
@@ -207,7 +207,7 @@ def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_pat
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from retouch.toyworld.train import TrainConfig, train
+    from retouch.training.toyworld import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path / "c"), init_from=str(tiny_toy_pipeline), dataset_size=48,
                       unet_steps=1, batch=2, unet_width=32, lr=0.0, checkpoint_every=1)
@@ -225,7 +225,7 @@ def test_decoder_tuning_keeps_the_encoder_and_resumes(tiny_toy_run, tmp_path):
 
     from safetensors.torch import load_file
 
-    from retouch.toyworld.decoder import DecoderConfig, tune_decoder
+    from retouch.training.decoder import DecoderConfig, tune_decoder
 
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
@@ -258,7 +258,7 @@ def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline,
     import json
 
     from retouch.toyworld.dataset import make_scenes, vocabulary
-    from retouch.toyworld.train import TrainConfig, train
+    from retouch.training.toyworld import TrainConfig, train
 
     scenes = make_scenes(64, seed=0, size=16, mask_size=4, progress=False,
                          **vocabulary(True)).scenes
@@ -276,7 +276,7 @@ def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline,
     # was trained on stays.
     from safetensors.torch import load_file
 
-    from retouch.toyworld.decoder import DecoderConfig, tune_decoder
+    from retouch.training.decoder import DecoderConfig, tune_decoder
 
     stage_vae = load_file(str(run / "vae_best.safetensors"))
     tune_decoder(DecoderConfig(run=str(run), steps=1, dataset_size=8, held_out=4, batch=2,
@@ -314,12 +314,12 @@ def test_a_killed_training_run_resumes_with_no_lost_or_repeated_step(tmp_path):
 
     from safetensors.torch import load_file
 
-    from retouch.toyworld.train import TrainConfig, train
+    from retouch.training.toyworld import TrainConfig, train
 
     common = dict(dataset_size=48, vae_steps=2, unet_steps=30, batch=2, unet_width=32,
                   checkpoint_every=4, log_every=1)
     killed = tmp_path / "killed"
-    script = ("import sys; from retouch.toyworld.train import TrainConfig, train; "
+    script = ("import sys; from retouch.training.toyworld import TrainConfig, train; "
               f"train(TrainConfig(out=sys.argv[1], **{common!r}), progress=False)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], env=env,

@@ -28,8 +28,8 @@ from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
-from ..toyworld.decoder import round_trip_accuracy
-from ..toyworld.grounding import grounding_loss, install_grounding
+from ..training.decoder import round_trip_accuracy
+from ..training.grounding import grounding_loss, install_grounding
 from ..toyworld.scene import STYLES, caption, parse_caption
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 

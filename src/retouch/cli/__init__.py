@@ -103,7 +103,7 @@ def _style_weight(text: str) -> tuple[str, float]:
 
 def _cmd_train(args) -> None:
     from ..files import check_output_dir
-    from ..toyworld.train import TrainConfig, train
+    from ..training.toyworld import TrainConfig, train
 
     check_output_dir(args.out, ())
     cfg = TrainConfig(
@@ -123,7 +123,7 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_tune_decoder(args) -> None:
-    from ..toyworld.decoder import DecoderConfig, tune_decoder
+    from ..training.decoder import DecoderConfig, tune_decoder
 
     cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight,
                         extended=args.extended, train_encoder=args.train_encoder)
@@ -133,8 +133,8 @@ def _cmd_tune_decoder(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from ..toyworld.export import export_pipeline
     from ..toyworld.folder import toyworld_model_dir
+    from ..training.export import export_pipeline
 
     dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else toyworld_model_dir())
     print(f"exported {args.run} to {dest}")

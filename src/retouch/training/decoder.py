@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..metrics import psnr
-from . import checker, configs
+from ..toyworld import checker, configs
+from ..toyworld.dataset import make_scenes, vocabulary
+from ..toyworld.scene import BACKGROUNDS
 from .checkpoint import append_log, atomic_save, restore_state, save_state, trim_log
-from .dataset import make_scenes, vocabulary
-from .scene import BACKGROUNDS
 
 __all__ = ["DecoderConfig", "tune_decoder", "round_trip_accuracy"]
 

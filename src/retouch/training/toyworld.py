@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..metrics import psnr
-from . import configs
+from ..toyworld import configs
+from ..toyworld.dataset import SceneSet, caption_batch, make_scenes, vocabulary
+from ..toyworld.scene import STYLES, VOCABULARY
+from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import (
     append_log,
     atomic_save,
@@ -36,10 +39,7 @@ from .checkpoint import (
     trim_log,
     unprefixed,
 )
-from .dataset import SceneSet, caption_batch, make_scenes, vocabulary
 from .grounding import grounding_loss, install_grounding
-from .scene import STYLES, VOCABULARY
-from .tokenizer import save_tokenizer
 
 __all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weights"]
 

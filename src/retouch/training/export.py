@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import configs
+from ..toyworld import configs
+from ..toyworld.scene import VOCABULARY
+from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import load, unprefixed
-from .scene import VOCABULARY
-from .tokenizer import save_tokenizer
-from .train import TrainConfig, build_models
+from .toyworld import TrainConfig, build_models
 
 __all__ = ["export_pipeline", "load_components"]
 
