@@ -9,7 +9,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$python" -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-"${pip[@]}" -e ".[dev]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
+"${pip[@]}" -e ".[dev,ui]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
 {
   echo "# Exact versions the test suite passed with; scripts/setup.sh installs these."
   echo "# Refresh with scripts/lock.sh (then run the tests). The package's own requirements"

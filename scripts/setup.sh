@@ -11,7 +11,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   pip=(.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt)
   # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
   "${pip[@]}" "torch==2.13.0"
-  "${pip[@]}" -e ".[dev]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
+  "${pip[@]}" -e ".[dev,ui]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
   .venv/bin/python - <<'PY'
 import importlib.metadata as md, pathlib, sys
 want = dict(line.split("==") for line in pathlib.Path("constraints.txt").read_text().split()
@@ -23,4 +23,14 @@ if off:
 import retouch, torch, diffusers, transformers  # noqa: E401,F401
 PY
   echo "$want" > "$stamp"
+fi
+# The UI's browser tests drive Debian's Chromium (never a downloaded browser).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium chromium-driver) >/dev/null
+  else
+    echo "scripts/setup.sh: no chromium/chromedriver; the browser tests will be skipped" \
+      "(apt-get install chromium chromium-driver)" >&2
+  fi
 fi

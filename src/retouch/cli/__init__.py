@@ -69,6 +69,13 @@ def _cmd_attention(args) -> None:
         print(f"segment {seg}: {word} ({score:.2f})")
 
 
+def _cmd_ui(args) -> None:
+    from ..app.ui import serve
+
+    print(f"retouch ui: serving on http://{args.host}:{args.port} (Ctrl-C stops)")
+    serve(args.model, port=args.port, host=args.host)
+
+
 def _cmd_bench(args) -> None:
     if args.name not in BENCHMARKS:
         raise ValueError(
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=whole(0), default=0)
     a.add_argument("--out", required=True, help="output folder")
     a.set_defaults(func=_cmd_attention)
+
+    u = sub.add_parser("ui", help="the web UI (Gradio): generate, invert, edit, attention")
+    u.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    u.add_argument("--port", type=whole(1), default=7860)
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    u.set_defaults(func=_cmd_ui)
 
     b = sub.add_parser("bench", help="benchmarks: NAME.json, NAME.md and plots in --out")
     b.add_argument("name", help=f"one of: {', '.join(sorted(BENCHMARKS))}")
