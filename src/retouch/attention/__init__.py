@@ -8,6 +8,7 @@
   self-attention segmentation.
 * :mod:`~retouch.attention.p2p`, :mod:`~retouch.attention.blend` — Prompt-to-Prompt.
 * :mod:`~retouch.attention.mutual` — MasaCtrl and Plug-and-Play.
+* :mod:`~retouch.attention.shared` — shared attention across a batch (StyleAligned).
 """
 
 from retouch.attention.blend import LocalBlend, local_blend
@@ -31,6 +32,7 @@ from retouch.attention.p2p import (
     word_swap,
 )
 from retouch.attention.segment import kmeans, label_segments, segment_self_attention
+from retouch.attention.shared import SharedAttention, adain
 from retouch.attention.sites import (
     BatchLayout,
     Site,
@@ -55,6 +57,8 @@ __all__ = [
     "PlugAndPlay",
     "Reweight",
     "SelfAttentionInjection",
+    "SharedAttention",
+    "adain",
     "Site",
     "StepInfo",
     "attention_control",

@@ -22,6 +22,7 @@ BENCHMARKS = {
     "editing": "retouch.bench.editing",
     "scale": "retouch.bench.scale",
     "guidance": "retouch.bench.guidance",
+    "consistency": "retouch.bench.consistency",
 }
 
 

@@ -1,0 +1,65 @@
+"""Shared attention (StyleAligned) on tiny SD1 and SDXL models and on ToyWorld renders."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from retouch.attention import BatchLayout, SharedAttention, adain, attention_control
+from retouch.recipes.consistency import style_aligned
+
+PROMPTS = ["a red square", "a blue circle", "a green square"]
+
+
+def test_adain_gives_each_row_its_references_statistics():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 2, 16, 4, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(3, 1, 1, 1)
+    out = adain(f, torch.tensor([0, 0, 0]))
+    torch.testing.assert_close(out[0], f[0], rtol=1e-5, atol=1e-5)  # the reference: unchanged
+    for r in (1, 2):
+        torch.testing.assert_close(out[r].mean(-2), f[0].mean(-2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[r].std(-2), f[0].std(-2), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_reference_is_generated_as_it_would_be_alone(kind):
+    model = tiny_model(kind)
+    shared = style_aligned(model, PROMPTS, steps=4, cfg=3.0, seed=1)
+    alone = style_aligned(model, PROMPTS, steps=4, cfg=3.0, seed=1, share=False)
+    assert np.abs(shared[0].astype(int) - alone[0].astype(int)).max() <= 1
+    assert np.abs(shared[1:].astype(int) - alone[1:].astype(int)).max() > 1  # the others move
+
+
+def test_sharing_with_no_weight_on_the_reference_changes_nothing():
+    model = tiny_model("sd1")
+    off = style_aligned(model, PROMPTS, steps=4, cfg=3.0, seed=2, adain_queries=False,
+                        adain_keys=False, score_shift=-1e4)
+    alone = style_aligned(model, PROMPTS, steps=4, cfg=3.0, seed=2, share=False)
+    assert np.abs(off.astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_a_real_reference_follows_its_inversion():
+    from retouch.inversion import invert
+
+    model = tiny_model("sd1")
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    inv = invert(model, image, PROMPTS[0], method="ddim", steps=4, cfg=3.0, progress=False)
+    out = style_aligned(model, PROMPTS, steps=4, cfg=3.0, reference_inversion=inv)
+    want = model.decode(inv.trajectory[-1])[0]
+    assert np.abs(out[0].astype(int) - want.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="invert one image with steps=6"):
+        style_aligned(model, PROMPTS, steps=6, cfg=3.0, reference_inversion=inv)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="score_scale must be a positive number"):
+        SharedAttention(score_scale=0.0)
+    with pytest.raises(ValueError, match="at least one more"):
+        style_aligned(tiny_model("sd1"), ["a red square"])
+    with pytest.raises(ValueError, match="no row has role 'reference'"):
+        from tiny_models import tiny_unet
+
+        unet = tiny_unet("sd1")
+        with attention_control(unet, [SharedAttention()], layout=BatchLayout(("a", "b"))) as s:
+            with torch.no_grad(), s.at_step(0, 500.0, num_steps=1, latent_hw=(8, 8)):
+                unet(torch.zeros(4, 4, 8, 8), 500, encoder_hidden_states=torch.zeros(4, 5, 32))
