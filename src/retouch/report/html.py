@@ -27,6 +27,7 @@ class Section:
     title: str
     text: str = ""
     figures: list[Figure] = field(default_factory=list)
+    see: str = ""  # the benchmark number this section illustrates and how to reproduce it
 
 
 def _png_data(image: np.ndarray, scale: int) -> str:
@@ -54,6 +55,8 @@ def write_gallery(path: Path, title: str, sections: list[Section]) -> Path:
              f"<style>{_STYLE}</style><h1>{html.escape(title)}</h1>"]
     for sec in sections:
         parts.append(f"<h2>{html.escape(sec.title)}</h2><p>{html.escape(sec.text)}</p>")
+        if sec.see:
+            parts.append(f"<p class=see>{html.escape(sec.see)}</p>")
         parts.append("<div class=grid>")
         for fig in sec.figures:
             cls = "" if fig.ok is None else (" class=ok" if fig.ok else " class=bad")
