@@ -49,11 +49,13 @@ def load_components(run: Path, *, ema: bool = True):
     return vae, unet, text, tokenizer, data_scale
 
 
-def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
-    """Write the run's EMA weights as a plain diffusers StableDiffusionPipeline folder."""
+def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = True) -> Path:
+    """Write the run's EMA weights (or with ``ema=False`` its raw weights, e.g. to measure a
+    short pilot that the EMA would still average with its start) as a plain diffusers
+    StableDiffusionPipeline folder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    vae, unet, text, tokenizer, scale = load_components(run)
+    vae, unet, text, tokenizer, scale = load_components(run, ema=ema)
     cfg = json.loads((Path(run) / "config.json").read_text())
     cfg = TrainConfig(**{**cfg, "out": str(run)})
     vae.register_to_config(scaling_factor=scale)
