@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from retouch.attention import BatchLayout, SharedAttention, adain, attention_control
 from retouch.recipes.consistency import style_aligned
+from tiny_models import tiny_model
 
 PROMPTS = ["a red square", "a blue circle", "a green square"]
 

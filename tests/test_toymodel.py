@@ -41,6 +41,22 @@ def test_attention_is_local_on_renders(model):
     assert object_area < 0.1 and mass > 0.5
 
 
+def test_coverage_is_measured_at_every_resolution_and_on_the_recipe_maps(model):
+    """bench toyworld's coverage: soft and threshold IoU per cross-attention resolution (16, 8
+    and the mid block's 4) and for the maps attention_maps returns, object and background
+    words apart."""
+    from retouch.bench.coverage import measure_coverage
+    from retouch.bench.toyworld import benchmark_scenes
+
+    measured = measure_coverage(model, benchmark_scenes(4, extended=True), timesteps=(400,),
+                                recipe_steps=4)
+    assert set(measured) == {"res16", "res8", "res4", "attention_maps"}
+    for where, m in measured.items():
+        assert m["words"] > 0 and m["background_words"] > 0, where
+        for key in ("soft_iou", "threshold_iou", "background_soft_iou"):
+            assert 0.0 <= m[key] <= 1.0, (where, key)
+
+
 @pytest.mark.parametrize("method", ["edict", "bdia", "direct", "ddpm_edit_friendly"])
 def test_exact_inversions_reach_the_vae_ceiling_at_cfg_5(model, method):
     from retouch.inversion import invert, reconstruct

@@ -194,7 +194,8 @@ def test_style_weights_and_cli_defaults():
     parser = build_parser()
     args = parser.parse_args(["toyworld", "train", "--style-weight", "striped=1.5"])
     assert args.style_weight == [("striped", 1.5)]
-    for name in ("seed", "vae_steps", "unet_steps", "batch", "lr", "grounding_weight"):
+    for name in ("seed", "vae_steps", "unet_steps", "batch", "lr", "grounding_weight",
+                 "coverage_loss", "coverage_weight", "partial_captions"):
         assert getattr(args, name) == getattr(TrainConfig, name), name
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld", "train", "--style-weight", "striped"])
@@ -349,3 +350,22 @@ def test_a_killed_training_run_resumes_with_no_lost_or_repeated_step(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bench_headline_names_the_issue_figures():
+    from retouch.bench.toyworld import headline, partial_prompts
+    from retouch.toyworld.scene import parse_caption
+
+    cov = {"attention_maps": {"soft_iou": 0.5, "big_threshold_iou": 0.4,
+                              "background_soft_iou": 0.9}}
+    result = {"coverage": cov, "adherence": {"all": 0.9}, "core_adherence": {"all": 0.95},
+              "partial_adherence": {"all": 0.8}}
+    assert headline(result, extended=True) == {
+        "soft_iou": 0.5, "big_threshold_iou": 0.4, "background_soft_iou": 0.9,
+        "partial_prompts_right": 0.8, "all_right_extended": 0.9, "all_right_core": 0.95}
+    assert headline(result, extended=False)["all_right_core"] == 0.9
+    prompts = partial_prompts(200)
+    assert prompts == partial_prompts(200)  # fixed prompts
+    parsed = [parse_caption(p) for p in prompts]
+    assert any("background" not in p for p in parsed)
+    assert any(all(set(o) == {"shape"} for o in p["objects"]) for p in parsed)  # "a circle"

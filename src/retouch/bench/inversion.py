@@ -30,8 +30,8 @@ import torch
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
-    write_result,
     write_markdown_table,
+    write_result,
 )
 from retouch.metrics import MSE_FLOOR
 

@@ -30,12 +30,12 @@ from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
     loglog_plot,
-    write_result,
     write_markdown_table,
+    write_result,
 )
 from retouch.denoiser import CountedDenoiser
-from retouch.samplers import get_step, sample
 from retouch.grids import discrete_grid, log_snr_grid
+from retouch.samplers import get_step, sample
 from retouch.schedules import Schedule, get_schedule
 
 __all__ = ["run", "NFES"]

@@ -7,33 +7,45 @@
 * seconds_per_image: wall time of generation in batches of 8, divided by the image count;
 * attention_mass: on held-out *renders* noised to t in {200, 400, 600, 800}, the mean share of
   each object noun's cross-attention (16×16 and 8×8 layers, averaged over heads) that falls
-  inside the renderer's mask of that object;
+  inside the renderer's mask of that object (a point at the object's centre scores 1);
+* coverage: on the same renders, how well object nouns' and background words' maps cover their
+  masks (soft IoU, and the IoU of the cells over 0.3 × max; all, big and small objects), per
+  cross-attention resolution and for the maps ``attention_maps`` returns (see
+  :mod:`.coverage`);
+* partial_adherence: prompts that leave attributes out (``PARTIAL_DROP``, e.g. "a blue
+  triangle"): object count and every named attribute right;
 * by_style and core_adherence (extended models only): style and all-attributes accuracy per
   requested fill style, and the adherence on the core vocabulary's prompts.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..metrics import psnr
-from ..toyworld.folder import toyworld_extended
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
 from ..toyworld.configs import MAX_TOKENS
-from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
+from ..toyworld.dataset import PARTIAL_DROP, SceneSet, make_scenes, vocabulary
+from ..toyworld.folder import toyworld_extended
+from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 from ..training.decoder import round_trip_accuracy
 from ..training.grounding import grounding_loss, install_grounding
-from ..toyworld.scene import STYLES, caption, parse_caption
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .coverage import measure_coverage
 
-__all__ = ["run", "benchmark_scenes"]
+__all__ = [
+    "run",
+    "benchmark_scenes",
+    "partial_prompts",
+    "prompt_adherence",
+    "attention_mass",
+    "headline",
+]
 
 ATTRIBUTES = ("color", "shape", "position", "size", "style", "background", "count", "all")
 BENCH_SEED = 1234  # held-out scenes: the training set uses seed 0
@@ -44,6 +56,16 @@ def benchmark_scenes(n: int, *, extended: bool = False) -> SceneSet:
     ``extended``, from the extended vocabulary (top/bottom, outlined/striped)."""
     return make_scenes(n, seed=BENCH_SEED, size=64, mask_size=16, progress=False,
                        **vocabulary(extended))
+
+
+def partial_prompts(n: int, *, extended: bool = False, seed: int = BENCH_SEED + 1) -> list[str]:
+    """``n`` fixed partially specified captions (each of size, colour, position and background
+    left out with probability 1/2) of held-out random scenes."""
+    import random
+
+    rng = random.Random(seed)
+    return [caption(random_scene(rng, **vocabulary(extended)), drop=PARTIAL_DROP, rng=rng).text
+            for _ in range(n)]
 
 
 @torch.no_grad()
@@ -84,10 +106,13 @@ def vae_round_trip(model: PipelineModel, data: SceneSet) -> tuple[float, float]:
     return measured["psnr"], measured["all"]
 
 
-def prompt_adherence(model: PipelineModel, scenes) -> tuple[dict, list[dict], np.ndarray, float]:
+def prompt_adherence(
+    model: PipelineModel, scenes=None, *, prompts: list[str] | None = None
+) -> tuple[dict, list[dict], np.ndarray, float]:
     """(accuracy per attribute, the checker's scores, the images, seconds per image) of one
-    generation per scene's canonical caption (25 DDIM steps, CFG 5, batches of 8)."""
-    prompts = [caption(s).text for s in scenes]
+    generation per scene's canonical caption, or per prompt of ``prompts`` (25 DDIM steps,
+    CFG 5, batches of 8)."""
+    prompts = prompts if prompts is not None else [caption(s).text for s in scenes]
     t0 = time.time()
     images = np.concatenate(
         [
@@ -113,24 +138,28 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     data = benchmark_scenes(n, extended=extended)
     adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes)
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))
+    coverage = measure_coverage(tw, _subset(data, 32 if quick else 64))
+    partial = prompt_adherence(tw, prompts=partial_prompts(n // 2, extended=extended))[0]
     result = {
         "adherence": adherence,
+        "partial_adherence": partial,
         "vae_psnr": round_trip_psnr,
         "vae_checker_all": round_trip_all,
         "seconds_per_image": seconds_per_image,
         "attention_mass": attention_mass(tw, _subset(data, 64)),
+        "coverage": coverage,
     }
     if extended:  # and does the model still follow core-vocabulary prompts?
         result["by_style"] = _by_style(scores, data.scenes)
         result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes)[0]
-    result["headline"] = {
-        "all_right_extended" if extended else "all_right_core": adherence["all"],
-        **({"all_right_core": result["core_adherence"]["all"]} if extended else {}),
-        "attention_mass": result["attention_mass"],
-    }
+    result = {"headline": headline(result, extended=extended), **result}
     write_result(out / "toyworld.json", result)
-    rows = [{"metric": f"{group}.{k}", "value": v}
-            for group in ("adherence", "core_adherence") for k, v in result.get(group, {}).items()]
+    rows = [{"metric": f"headline.{k}", "value": v} for k, v in result["headline"].items()]
+    rows += [{"metric": f"{group}.{k}", "value": v}
+             for group in ("adherence", "partial_adherence", "core_adherence")
+             for k, v in result.get(group, {}).items()]
+    rows += [{"metric": f"coverage.{maps}.{k}", "value": v}
+             for maps, measured in coverage.items() for k, v in measured.items()]
     rows += [{"metric": f"by_style.{style}.{k}", "value": v}
              for style, measured in result.get("by_style", {}).items()
              for k, v in measured.items()]
@@ -143,6 +172,22 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result
+
+
+def headline(result: dict, *, extended: bool) -> dict:
+    """Issue 14's figures: coverage of the maps ``attention_maps`` returns (object words' soft
+    IoU, big objects' 0.3 x max threshold IoU, background words' soft IoU), partially specified
+    prompts all right, and all-attributes adherence on extended and core prompts."""
+    maps = result["coverage"]["attention_maps"]
+    core = result["core_adherence"] if extended else result["adherence"]
+    return {
+        "soft_iou": maps["soft_iou"],
+        "big_threshold_iou": maps["big_threshold_iou"],
+        "background_soft_iou": maps["background_soft_iou"],
+        "partial_prompts_right": result["partial_adherence"]["all"],
+        "all_right_extended": result["adherence"]["all"] if extended else None,
+        "all_right_core": core["all"],
+    }
 
 
 def _by_style(scores: list[dict], scenes) -> dict[str, dict]:

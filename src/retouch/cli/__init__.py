@@ -122,6 +122,9 @@ def _cmd_train(args) -> None:
         batch=args.batch,
         lr=args.lr,
         grounding_weight=args.grounding_weight,
+        coverage_loss=args.coverage_loss,
+        coverage_weight=args.coverage_weight,
+        partial_captions=args.partial_captions,
         init_from=args.init_from,
         extended=args.extended,
         cooldown=tuple(args.cooldown) if args.cooldown else None,
@@ -216,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=whole(1), default=32)
     tr.add_argument("--lr", type=number, default=3e-4)
     tr.add_argument("--grounding-weight", type=number, default=0.1)
+    tr.add_argument("--coverage-loss", choices=("bce", "kl"), default=None,
+                    help="a grounding term asking each word's map to cover its region: bce "
+                         "(TokenCompose's pixel loss) or kl (to the mask-uniform distribution)")
+    tr.add_argument("--coverage-weight", type=number, default=0.0,
+                    help="weight of --coverage-loss (needed with it)")
+    tr.add_argument("--partial-captions", type=number, default=0.0, metavar="SHARE",
+                    help="share of captions that leave out each of size, colour, position and "
+                         "background with probability 1/2")
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.add_argument("--extended", action="store_true",

@@ -49,15 +49,17 @@ def load_components(run: Path, *, ema: bool = True):
     return vae, unet, text, tokenizer, data_scale
 
 
-def export_pipeline(run: Path, dest: Path, *, fp16: bool = True) -> Path:
-    """Write the run's EMA weights as a plain diffusers StableDiffusionPipeline folder."""
+def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = True) -> Path:
+    """Write the run's EMA weights (or with ``ema=False`` its raw weights, e.g. to measure a
+    short pilot that the EMA would still average with its start) as a plain diffusers
+    StableDiffusionPipeline folder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     needed = [Path(run) / name for name in ("config.json", "unet.safetensors")]
     if not all(p.is_file() for p in needed):
         raise FileNotFoundError(f"{run} is not a finished `retouch toyworld train` run (it has "
                                 "no config.json and unet.safetensors); pass a run folder")
-    vae, unet, text, tokenizer, scale = load_components(run)
+    vae, unet, text, tokenizer, scale = load_components(run, ema=ema)
     cfg = json.loads((Path(run) / "config.json").read_text())
     cfg = TrainConfig(**{**cfg, "out": str(run)})
     vae.register_to_config(scaling_factor=scale)

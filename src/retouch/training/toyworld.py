@@ -3,8 +3,11 @@
 The UNet stage adds a token-level grounding loss on cross-attention (TokenCompose, Wang et al.,
 CVPR 2024): for every attribute word, ``-log`` of the share of its cross-attention mass that falls
 inside the region it names (its object's silhouette, or the background), from the renderer's
-masks. It makes word-to-region attention local, which every attention technique relies on. The
-trained model is a plain diffusers/transformers SD pipeline; the loss only exists in training.
+masks. It makes word-to-region attention local, which every attention technique relies on, but a
+point at the region's centre maximises it; ``coverage_loss`` adds a term that asks each map to
+cover its region (TokenCompose's pixel-level BCE, or a KL divergence to the mask-uniform
+distribution; see :mod:`.grounding`). The trained model is a plain diffusers/transformers SD
+pipeline; the losses only exist in training.
 
 Runs are resumable: every ``checkpoint_every`` steps the full state (weights, EMA, optimizer, RNG)
 is written atomically to ``<out>/<stage>.safetensors``; ``resume=True`` continues from it.
@@ -13,6 +16,7 @@ is written atomically to ``<out>/<stage>.safetensors``; ``resume=True`` continue
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +43,7 @@ from .checkpoint import (
     trim_log,
     unprefixed,
 )
-from .grounding import grounding_loss, install_grounding
+from .grounding import COVERAGE_LOSSES, coverage_loss, grounding_loss, install_grounding
 
 __all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weights"]
 
@@ -59,12 +63,17 @@ class TrainConfig:
     ema_decay: float = 0.999  # of the exported (EMA) weights
     cond_dropout: float = 0.1  # whole-caption dropout, for classifier-free guidance
     min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al., 2023)
-    grounding_weight: float = 0.1  # weight of the cross-attention grounding loss
+    grounding_weight: float = 0.1  # weight of the cross-attention grounding (token) loss
+    coverage_loss: str | None = None  # "bce" or "kl": a grounding term asking maps to cover
+    coverage_weight: float = 0.0  # its weight (> 0 exactly when coverage_loss is set)
     grounding_resolutions: tuple[int, ...] = (16, 8)  # latent sides whose attention is grounded
     unet_width: int = 64  # channels of the first UNet block (configs.unet_config)
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
+    # Share of captions that are partially specified: each of size, colour, position and
+    # background is left out with probability 1/2 (dataset.PARTIAL_DROP), as users write them.
+    partial_captions: float = 0.0
     # Relative sampling weight of scenes by fill style (missing styles weigh 1), e.g.
     # {"striped": 1.5} to show the hardest style more often.
     style_weights: dict[str, float] | None = None
@@ -215,6 +224,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             max_tokens=configs.MAX_TOKENS,
             cond_dropout=cfg.cond_dropout,
             solid_word=cfg.solid_word if cfg.extended else 0.0,
+            partial=cfg.partial_captions,
         )
         ids = tokenizer(
             caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
@@ -229,8 +239,14 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         snr = a.flatten() / (1 - a.flatten())
         weight = snr.clamp(max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for eps prediction
         mse = (weight * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
-        g_loss, mass = grounding_loss(store, data.masks[idx].to(dev), caps.region.to(dev))
+        masks, region = data.masks[idx].to(dev), caps.region.to(dev)
+        g_loss, mass = grounding_loss(store, masks, region)
         loss = mse + cfg.grounding_weight * g_loss
+        logged = {"mse": mse, "ground": g_loss, "mass": mass}
+        if cfg.coverage_loss is not None:
+            c_loss, soft_iou = coverage_loss(store, masks, region, cfg.coverage_loss)
+            loss = loss + cfg.coverage_weight * c_loss
+            logged |= {"cover": c_loss, "soft_iou": soft_iou}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,7 +258,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         step += 1
         bar.update(1)
-        for k, v in {"mse": mse.item(), "ground": g_loss.item(), "mass": mass.item()}.items():
+        for k, v in ((k, v.item()) for k, v in logged.items()):
             running[k] = 0.98 * running.get(k, v) + 0.02 * v
         if step % cfg.log_every == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
@@ -277,6 +293,26 @@ def _check_style_weights(style_weights: dict[str, float] | None) -> None:
                          f"got {style_weights}")
 
 
+def _check_loss_options(cfg: TrainConfig) -> None:
+    """Refuse loss weights that are negative or not finite, and a coverage weight without its
+    loss (or the reverse), before any work."""
+    for flag, value in (("--grounding-weight", cfg.grounding_weight),
+                        ("--coverage-weight", cfg.coverage_weight)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} {value}: a loss weight must be a finite number >= 0; "
+                             f"pass e.g. {flag} 0.1 (0 turns the term off)")
+    if cfg.coverage_loss is not None and cfg.coverage_loss not in COVERAGE_LOSSES:
+        raise ValueError(f"--coverage-loss {cfg.coverage_loss}: unknown loss; pass one of "
+                         f"{', '.join(COVERAGE_LOSSES)}")
+    if (cfg.coverage_loss is None) != (cfg.coverage_weight == 0):
+        raise ValueError(f"--coverage-loss {cfg.coverage_loss} with --coverage-weight "
+                         f"{cfg.coverage_weight}: the coverage term needs both a loss and a "
+                         "weight > 0; pass both (e.g. --coverage-loss kl --coverage-weight 0.02) "
+                         "or neither")
+    if not 0 <= cfg.partial_captions <= 1:
+        raise ValueError(f"--partial-captions {cfg.partial_captions}: a share must be in [0, 1]")
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """UNet-stage learning rate at ``step``: linear warm-up, constant, and with ``cooldown``
     a linear decay to 0 at its end."""
@@ -303,6 +339,10 @@ def _tokenizer(out: Path):
     return CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
 
 
+# Options a resumed run must keep, with the value a run recorded before the option existed.
+_RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "text_layers": False,
+             "extended": False, "coverage_loss": None, "coverage_weight": 0.0,
+             "partial_captions": 0.0}
 _RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors")
 
 
@@ -312,6 +352,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     if cfg.cooldown is not None and not 0 <= cfg.cooldown[0] < cfg.cooldown[1]:
         raise ValueError(f"cooldown needs 0 <= START < END, got {cfg.cooldown}")
     _check_style_weights(cfg.style_weights)  # before hours of rendering and VAE training
+    _check_loss_options(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
@@ -321,11 +362,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
                          "continue it, or choose a new --out")
     if resume and cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
-        for key in ("seed", "dataset_size", "unet_width", "text_layers", "extended"):
-            if saved.get(key, False) != getattr(cfg, key):
+        for key, before in _RECORDED.items():
+            if saved.get(key, before) != getattr(cfg, key):
                 raise ValueError(
                     f"--resume with {key}={getattr(cfg, key)} but the run in {out} used "
-                    f"{saved.get(key, False)}; pass the same value or start a new --out"
+                    f"{saved.get(key, before)}; pass the same value or start a new --out"
                 )
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     tokenizer = _tokenizer(out)
