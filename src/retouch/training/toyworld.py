@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..losses import denoising_loss, noisy
 from ..metrics import psnr
+from ..schedules import Schedule
 from ..toyworld import configs
 from ..toyworld.dataset import SceneSet, caption_batch, make_scenes, vocabulary
 from ..toyworld.scene import STYLES, VOCABULARY
@@ -179,7 +181,6 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, progress=True):
     """Joint UNet + text-encoder training on cached latents with min-SNR and grounding losses."""
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     out, dev = Path(cfg.out), _device()
@@ -188,8 +189,7 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    noise_sched = DDPMScheduler(**_ddpm_kwargs())
-    abar = noise_sched.alphas_cumprod.to(dev)
+    schedule = Schedule.from_diffusers_config(_ddpm_kwargs())
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     py_rng = random.Random(cfg.seed + 3)
     step = 0
@@ -231,14 +231,12 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         ).input_ids.to(dev)
         x0 = latents[idx].to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.randint(0, len(abar), (cfg.batch,), generator=gen).to(dev)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=gen)
+        xt = noisy(schedule, x0, eps, t.double())
         store.clear()
-        pred = unet(xt, t, encoder_hidden_states=text(ids).last_hidden_state).sample
-        snr = a.flatten() / (1 - a.flatten())
-        weight = snr.clamp(max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for eps prediction
-        mse = (weight * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
+        pred = unet(xt, t.to(dev), encoder_hidden_states=text(ids).last_hidden_state).sample
+        mse = denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
+                             weighting="min_snr", gamma=cfg.min_snr_gamma)
         masks, region = data.masks[idx].to(dev), caps.region.to(dev)
         g_loss, mass = grounding_loss(store, masks, region)
         loss = mse + cfg.grounding_weight * g_loss
