@@ -21,7 +21,13 @@ from retouch.attention.control import (
     StepInfo,
     attention_control,
 )
-from retouch.attention.maps import AttentionStore, resize_maps, save_heatmaps, token_heatmaps
+from retouch.attention.maps import (
+    AttentionStore,
+    MapRecorder,
+    resize_maps,
+    save_heatmaps,
+    token_heatmaps,
+)
 from retouch.attention.mutual import MutualSelfAttention, PlugAndPlay
 from retouch.attention.p2p import (
     CrossAttentionInjection,
@@ -53,6 +59,7 @@ __all__ = [
     "Controller",
     "CrossAttentionInjection",
     "LocalBlend",
+    "MapRecorder",
     "MutualSelfAttention",
     "PlugAndPlay",
     "Reweight",

@@ -22,7 +22,8 @@ from torch import Tensor
 from retouch.attention.control import AttnCall, Controller
 from retouch.attention.sites import Site, Window, in_window
 
-__all__ = ["AttentionStore", "resize_maps", "token_heatmaps", "save_heatmaps", "colorize"]
+__all__ = [
+    "MapRecorder","AttentionStore", "resize_maps", "token_heatmaps", "save_heatmaps", "colorize"]
 
 
 def resize_maps(maps: Tensor, hw: tuple[int, int], size: int) -> Tensor:
@@ -132,6 +133,40 @@ class AttentionStore(Controller):
         """Forget the stored maps."""
         self.sums.clear()
         self.counts = {k: 0 for k in self.kinds}
+
+
+class MapRecorder(Controller):
+    """Keeps every selected call's head-averaged attention probabilities (B, N, M) in ``maps``,
+    with their gradients when the call has them (training losses on attention, self-guidance).
+    Nothing is pooled or resized; :meth:`clear` before each model call."""
+
+    uses_probs = True
+    rewrites = False  # reads the maps only
+
+    def __init__(self, *, kinds: Collection[str] = ("cross",),
+                 resolutions: Collection[int] | None = None,
+                 places: Collection[str] = ("down", "mid", "up")):
+        self.kinds = tuple(kinds)  # which attention maps to keep
+        self.resolutions = None if resolutions is None else set(resolutions)  # site resolutions
+        self.places = tuple(places)  # UNet parts to read
+        self.maps: list[Tensor] = []  # (B, N, M) per selected call, in forward order
+
+    def select(self, site: Site) -> bool:
+        return (site.kind in self.kinds and site.place in self.places
+                and (self.resolutions is None or site.resolution in self.resolutions))
+
+    def missing_sites_message(self) -> str:
+        res = "any resolution" if self.resolutions is None else (
+            "resolution " + ", ".join(map(str, sorted(self.resolutions))))
+        return (f"MapRecorder wants {'/'.join(self.kinds)}-attention at {res}, which this model "
+                "lacks")
+
+    def probs(self, call: AttnCall, p: Tensor) -> Tensor:
+        self.maps.append(p.mean(1))
+        return p
+
+    def clear(self) -> None:
+        self.maps.clear()
 
 
 def token_heatmaps(

@@ -110,31 +110,27 @@ def _score(maps, masks: torch.Tensor, scenes, *, side: int) -> dict:
 def _per_resolution(model, data, timesteps) -> dict[int, torch.Tensor]:
     """Head-, layer- and time-averaged cross maps (B, S, S, T) per UNet attention resolution."""
     from ..toyworld.scene import caption
-    from ..training.grounding import install_grounding
+    from ..training.grounding import grounded
 
     unet = model.unet
-    saved = dict(unet.attn_processors)
     size = unet.config.sample_size
-    store = install_grounding(unet, tuple(size // 2**i for i in range(len(unet.down_blocks))))
-    try:
-        emb = model.encode_prompt([caption(s).text for s in data.scenes])
-        x0 = model.encode_image(data.images)
-        gen = torch.Generator().manual_seed(0)
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
+    emb = model.encode_prompt([caption(s).text for s in data.scenes])
+    x0 = model.encode_image(data.images)
+    gen = torch.Generator().manual_seed(0)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    resolutions = tuple(size // 2**i for i in range(len(unet.down_blocks)))
+    with grounded(unet, resolutions, rows=len(data.scenes)) as (store, forward):
         for t in timesteps:
             eps = torch.randn(x0.shape, generator=gen).to(x0)
             alpha, sigma = model.schedule.coeffs(float(t))
-            store.clear()
-            unet(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
+            forward(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
             for probs in store:  # (B, N, T)
                 side = int(round(probs.shape[1] ** 0.5))
                 grid = probs.float().reshape(probs.shape[0], side, side, -1)
                 sums[side] = sums[side] + grid if side in sums else grid
                 counts[side] = counts.get(side, 0) + 1
-        return {side: sums[side] / counts[side] for side in sorted(sums, reverse=True)}
-    finally:
-        unet.set_attn_processor(saved)
+    return {side: sums[side] / counts[side] for side in sorted(sums, reverse=True)}
 
 
 def _recipe_maps(model, data, *, steps: int, cfg: float) -> dict[tuple[int, int], torch.Tensor]:

@@ -34,7 +34,7 @@ from ..toyworld.dataset import PARTIAL_DROP, SceneSet, make_scenes, vocabulary
 from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 from ..training.decoder import round_trip_accuracy
-from ..training.grounding import grounding_loss, install_grounding
+from ..training.grounding import grounded, grounding_loss
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 from .coverage import measure_coverage
 
@@ -71,30 +71,24 @@ def partial_prompts(n: int, *, extended: bool = False, seed: int = BENCH_SEED + 
 @torch.no_grad()
 def attention_mass(model: PipelineModel, data, *, timesteps=(200, 400, 600, 800)) -> float:
     """Mean share of object nouns' cross-attention inside their objects (see module doc)."""
-    unet = model.unet
-    saved = dict(unet.attn_processors)
-    store = install_grounding(unet, (16, 8))
-    try:
-        texts, regions = [], torch.full((len(data), MAX_TOKENS), -1)
-        for b, scene in enumerate(data.scenes):
-            cap = caption(scene)
-            texts.append(cap.text)
-            for i, role in enumerate(cap.roles):
-                if role is not None and role[1] == "shape":
-                    regions[b, i + 1] = role[0]
-        emb = model.encode_prompt(texts)
-        x0 = model.encode_image(data.images)
-        gen = torch.Generator().manual_seed(0)
-        masses = []
+    texts, regions = [], torch.full((len(data), MAX_TOKENS), -1)
+    for b, scene in enumerate(data.scenes):
+        cap = caption(scene)
+        texts.append(cap.text)
+        for i, role in enumerate(cap.roles):
+            if role is not None and role[1] == "shape":
+                regions[b, i + 1] = role[0]
+    emb = model.encode_prompt(texts)
+    x0 = model.encode_image(data.images)
+    gen = torch.Generator().manual_seed(0)
+    masses = []
+    with grounded(model.unet, (16, 8), rows=len(data)) as (store, forward):
         for t in timesteps:
             eps = torch.randn(x0.shape, generator=gen).to(x0)
             alpha, sigma = model.schedule.coeffs(float(t))
-            store.clear()
-            unet(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
+            forward(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
             masses.append(grounding_loss(store, data.masks.to(x0), regions.to(x0.device))[1])
-        return float(torch.stack(masses).mean())
-    finally:
-        unet.set_attn_processor(saved)
+    return float(torch.stack(masses).mean())
 
 
 @torch.no_grad()

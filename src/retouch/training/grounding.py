@@ -1,25 +1,28 @@
 """Grounding of cross-attention for training (TokenCompose, Wang et al., CVPR 2024).
 
-A training-only attention processor keeps the head-averaged cross-attention probabilities of
-chosen layers. ``grounding_loss`` (TokenCompose's token loss) asks each attribute word's
-attention to fall inside the region it names; a point at the region's centre satisfies it fully.
+:func:`grounded` records the head-averaged cross-attention probabilities of chosen layers
+through :mod:`retouch.attention` (a :class:`~retouch.attention.MapRecorder`, gradients kept).
+``grounding_loss`` (TokenCompose's token loss) asks each attribute word's attention to fall
+inside the region it names; a point at the region's centre satisfies it fully.
 ``coverage_loss`` asks the map to *cover* the region: TokenCompose's pixel loss (binary
-cross-entropy between the map scaled to max 1 and the mask, per layer), or the KL divergence from
-the mask-uniform distribution ``q = m / sum(m)`` to the map. ToyWorld's renderer gives the
-regions for free. At inference the model is a plain diffusers UNet; the general attention layer
-lives in :mod:`retouch.attention`.
+cross-entropy between the map scaled to max 1 and the mask, per layer), or the KL divergence
+from the mask-uniform distribution ``q = m / sum(m)`` to the map. ToyWorld's renderer gives the
+regions for free. At inference the model is a plain diffusers UNet.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
+from ..attention import BatchLayout, MapRecorder, attention_control
+
 __all__ = [
-    "GroundingProcessor",
-    "install_grounding",
+    "grounded",
     "grounding_loss",
     "coverage_loss",
     "COVERAGE_LOSSES",
@@ -28,44 +31,24 @@ __all__ = [
 COVERAGE_LOSSES = ("bce", "kl")  # coverage_loss kinds
 
 
-class GroundingProcessor:
-    """Cross-attention that also keeps its head-averaged probabilities (B, N, T) for the loss."""
+@contextmanager
+def grounded(unet, resolutions: Collection[int], *, rows: int) -> Iterator[tuple[list, Callable]]:
+    """Record the cross-attention maps of ``unet`` at the given resolutions (down, mid and up
+    blocks) through :mod:`retouch.attention`'s one processor, for calls of ``rows`` rows.
 
-    def __init__(self, store: list):
-        self.store = store
+    Yields ``(maps, forward)``: ``forward(x, t, **kw)`` runs the UNet, and ``maps`` then holds
+    each recorded call's head-averaged probabilities (B, N, T), with gradients when the call has
+    them. The previous processors are restored on exit.
+    """
+    recorder = MapRecorder(kinds=("cross",), resolutions=resolutions)
+    layout = BatchLayout(("image",) * rows, ("cond",))
+    with attention_control(unet, [recorder], layout=layout) as session:
+        def forward(x, t, **kw):
+            recorder.clear()
+            with session.at_step(0, 0.0, num_steps=1, latent_hw=x.shape[-2:]):  # no sampling
+                return unet(x, t, **kw)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        b = hidden_states.shape[0]
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
-        self.store.append(probs.view(b, attn.heads, *probs.shape[1:]).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def install_grounding(unet, resolutions: tuple[int, ...]) -> list:
-    """Route cross-attention at the given latent resolutions through GroundingProcessor (the
-    mid block's too, if its resolution is listed)."""
-    store: list = []
-    size = unet.config.sample_size
-    procs = dict(unet.attn_processors)
-    depth = {
-        "down_blocks": lambda i: i,
-        "up_blocks": lambda i: len(unet.up_blocks) - 1 - i,
-        "mid_block": lambda i: len(unet.down_blocks) - 1,
-    }
-    for name in procs:
-        parts = name.split(".")
-        if not name.endswith("attn2.processor") or parts[0] not in depth:
-            continue
-        index = int(parts[1]) if parts[1].isdigit() else 0
-        res = size // 2 ** depth[parts[0]](index)
-        if res in resolutions:
-            procs[name] = GroundingProcessor(store)
-    unet.set_attn_processor(procs)
-    return store
+        yield recorder.maps, forward
 
 
 def grounding_loss(store: list, masks: torch.Tensor, region: torch.Tensor):

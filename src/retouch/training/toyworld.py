@@ -45,7 +45,7 @@ from .checkpoint import (
     trim_log,
     unprefixed,
 )
-from .grounding import COVERAGE_LOSSES, coverage_loss, grounding_loss, install_grounding
+from .grounding import COVERAGE_LOSSES, coverage_loss, grounded, grounding_loss
 
 __all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weights"]
 
@@ -207,72 +207,71 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         step = meta["step"]
     if resume:
         trim_log(out, "unet", step)
-    store = install_grounding(unet, cfg.grounding_resolutions)
     last = cfg.unet_steps if cfg.cooldown is None else min(cfg.unet_steps, cfg.cooldown[1])
     bar = tqdm(total=last, initial=step, desc="unet", disable=not progress)
     running: dict[str, float] = {}
     t0 = time.time()
     weights = scene_weights(data, cfg.style_weights)
-    while step < last:
-        if weights is None:
-            idx = torch.randint(len(data), (cfg.batch,), generator=gen)
-        else:
-            idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
-        caps = caption_batch(
-            [data.scenes[i] for i in idx.tolist()],
-            rng=py_rng,
-            max_tokens=configs.MAX_TOKENS,
-            cond_dropout=cfg.cond_dropout,
-            solid_word=cfg.solid_word if cfg.extended else 0.0,
-            partial=cfg.partial_captions,
-        )
-        ids = tokenizer(
-            caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
-        ).input_ids.to(dev)
-        x0 = latents[idx].to(dev)
-        eps = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=gen)
-        xt = noisy(schedule, x0, eps, t.double())
-        store.clear()
-        pred = unet(xt, t.to(dev), encoder_hidden_states=text(ids).last_hidden_state).sample
-        mse = denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
-                             weighting="min_snr", gamma=cfg.min_snr_gamma)
-        masks, region = data.masks[idx].to(dev), caps.region.to(dev)
-        g_loss, mass = grounding_loss(store, masks, region)
-        loss = mse + cfg.grounding_weight * g_loss
-        logged = {"mse": mse, "ground": g_loss, "mass": mass}
-        if cfg.coverage_loss is not None:
-            c_loss, soft_iou = coverage_loss(store, masks, region, cfg.coverage_loss)
-            loss = loss + cfg.coverage_weight * c_loss
-            logged |= {"cover": c_loss, "soft_iou": soft_iou}
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        step += 1
-        bar.update(1)
-        for k, v in ((k, v.item()) for k, v in logged.items()):
-            running[k] = 0.98 * running.get(k, v) + 0.02 * v
-        if step % cfg.log_every == 0:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-            append_log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
-                       **running})
-        if step % cfg.checkpoint_every == 0 or step == last:
-            tensors, groups = optimizer_tensors(opt)
-            state = {
-                **prefixed("unet", unet.state_dict()),
-                **prefixed("text", text.state_dict()),
-                **{f"ema.{i}": e for i, e in enumerate(ema)},
-                **prefixed("opt", tensors),
-                "rng": gen.get_state(),
-            }
-            meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
-            atomic_save(state, ckpt, meta)
+    with grounded(unet, cfg.grounding_resolutions, rows=cfg.batch) as (store, forward):
+        while step < last:
+            if weights is None:
+                idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+            else:
+                idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
+            caps = caption_batch(
+                [data.scenes[i] for i in idx.tolist()],
+                rng=py_rng,
+                max_tokens=configs.MAX_TOKENS,
+                cond_dropout=cfg.cond_dropout,
+                solid_word=cfg.solid_word if cfg.extended else 0.0,
+                partial=cfg.partial_captions,
+            )
+            ids = tokenizer(
+                caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
+            ).input_ids.to(dev)
+            x0 = latents[idx].to(dev)
+            eps = torch.randn(x0.shape, generator=gen).to(dev)
+            t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=gen)
+            xt = noisy(schedule, x0, eps, t.double())
+            pred = forward(xt, t.to(dev), encoder_hidden_states=text(ids).last_hidden_state).sample
+            mse = denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
+                                 weighting="min_snr", gamma=cfg.min_snr_gamma)
+            masks, region = data.masks[idx].to(dev), caps.region.to(dev)
+            g_loss, mass = grounding_loss(store, masks, region)
+            loss = mse + cfg.grounding_weight * g_loss
+            logged = {"mse": mse, "ground": g_loss, "mass": mass}
+            if cfg.coverage_loss is not None:
+                c_loss, soft_iou = coverage_loss(store, masks, region, cfg.coverage_loss)
+                loss = loss + cfg.coverage_weight * c_loss
+                logged |= {"cover": c_loss, "soft_iou": soft_iou}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            opt.step()
+            with torch.no_grad():
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            step += 1
+            bar.update(1)
+            for k, v in ((k, v.item()) for k, v in logged.items()):
+                running[k] = 0.98 * running.get(k, v) + 0.02 * v
+            if step % cfg.log_every == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+                append_log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
+                           **running})
+            if step % cfg.checkpoint_every == 0 or step == last:
+                tensors, groups = optimizer_tensors(opt)
+                state = {
+                    **prefixed("unet", unet.state_dict()),
+                    **prefixed("text", text.state_dict()),
+                    **{f"ema.{i}": e for i, e in enumerate(ema)},
+                    **prefixed("opt", tensors),
+                    "rng": gen.get_state(),
+                }
+                meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
+                atomic_save(state, ckpt, meta)
     bar.close()
 
 
