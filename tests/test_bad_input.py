@@ -70,41 +70,44 @@ def test_non_finite_cfg_is_refused_by_every_command(value, refused, scene_png, t
     image, prompt = scene_png
     out = tmp_path / "out"
     rule, cfg = f"argument --cfg: {value} is not a finite number", f"--cfg={value}"
-    refused(["invert", image, "--prompt", prompt, cfg, "--out", out], rule)
-    refused(["generate", prompt, cfg, "--out", out / "g.png"], rule)
-    refused(["edit", image, "--source", prompt, "--target", prompt, cfg, "--out", out], rule)
-    refused(["attention", "--prompt", prompt, cfg, "--out", out], rule)
-    refused(["toyworld", "train", f"--lr={value}", "--out", out], "argument --lr")
+    assert refused(["invert", image, "--prompt", prompt, cfg, "--out", out], rule)
+    assert refused(["generate", prompt, cfg, "--out", out / "g.png"], rule)
+    assert refused(["edit", image, "--source", prompt, "--target", prompt, cfg, "--out", out], rule)
+    assert refused(["attention", "--prompt", prompt, cfg, "--out", out], rule)
+    assert refused(["toyworld", "train", f"--lr={value}", "--out", out], "argument --lr")
 
 
 def test_bad_counts_and_fractions_are_refused(refused, scene_png, tmp_path):
     image, prompt = scene_png
     out = tmp_path / "out"
-    refused(["generate", prompt, "--steps", "0", "--out", out / "g.png"],
+    assert refused(["generate", prompt, "--steps", "0", "--out", out / "g.png"],
             "--steps: must be at least 1, got 0")
-    refused(["generate", prompt, "--n", "two", "--out", out / "g.png"], "'two' is not a whole")
-    refused(["edit", image, "--source", prompt, "--target", prompt, "--editor", "sdedit",
+    assert refused(["generate", prompt, "--n", "two", "--out", out / "g.png"],
+                   "'two' is not a whole")
+    assert refused(["edit", image, "--source", prompt, "--target", prompt, "--editor", "sdedit",
              "--strength", "1.5", "--out", out], "--strength: 1.5 is not in [0, 1]")
-    refused(["bench", "editing", "--steps", "1", "--out", out], "--steps: must be at least 2")
-    refused(["bench", "nosuch", "--out", out], "unknown benchmark 'nosuch'", "valid:")
+    assert refused(["bench", "editing", "--steps", "1", "--out", out],
+                   "--steps: must be at least 2")
+    assert refused(["bench", "nosuch", "--out", out], "unknown benchmark 'nosuch'", "valid:")
 
 
 def test_editor_options_and_names_are_checked_before_any_work(refused, scene_png, tmp_path):
     image, prompt = scene_png
     edit = ["edit", image, "--source", prompt, "--target", prompt, "--out", tmp_path / "e"]
-    refused([*edit, "--option", "cross_steps=nan"], "p2p option cross_steps must be a fraction",
+    assert refused([*edit, "--option", "cross_steps=nan"],
+                   "p2p option cross_steps must be a fraction",
             "got 'nan'")
-    refused([*edit, "--option", "cross_steps=2"], "0 <= start <= end <= 1, got 2")
-    refused([*edit, "--option", "blend_dilation=-1"], "blend_dilation must be at least 0")
-    refused([*edit, "--editor", "masactrl", "--option", "start_step=x"],
+    assert refused([*edit, "--option", "cross_steps=2"], "0 <= start <= end <= 1, got 2")
+    assert refused([*edit, "--option", "blend_dilation=-1"], "blend_dilation must be at least 0")
+    assert refused([*edit, "--editor", "masactrl", "--option", "start_step=x"],
             "start_step must be a whole number")
-    refused([*edit, "--option", "nosuch=1"], "takes no option nosuch", "its options:")
-    refused(["generate", prompt, "--sampler", "nosuch", "--out", tmp_path / "g.png"],
+    assert refused([*edit, "--option", "nosuch=1"], "takes no option nosuch", "its options:")
+    assert refused(["generate", prompt, "--sampler", "nosuch", "--out", tmp_path / "g.png"],
             "unknown sampler 'nosuch'", "ddim")
-    refused(["toyworld", "export", tmp_path / "norun", "--dest", tmp_path / "x"],
+    assert refused(["toyworld", "export", tmp_path / "norun", "--dest", tmp_path / "x"],
             "is not a finished `retouch toyworld train` run")
     (tmp_path / "afile").write_text("x")
-    refused(["toyworld", "train", "--out", tmp_path / "afile"], "is a file")
+    assert refused(["toyworld", "train", "--out", tmp_path / "afile"], "is a file")
 
 
 def _inversion_file(tiny_toy_pipeline, scene_png, tmp_path) -> Path:
@@ -132,13 +135,14 @@ def test_a_non_finite_inversion_file_is_refused(tiny_toy_pipeline, refused, scen
     bad = tmp_path / "nan.safetensors"
     save_file(tensors, bad, metadata=meta)
     common = ["--model", tiny_toy_pipeline, "--prompt", prompt, "--out", tmp_path / "again"]
-    refused(["invert", image, "--from-inversion", bad, *common],
+    assert refused(["invert", image, "--from-inversion", bad, *common],
             "trajectory holds 1 non-finite value", "invert the image again")
     doc = json.loads(meta[_META_KEY])
     save_file(load_file(saved), bad, metadata={_META_KEY: json.dumps({**doc, "cfg": float("inf")})})
-    refused(["invert", image, "--from-inversion", bad, *common], "its cfg is inf")
+    assert refused(["invert", image, "--from-inversion", bad, *common], "its cfg is inf")
     save_file(load_file(saved), bad, metadata={_META_KEY: "{not json"})
-    refused(["invert", image, "--from-inversion", bad, *common], "metadata is not valid JSON")
+    assert refused(["invert", image, "--from-inversion", bad, *common],
+                   "metadata is not valid JSON")
 
 
 # --- output paths and inputs -----------------------------------------------------------------
@@ -150,15 +154,16 @@ def test_output_paths_are_checked_before_any_work(refused, scene_png, tmp_path):
     folder.mkdir()
     afile = tmp_path / "afile.txt"
     afile.write_text("keep me")
-    refused(["generate", prompt, "--out", folder], f"--out {folder} is a folder")
-    refused(["generate", prompt, "--out", tmp_path / "gen.xyz"], ".xyz is not an image format",
+    assert refused(["generate", prompt, "--out", folder], f"--out {folder} is a folder")
+    assert refused(["generate", prompt, "--out", tmp_path / "gen.xyz"],
+                   ".xyz is not an image format",
             ".png")
-    refused(["generate", prompt, "--out", tmp_path / "gen"], "no extension")
-    refused(["generate", prompt, "--out", afile / "gen.png"], "is a file, not a folder")
+    assert refused(["generate", prompt, "--out", tmp_path / "gen"], "no extension")
+    assert refused(["generate", prompt, "--out", afile / "gen.png"], "is a file, not a folder")
     for command in (["invert", image, "--prompt", prompt], ["attention", "--prompt", prompt],
                     ["edit", image, "--source", prompt, "--target", prompt], ["demo"],
                     ["bench", "samplers"]):
-        refused([*command, "--out", afile], f"--out {afile} is a file")
+        assert refused([*command, "--out", afile], f"--out {afile} is a file")
     assert afile.read_text() == "keep me"
 
 
@@ -166,13 +171,13 @@ def test_no_command_writes_over_its_input(refused, scene_png):
     image, prompt = scene_png
     named = image.parent / "input.png"
     shutil.copy(image, named)
-    refused(["invert", named, "--prompt", prompt, "--out", named.parent],
+    assert refused(["invert", named, "--prompt", prompt, "--out", named.parent],
             f"would overwrite the input {named}", "choose another --out")
-    refused(["edit", named, "--source", prompt, "--target", prompt, "--out", named.parent],
+    assert refused(["edit", named, "--source", prompt, "--target", prompt, "--out", named.parent],
             "would overwrite the input")
     heat = image.parent / "heatmaps.png"
     shutil.copy(image, heat)
-    refused(["attention", "--prompt", prompt, "--image", heat, "--out", heat.parent],
+    assert refused(["attention", "--prompt", prompt, "--image", heat, "--out", heat.parent],
             "would overwrite the input")
 
 
@@ -225,13 +230,14 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
                            lambda f: (f / "model_index.json").write_text("[1,"))
     out = tmp_path / "out"
     invert = ["invert", image, "--prompt", prompt, "--out", out, "--model"]
-    refused([*invert, sd3], "StableDiffusion3Pipeline folder (SD3)",
+    assert refused([*invert, sd3], "StableDiffusion3Pipeline folder (SD3)",
             "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL)")
-    refused([*invert, odd], "unknown class 'MyPipeline'")
-    refused([*invert, bad_toy], "toyworld.json (ToyWorld model description) is not valid JSON")
-    refused([*invert, bad_index], "model_index.json (pipeline index) is not valid JSON")
-    refused([*invert, image], "is a file; pass the diffusers folder")
-    refused(["generate", prompt, "--out", out / "g.png", "--model", sd3], "(SD3)")
+    assert refused([*invert, odd], "unknown class 'MyPipeline'")
+    assert refused([*invert, bad_toy],
+                   "toyworld.json (ToyWorld model description) is not valid JSON")
+    assert refused([*invert, bad_index], "model_index.json (pipeline index) is not valid JSON")
+    assert refused([*invert, image], "is a file; pass the diffusers folder")
+    assert refused(["generate", prompt, "--out", out / "g.png", "--model", sd3], "(SD3)")
     assert not out.exists()
 
 
@@ -240,9 +246,9 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
 
 def test_prompts_are_never_truncated_silently(tiny_toy_pipeline, refused, tmp_path):
     long = " and ".join(["a big red circle on the left"] * 12)
-    refused(["generate", long, "--model", tiny_toy_pipeline, "--out", tmp_path / "g.png"],
+    assert refused(["generate", long, "--model", tiny_toy_pipeline, "--out", tmp_path / "g.png"],
             "tokens with BOS/EOS", "reads at most", "shorten it")
-    refused(["generate", "a cat dog", "--model", tiny_toy_pipeline,
+    assert refused(["generate", "a cat dog", "--model", tiny_toy_pipeline,
              "--out", tmp_path / "g.png"], "does not know the word(s) cat, dog")
 
 
@@ -253,9 +259,9 @@ def test_bad_image_files_are_refused(tiny_toy_pipeline, refused, scene_png, tmp_
     junk = tmp_path / "images" / "junk.png"
     junk.write_text("not an image")
     common = ["--prompt", prompt, "--model", tiny_toy_pipeline, "--out", tmp_path / "out"]
-    refused(["invert", wide, *common], "the image is 32x16", "crop it to a square")
-    refused(["invert", junk, *common], f"cannot read {junk} as an image")
-    refused(["invert", tmp_path / "missing.png", *common], "no image at")
+    assert refused(["invert", wide, *common], "the image is 32x16", "crop it to a square")
+    assert refused(["invert", junk, *common], f"cannot read {junk} as an image")
+    assert refused(["invert", tmp_path / "missing.png", *common], "no image at")
 
 
 def test_a_16_bit_image_is_scaled_not_clipped():

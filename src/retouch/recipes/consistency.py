@@ -13,28 +13,16 @@ Sec. 4.3: DDIM-inverted reference latents replace the reference row at each step
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..attention import BatchLayout, SharedAttention, attention_control, guidance_halves
 from ..checks import count, finite, prompt_list
-from ..samplers import StepContext, get_step, sample, start_latents
+from ..samplers import get_step, sample, start_latents
+from ..samplers.callbacks import pin_row
 
 __all__ = ["style_aligned"]
-
-
-def _pin_reference(trajectory: Tensor) -> Callable[[StepContext], Tensor]:
-    """After step i, row 0 is the reference's inverted latent at t_{i+1}."""
-
-    def pin(ctx: StepContext) -> Tensor:
-        x = ctx.x.clone()
-        x[0] = trajectory[ctx.i + 1].reshape(x.shape[1:]).to(x)
-        return x
-
-    return pin
 
 
 def style_aligned(
@@ -74,7 +62,7 @@ def style_aligned(
                              f"{reference_inversion.batch} image(s); invert one image with "
                              f"steps={steps}")
         x[0] = traj[0][0].to(x)
-        callbacks.append(_pin_reference(traj[:, 0]))
+        callbacks.append(pin_row(traj[:, 0]))
     den = model.denoiser(prompts, cfg=cfg)
     layout = BatchLayout(("reference",) + ("image",) * (len(prompts) - 1), guidance_halves(den))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:

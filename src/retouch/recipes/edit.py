@@ -46,6 +46,7 @@ from ..attention import (
 )
 from ..checks import count, finite
 from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
+from ..samplers.callbacks import pin_row
 from .editors import EDITORS, check_editor
 
 __all__ = [
@@ -80,17 +81,6 @@ def _start_latents(model, start: Tensor | None, seed: int, times) -> Tensor:
     noise = torch.randn(model.latent_shape(1), generator=torch.Generator().manual_seed(seed))
     x = start_latents(model.schedule, float(times[0]), noise)
     return x.expand(2, *noise.shape[1:]).to(model.device)
-
-
-def _pin_source(trajectory: Sequence[Tensor]) -> Callable[[StepContext], Tensor]:
-    """Callback: after step i, the source row is the given trajectory's latent at t_{i+1}."""
-
-    def pin(ctx: StepContext) -> Tensor:
-        x = ctx.x.clone()
-        x[0] = trajectory[ctx.i + 1].reshape(x.shape[1:]).to(x)
-        return x
-
-    return pin
 
 
 def edit_generated(
@@ -144,7 +134,7 @@ def edit_generated(
               for _ in range(len(times) - 1)]
     extra = [*callbacks]
     if source_trajectory is not None:
-        extra.append(_pin_source(source_trajectory))
+        extra.append(pin_row(source_trajectory))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         latents = sample(session.denoiser(den, times), x, times, step=step, noises=noises,
                          callbacks=[*extra, session.callback], progress=progress)
