@@ -139,6 +139,7 @@ def scene_files(tmp_path_factory):
     rgba = np.concatenate([rgb, np.full((64, 64, 1), 255, np.uint8)], axis=2)
     Image.fromarray(rgba, "RGBA").save(folder / "scene_rgba.png")
     Image.new("RGB", (96, 48), "white").save(folder / "wide.png")
+    Image.fromarray(rgb).convert("L").resize((1024, 1024)).save(folder / "big_grey.png")
     return folder
 
 
@@ -148,6 +149,14 @@ def test_invert_reconstructs_an_uploaded_rgba_image(browser, scene_files):
     _type(browser, "invert-prompt", "a big red circle on a white background")
     text = _run(browser, "invert-run", "invert-status")
     assert text.startswith("bdia: PSNR") and "network evaluations" in text, text
+
+
+def test_invert_takes_a_big_greyscale_image(browser, scene_files):
+    _tab(browser, "Invert")
+    _upload(browser, "invert-image", scene_files / "big_grey.png")
+    _type(browser, "invert-prompt", "a big red circle on a white background")
+    text = _run(browser, "invert-run", "invert-status")
+    assert text.startswith("bdia: PSNR"), text
 
 
 def test_invert_refuses_a_non_square_image_in_the_page(browser, scene_files):
