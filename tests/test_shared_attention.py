@@ -63,3 +63,12 @@ def test_bad_options_are_refused():
         with attention_control(unet, [SharedAttention()], layout=BatchLayout(("a", "b"))) as s:
             with torch.no_grad(), s.at_step(0, 500.0, num_steps=1, latent_hw=(8, 8)):
                 unet(torch.zeros(4, 4, 8, 8), 500, encoder_hidden_states=torch.zeros(4, 5, 32))
+
+
+def test_identical_prompts_from_shared_noise_give_identical_images_with_or_without_sharing():
+    model = tiny_model("sd1")
+    same = ["a red square"] * 3
+    shared = style_aligned(model, same, steps=4, cfg=3.0, seed=3, shared_noise=True)
+    plain = style_aligned(model, same, steps=4, cfg=3.0, seed=3, shared_noise=True, share=False)
+    assert np.abs(shared.astype(int) - plain.astype(int)).max() <= 1
+    assert np.abs(shared[1:].astype(int) - shared[0].astype(int)).max() <= 1

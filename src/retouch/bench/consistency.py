@@ -1,25 +1,26 @@
-"""Consistency benchmark: does a StyleAligned batch take the reference's style on ToyWorld?
+"""Consistency benchmark: does a StyleAligned batch share the reference's style on ToyWorld?
 
-ToyWorld scenes have one global fill style (solid, outlined, striped) that the checker reads
-from pixels. A batch's reference prompt names a non-solid style (``a big red striped circle
-...``); the other prompts name shapes, colours and positions but no style, which the model
-reads as solid. With shared attention the other images should take the reference's fill
-while keeping their own content; without it (the same noises) they stay solid. Scored by the
-checker over ``cases`` batches of 1 reference + 3 images (25 DDIM steps, CFG 5):
+ToyWorld scenes have a global fill style (solid, outlined, striped) and a background colour that
+the checker reads from pixels. In each batch the reference prompt names both (``a big red striped
+circle on the left on a gray background``); the three other prompts name their own shape,
+colour, size and position but neither style nor background, so without sharing the model picks
+those itself (solid, and any background). Over ``cases`` batches (25 DDIM steps, CFG 5), for
+StyleAligned (``shared``), plain batch generation (``plain``: the same noises, no sharing) and
+shared noise alone (``shared_noise``: every row from the reference's noise, no sharing):
 
-* ``style_match``: the share of the non-reference images whose style reads as the reference's;
-* ``content_right``: the share whose colour, shape, size, position and object count read as
+* ``style_agreement``: the share of non-reference images whose fill style *and* background read
+  as the reference's (each alone too);
+* ``content_leakage``: the share that copies the reference's shape or colour where their own
+  prompt names another;
+* ``batch_adherence``: the share whose shape, colour, size, position and object count read as
   their own prompt says;
-* ``reference_max_pixel_change``: the largest pixel difference of the reference between the
-  shared and the unshared batch (it should not change);
-* ``reference_style_right``: the share of references whose own style reads as their prompt's.
+* ``reference_max_pixel_change``: the reference's largest pixel change between the shared and
+  the plain batch (it should not change), and ``reference_right``: references read as their
+  prompt (style and background).
 
 Needs a model trained on the extended vocabulary (the shipped one). Outputs:
-``consistency.json`` (headline ``style_match_shared``, ``style_match_baseline``,
-``content_right_shared``, ``content_right_baseline``, ``reference_max_pixel_change``,
-``reference_style_right``),
-``consistency.md``, ``consistency.png`` (per style: reference | shared images, then the
-baseline's).
+``consistency.json`` (headline ``style_agreement``, ``content_leakage``, ``batch_adherence`` for
+StyleAligned, with the baselines' beside them), ``consistency.md``, ``consistency.png``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,23 @@ from .common import atomic_write_text, image_grid, write_markdown_table, write_r
 __all__ = ["run"]
 
 STYLES = ("striped", "outlined")
+MODES = {"shared": dict(share=True), "plain": dict(share=False),
+         "shared_noise": dict(share=False, shared_noise=True)}
 CONTENT = ("color", "shape", "size", "position", "count")
+NO_STYLE_OR_BACKGROUND = {"background": 1.0, "style": 1.0}
 
 
-def _batch(rng: random.Random, style: str) -> list[str]:
+def _batch(rng: random.Random, style: str):
     ref = random_scene(rng, styles=(style,), two_object_fraction=0.0)
-    others = [random_scene(rng, two_object_fraction=0.0) for _ in range(3)]
-    return [caption(ref).text] + [caption(s).text for s in others]
+    others = []
+    while len(others) < 3:  # other shapes and colours than the reference's (to see leakage)
+        s = random_scene(rng, two_object_fraction=0.0)
+        if s.objects[0].shape != ref.objects[0].shape and s.objects[0].color != \
+                ref.objects[0].color:
+            others.append(s)
+    prompts = [caption(ref).text] + [caption(s, drop=NO_STYLE_OR_BACKGROUND, rng=rng).text
+                                     for s in others]
+    return ref, prompts
 
 
 def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
@@ -55,57 +66,66 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
                          "vocabulary (striped, outlined); the shipped model is one")
     cases = 4 if quick else 12
     rng = random.Random(0)
-    tallies = {k: {"style": [], "content": []} for k in ("shared", "baseline")}
-    ref_change, rows, grid, ref_right = 0, [], [], []
+    tally = {m: {k: [] for k in ("agree", "style", "background", "leak", "adhere")}
+             for m in MODES}
+    ref_change, ref_right, grid = 0, [], []
     for style in STYLES:
         for case in range(cases):
-            prompts = _batch(rng, style)
-            images = {}
-            for mode in ("shared", "baseline"):
-                images[mode] = style_aligned(tw, prompts, steps=25, cfg=5.0, seed=case,
-                                             share=mode == "shared")
-                for img, prompt in zip(images[mode][1:], prompts[1:], strict=True):
-                    tallies[mode]["style"].append(read(img).style == style)
+            ref, prompts = _batch(rng, style)
+            want = ref.objects[0]
+            images = {m: style_aligned(tw, prompts, steps=25, cfg=5.0, seed=case, **kw)
+                      for m, kw in MODES.items()}
+            for mode, imgs in images.items():
+                for img, prompt in zip(imgs[1:], prompts[1:], strict=True):
+                    reading = read(img)
+                    same_style = reading.style == style
+                    same_bg = reading.background == ref.background
+                    obj = reading.objects[0] if reading.objects else None
+                    own = parse_caption(prompt)["objects"][0]
+                    leak = obj is not None and (
+                        (obj.shape == want.shape and own["shape"] != want.shape)
+                        or (obj.color == want.color and own["color"] != want.color))
                     marks = score(img, parse_caption(prompt))
-                    tallies[mode]["content"].append(all(marks[k] is not False for k in CONTENT))
-            ref_right.append(read(images["shared"][0]).style == style)
+                    t = tally[mode]
+                    t["agree"].append(same_style and same_bg)
+                    t["style"].append(same_style)
+                    t["background"].append(same_bg)
+                    t["leak"].append(leak)
+                    t["adhere"].append(all(marks[k] is not False for k in CONTENT))
+            r = read(images["shared"][0])
+            ref_right.append(r.style == style and r.background == ref.background)
             ref_change = max(ref_change, int(np.abs(images["shared"][0].astype(int)
-                                                    - images["baseline"][0].astype(int)).max()))
-            if case == 0:
-                grid.append(list(images["shared"]) + list(images["baseline"][1:]))
-        for mode in ("shared", "baseline"):
-            n = 3 * cases
-            rows.append({"reference style": style, "mode": mode,
-                         "style_match": float(np.mean(tallies[mode]["style"][-n:])),
-                         "content_right": float(np.mean(tallies[mode]["content"][-n:]))})
-    summary = {m: {k: float(np.mean(v)) for k, v in t.items()} for m, t in tallies.items()}
+                                                    - images["plain"][0].astype(int)).max()))
+            if case < 2:
+                grid.append([*images["shared"], *images["plain"][1:]])
+    means = {m: {k: float(np.mean(v)) for k, v in t.items()} for m, t in tally.items()}
     result = {
         "headline": {
-            "style_match_shared": summary["shared"]["style"],
-            "style_match_baseline": summary["baseline"]["style"],
-            "content_right_shared": summary["shared"]["content"],
-            "content_right_baseline": summary["baseline"]["content"],
+            "style_agreement": means["shared"]["agree"],
+            "content_leakage": means["shared"]["leak"],
+            "batch_adherence": means["shared"]["adhere"],
+            "style_agreement_plain": means["plain"]["agree"],
+            "style_agreement_shared_noise": means["shared_noise"]["agree"],
             "reference_max_pixel_change": ref_change,
-            "reference_style_right": float(np.mean(ref_right)),
         },
-        "rows": rows,
-        "settings": {"cases_per_style": cases, "images_per_batch": 4, "steps": 25, "cfg": 5.0,
-                     "model": model or "shipped ToyWorld"},
+        "modes": means,
+        "reference_right": float(np.mean(ref_right)),
+        "settings": {"cases_per_style": cases, "styles": list(STYLES), "images_per_batch": 4,
+                     "steps": 25, "cfg": 5.0, "model": model or "shipped ToyWorld"},
     }
     write_result(out / "consistency.json", result)
-    h = result["headline"]
+    rows = [{"mode": m, "style and background": v["agree"], "style": v["style"],
+             "background": v["background"], "content leakage": v["leak"],
+             "batch adherence": v["adhere"]} for m, v in means.items()]
     atomic_write_text(out / "consistency.md", (
         "# Consistency: StyleAligned batches on ToyWorld\n\n"
-        f"{2 * cases} batches (1 reference naming a fill style + 3 prompts naming none), "
-        "25 DDIM steps, CFG 5. Images that take the reference's style: "
-        f"{h['style_match_shared']:.2f} shared vs {h['style_match_baseline']:.2f} without "
-        f"sharing; own content right: {h['content_right_shared']:.2f} vs "
-        f"{h['content_right_baseline']:.2f}; the reference changed by at most "
-        f"{h['reference_max_pixel_change']} (of 255); the references themselves read as their "
-        f"style in {h['reference_style_right']:.2f}.\n\n"
-        + write_markdown_table(rows, ["reference style", "mode", "style_match",
-                                      "content_right"])))
-    names = ["reference", "shared 1", "shared 2", "shared 3", "none 1", "none 2", "none 3"]
+        f"{len(STYLES) * cases} batches: a reference naming its fill style and background, and 3 "
+        "prompts naming neither (25 DDIM steps, CFG 5). Shares of the 3 other images per batch. "
+        f"The reference changed by at most {ref_change}/255 between the shared and the plain "
+        f"batch; references read right (style and background) in {np.mean(ref_right):.2f}.\n\n"
+        + write_markdown_table(rows, ["mode", "style and background", "style", "background",
+                                      "content leakage", "batch adherence"])))
+    names = ["reference", "shared 1", "shared 2", "shared 3", "plain 1", "plain 2", "plain 3"]
     image_grid([im for r in grid for im in r], out / "consistency.png", columns=len(names),
                labels=names * len(grid), scale=2)
     return result

@@ -35,6 +35,7 @@ def style_aligned(
     sampler: str = "ddim",
     reference_inversion=None,
     share: bool = True,
+    shared_noise: bool = False,
     progress: bool = False,
     **options,
 ) -> np.ndarray:
@@ -42,7 +43,7 @@ def style_aligned(
     doc). ``options`` go to :class:`SharedAttention` (``adain_queries``, ``adain_keys``,
     ``adain_values``, ``score_scale``, ``score_shift``, ``start_layer``, ``steps``).
     ``share=False`` is the baseline: the same noises, no sharing. Each row starts from its own
-    noise, drawn on the CPU from ``seed``."""
+    noise, drawn on the CPU from ``seed`` (``shared_noise``: every row from the first row's)."""
     prompts = prompt_list(prompts)
     if len(prompts) < 2:
         raise ValueError("style_aligned needs a reference prompt and at least one more")
@@ -53,6 +54,8 @@ def style_aligned(
     times = model.time_grid(steps)
     noise = torch.randn(model.latent_shape(len(prompts)),
                         generator=torch.Generator().manual_seed(seed))
+    if shared_noise:
+        noise = noise[:1].expand_as(noise).clone()
     x = start_latents(model.schedule, float(times[0]), noise).to(model.device)
     callbacks = []
     if reference_inversion is not None:
