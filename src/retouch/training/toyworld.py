@@ -304,7 +304,7 @@ def _check_loss_options(cfg: TrainConfig) -> None:
     if (cfg.coverage_loss is None) != (cfg.coverage_weight == 0):
         raise ValueError(f"--coverage-loss {cfg.coverage_loss} with --coverage-weight "
                          f"{cfg.coverage_weight}: the coverage term needs both a loss and a "
-                         "weight > 0; pass both (e.g. --coverage-loss kl --coverage-weight 0.02) "
+                         "weight > 0; pass both (e.g. --coverage-loss bce --coverage-weight 0.1) "
                          "or neither")
     if not 0 <= cfg.partial_captions <= 1:
         raise ValueError(f"--partial-captions {cfg.partial_captions}: a share must be in [0, 1]")

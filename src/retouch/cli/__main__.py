@@ -1,0 +1,7 @@
+"""``python -m retouch.cli``: the ``retouch`` command line."""
+
+import sys
+
+from retouch.cli import main
+
+sys.exit(main())
