@@ -126,3 +126,34 @@ def test_an_edit_encodes_each_prompt_once():
     finally:
         hook.remove()
     assert len(calls) == 3  # source, empty negative, target
+
+
+def test_conditioning_rows_are_kept_consistent():
+    model = tiny_model("sdxl")
+    cond = model.encode(["a red square", "a blue circle", "a green square"])
+    assert cond[-1].rows == 1 and cond[-1].added["text_embeds"].shape[0] == 1
+    torch.testing.assert_close(cond[-1].embeds, cond.embeds[2:])
+    with pytest.raises(ValueError, match="cannot put 6 rows of embeddings into a conditioning "
+                                         "of 3 rows"):
+        cond.with_embeds(torch.zeros(6, *cond.embeds.shape[1:]))
+    one = cond.with_embeds(cond.embeds[:1])  # one row shared by all three
+    assert one.rows == 3 and one.added["text_embeds"].shape[0] == 3
+    wide = model.encode(["a red square"]).with_embeds(cond.embeds)
+    assert wide.rows == 3 and wide.added["time_ids"].shape[0] == 3
+
+
+def test_sdxl_keeps_its_added_conditions_under_an_embedding_override():
+    model = tiny_model("sdxl")
+    cond = model.encode(["a red square"])
+    den = model.unet_denoiser(cond)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(den(x, 500.0, encoder_hidden_states=cond.embeds), den(x, 500.0))
+
+
+def test_image_tensors_are_checked_for_range_and_size():
+    model = tiny_model("sd1")
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\], got up to 255"):
+        model.encode_image(torch.full((1, 3, 16, 16), 255.0))
+    with pytest.raises(ValueError, match="this model takes 16x16"):
+        model.encode_image(torch.zeros(1, 3, 8, 8))

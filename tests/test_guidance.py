@@ -198,3 +198,19 @@ def test_cfgpp_ddim_step_is_cfg_with_weight_lambda_over_one_minus_decay():
     cfg = sample(CFGDenoiser(inner, cond=COND, uncond=UNCOND, scale=w), x, [t, t_next],
                  progress=False)
     torch.testing.assert_close(pp, cfg, rtol=1e-10, atol=1e-10)
+
+
+def test_loss_guidance_keeps_a_cfgpp_noise():
+    inner, x = Labelled(SCHEDULE), _x()
+    pp = CFGPlusPlus(inner, cond=COND, uncond=UNCOND, scale=0.5)
+    out = LossGuidance(pp, lambda x0, xt, t: 0.0 * x0.sum(), scale=1.0)(x, 500.0)
+    assert isinstance(out, Prediction)
+    torch.testing.assert_close(out.eps, pp(x, 500.0).eps)
+    torch.testing.assert_close(out.x0, pp(x, 500.0).x0)
+
+
+def test_a_session_refuses_a_denoiser_with_other_halves():
+    cfg = CFGDenoiser(Labelled(SCHEDULE), cond=COND, uncond=UNCOND, scale=2.0)
+    with attention_control(_tiny_unet(), [], layout=BatchLayout(("a", "b"), ("cond",))) as s:
+        with pytest.raises(ValueError, match=r"stacks its rows as \('uncond', 'cond'\)"):
+            s.denoiser(cfg, [1.0, 0.0])

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Note", "note", "finite", "count", "finite_tensor", "prompt_list"]
+__all__ = ["EXPECTED_ERRORS", "Note", "note", "finite", "count", "finite_tensor", "prompt_list"]
+
+#: Errors that bad input, a bad file or a diverging computation raise: front ends show their
+#: one-line message (the CLI exits 2); anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
 
 
 class Note(UserWarning):

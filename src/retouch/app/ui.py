@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import EXPECTED_ERRORS
+from ..checks import EXPECTED_ERRORS, count, finite
 from ..models.pipeline import PipelineModel
 
 __all__ = ["TABS", "build_app", "serve"]
@@ -74,8 +74,8 @@ def _generate_tab(gr, model: PipelineModel) -> None:
     def handler(prompt, steps, cfg, sampler, seed, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         if not prompt.strip():
             raise ValueError("the prompt is empty: type what to generate")
-        img = generate(model, prompt, steps=int(steps), cfg=float(cfg), seed=int(seed),
-                       sampler=sampler)[0]
+        img = generate(model, prompt, steps=count("Steps", steps), cfg=finite("CFG", cfg),
+                       seed=count("Seed", seed, minimum=0), sampler=sampler)[0]
         return img, f"generated {img.shape[1]}x{img.shape[0]}" + _checker_line(model, prompt,
                                                                               img)
 
@@ -101,7 +101,8 @@ def _invert_tab(gr, model: PipelineModel) -> None:
         if image is None:
             raise ValueError("upload an image to invert first")
         image, _ = prepare_image(image, model.image_size)
-        inv = invert(model, image, prompt, method=method, steps=int(steps), cfg=float(cfg))
+        inv = invert(model, image, prompt, method=method, steps=count("Steps", steps),
+                     cfg=finite("CFG", cfg))
         out = model.decode(reconstruct(inv, model))[0]
         return out, (f"{method}: PSNR {psnr(out, np.asarray(image)):.2f} dB, {inv.nfe} network "
                      "evaluations to invert")
@@ -136,7 +137,7 @@ def _edit_tab(gr, model: PipelineModel) -> None:
             raise ValueError("upload an image to edit first")
         image, _ = prepare_image(image, model.image_size)
         result = edit(model, image, source, target, inversion=inversion, editor=editor,
-                      steps=int(steps), cfg=float(cfg))
+                      steps=count("Steps", steps), cfg=finite("CFG", cfg))
         delta = np.abs(result.edited.astype(np.int16) - result.source.astype(np.int16))
         delta = (255 * delta / max(1, int(delta.max()))).astype(np.uint8)
         return result.source, result.edited, delta, f"edited with {editor} after {inversion}"
@@ -148,6 +149,7 @@ def _edit_tab(gr, model: PipelineModel) -> None:
 def _attention_tab(gr, model: PipelineModel) -> None:
     from ..recipes.attention_maps import attention_maps, save_attention_maps
 
+    scratch = Path(tempfile.mkdtemp(prefix="retouch-ui-"))  # this tab's two output images
     prompt = gr.Textbox(label="Prompt", placeholder=GRAMMAR, elem_id="attention-prompt")
     image = gr.Image(label="Image (optional: read the model's attention on it)", type="pil")
     steps = gr.Slider(1, 50, value=10, step=1, label="Steps")
@@ -161,9 +163,8 @@ def _attention_tab(gr, model: PipelineModel) -> None:
 
         if image is not None:
             image, _ = prepare_image(image, model.image_size)
-        maps = attention_maps(model, prompt, image=image, steps=int(steps))
-        folder = Path(tempfile.mkdtemp(prefix="retouch-ui-"))
-        heat_path, seg_path = save_attention_maps(maps, folder)
+        maps = attention_maps(model, prompt, image=image, steps=count("Steps", steps))
+        heat_path, seg_path = save_attention_maps(maps, scratch)  # one folder, overwritten
         words = ", ".join(f"{s}: {w}" for s, (w, _) in sorted(maps.segment_words.items()))
         return str(heat_path), str(seg_path), f"words: {', '.join(maps.heatmaps)}; segments "\
             f"{words}"

@@ -316,7 +316,15 @@ class AttentionSession:
             self.info = None
 
     def denoiser(self, inner, times) -> ControlledDenoiser:
-        """Wrap ``inner`` so each call tells the controllers its step index and time."""
+        """Wrap ``inner`` so each call tells the controllers its step index and time; refuses a
+        denoiser whose guidance halves are not the session layout's."""
+        from retouch.denoiser import halves_of
+
+        said = getattr(inner, "halves", None)
+        if said is not None and tuple(halves_of(inner)) != tuple(self.layout.halves):
+            raise ValueError(f"the denoiser stacks its rows as {tuple(said)} but the session's "
+                             f"batch layout has halves {self.layout.halves}; build the layout "
+                             "with guidance_halves(denoiser)")
         return ControlledDenoiser(inner, self, times)
 
     def callback(self, ctx) -> Tensor | None:

@@ -219,8 +219,6 @@ def describe_sites(sites: Iterable[Site]) -> str:
 def check_window(window: Window, name: str = "a step window") -> tuple[float, float]:
     """``window`` as ``(start, end)``; refused unless ``0 <= start <= end <= 1`` (fractions of
     the steps; a number ``e`` means ``(0, e)``)."""
-    import math
-
     pair = (0.0, window) if isinstance(window, int | float) else window
     ok = (not isinstance(window, bool) and isinstance(pair, tuple | list) and len(pair) == 2
           and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

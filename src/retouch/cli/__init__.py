@@ -260,13 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Errors that bad input, a bad file or a diverging computation raise: one line and exit 2.
-#: Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``retouch`` command line; returns the exit code (0, 2 on an expected error)."""
+    from ..checks import EXPECTED_ERRORS  # one line and exit 2 for these
     from .arguments import notes_to_stderr
 
     # transformers warns about optional image processors SD pipelines never use here.

@@ -143,8 +143,9 @@ class DualGuidance:
 
     ``x0 = x0(∅, ∅) + s_I (x0(c_I, ∅) - x0(∅, ∅)) + s_T (x0(c_I, c_T) - x0(c_I, ∅))``,
     the three branches in one batched call. ``uncond``, ``image`` and ``full`` are the
-    keyword arguments of the three branches (e.g. ``encoder_hidden_states`` and the image
-    latents the model concatenates to its input).
+    conditionings of the three branches (see :func:`as_kwargs`) for an inner denoiser that
+    takes the image condition as one of them; retouch's adapters do not load InstructPix2Pix's
+    8-channel UNet yet.
     """
 
     halves = ("uncond", "image", "cond")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from retouch.denoiser import x0_of
+from retouch.denoiser import Prediction, x0_of
 
 __all__ = ["LossGuidance"]
 
@@ -42,16 +42,20 @@ class LossGuidance:
     def halves(self):
         return getattr(self.inner, "halves", ("cond",))
 
-    def __call__(self, x: Tensor, t: float) -> Tensor:
+    def __call__(self, x: Tensor, t: float) -> Tensor | Prediction:
         w = float(self.scale(t))
         if w == 0.0:
-            return x0_of(self.inner(x, t))
+            return self.inner(x, t)
         alpha, sigma = self.schedule.coeffs(t)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            x0 = x0_of(self.inner(x_in, t))
+            pred = self.inner(x_in, t)
+            x0 = x0_of(pred)
             energy = self.energy(x0, x_in, t)
             if energy.ndim != 0:
                 raise ValueError(f"the energy must be a scalar, got shape {tuple(energy.shape)}")
             (grad,) = torch.autograd.grad(energy, [x_in])
-        return x0.detach() - w * (sigma**2 / alpha) * grad
+        guided = x0.detach() - w * (sigma**2 / alpha) * grad
+        if isinstance(pred, Prediction):  # keep the noise the inner guidance renoises with
+            return Prediction(x0=guided, eps=pred.eps.detach())
+        return guided

@@ -92,6 +92,9 @@ def with_embeds(cond: Any, embeds: Tensor) -> Any:
 def rows(cond: Any, b: int, copies: int = 1) -> Any:
     """A (1 or b)-row conditioning (tensor or typed) as ``copies`` stacked blocks of b rows."""
     if isinstance(cond, Tensor):
+        if cond.shape[0] not in (1, b):
+            raise ValueError(f"a conditioning of {cond.shape[0]} rows for {b} latent rows; "
+                             "pass one row or one per latent")
         e = cond.expand(b, *cond.shape[1:]) if cond.shape[0] == 1 else cond
         return torch.cat([e] * copies) if copies > 1 else e
     return cond.expand(b).repeat(copies)

@@ -42,6 +42,8 @@ def _cat(values: Sequence[Any]) -> Any:
         return torch.cat(list(values))
     if isinstance(first, Mapping):
         return {k: _cat([v[k] for v in values]) for k in first}
+    if any(v != first for v in values[1:]):
+        raise ValueError(f"cannot stack conditionings whose extra inputs differ: {values!r}")
     return first
 
 
@@ -82,17 +84,19 @@ class Conditioning:
 
     def __getitem__(self, index) -> Conditioning:
         """The rows ``index`` (an int keeps the batch axis)."""
-        index = slice(index, index + 1) if isinstance(index, int) else index
+        index = slice(index, index + 1 or None) if isinstance(index, int) else index
         return Conditioning(self.embeds[index], _rows(dict(self.added), index),
                             _rows(dict(self.extra), index))
 
     def with_embeds(self, embeds: Tensor) -> Conditioning:
         """The same conditioning with other token embeddings (null-text's tuned ∅)."""
-        added, extra = dict(self.added), dict(self.extra)
-        if embeds.shape[0] != self.rows:
-            base = self.expand(embeds.shape[0]) if self.rows == 1 else self
-            added, extra = dict(base.added), dict(base.extra)
-        return replace(self, embeds=embeds, added=added, extra=extra)
+        if embeds.shape[0] not in (self.rows, 1) and self.rows != 1:
+            raise ValueError(f"cannot put {embeds.shape[0]} rows of embeddings into a "
+                             f"conditioning of {self.rows} rows")
+        base = self.expand(embeds.shape[0]) if self.rows == 1 else self
+        if embeds.shape[0] == 1 and self.rows > 1:
+            embeds = embeds.expand(self.rows, *embeds.shape[1:])
+        return replace(base, embeds=embeds)
 
     def to(self, like: Tensor) -> Conditioning:
         """On ``like``'s device, floating tensors in its dtype."""

@@ -50,9 +50,9 @@ class PipelineModel:
         from .sdxl import SDXLModel
 
         folder = Path(model) if model is not None else toyworld_model_dir()
-        pipe = load_pipeline(folder, **kw)
-        adapter = SDXLModel if type(pipe).__name__.startswith("StableDiffusionXL") else cls
-        return adapter(pipe, folder=folder)
+        pipe = load_pipeline(folder, **kw)  # the class model_index.json's _class_name names
+        adapters = {"StableDiffusionPipeline": cls, "StableDiffusionXLPipeline": SDXLModel}
+        return adapters[type(pipe).__name__](pipe, folder=folder)
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +157,13 @@ class PipelineModel:
                 raise ValueError(f"an image tensor must be float (B, 3, H, W) in [-1, 1], got "
                                  f"{images.dtype} {tuple(images.shape)}")
             finite_tensor("the image tensor", images)
+            if float(images.abs().max()) > 1.0 + 1e-3:
+                raise ValueError(f"an image tensor must hold values in [-1, 1], got up to "
+                                 f"{float(images.abs().max()):.3g}; for 0..1 images pass "
+                                 "2 * x - 1")
+            if tuple(images.shape[-2:]) != (size, size):
+                raise ValueError(f"the image tensor is {images.shape[-1]}x{images.shape[-2]}; "
+                                 f"this model takes {size}x{size}: resize it")
         else:
             raise ValueError(f"cannot read a {type(images).__name__} as images; pass a PIL "
                              "image, a uint8 array or a float tensor in [-1, 1]")

@@ -38,6 +38,15 @@ class SDXLModel(PipelineModel):
         config = getattr(pipe, "config", {}) or {}
         self.force_zeros = bool(config.get("force_zeros_for_empty_prompt", True))
 
+    def check_prompt(self, prompt: str) -> None:
+        """:meth:`PipelineModel.check_prompt`, for both tokenizers (never truncated silently)."""
+        super().check_prompt(prompt)
+        limit = self.tokenizer_2.model_max_length
+        n = len(self.tokenizer_2(prompt, truncation=False).input_ids)
+        if n > limit:
+            raise ValueError(f"the prompt {prompt[:40]!r} is {n} tokens for the second text "
+                             f"encoder, which reads at most {limit}: shorten it")
+
     def size_ids(self, rows: int) -> torch.Tensor:
         """``(original h, w, crop top, left, target h, w)`` for an unmodified image of the
         model's size, (rows, 6)."""

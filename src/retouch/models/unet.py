@@ -77,7 +77,9 @@ class UNetDenoiser:
         }
         if unknown:
             raise TypeError(f"unexpected conditioning arguments: {sorted(unknown)}")
-        cond = overrides.get("cond", None if "encoder_hidden_states" in overrides else self.cond)
+        cond = overrides.get("cond", self.cond)
+        if "encoder_hidden_states" in overrides and "cond" not in overrides and cond is not None:
+            cond = cond.with_embeds(overrides["encoder_hidden_states"])  # keep added conditions
         extra: dict[str, Any] = {}
         if cond is not None:
             cond = cond.expand(x.shape[0])
