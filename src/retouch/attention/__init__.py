@@ -9,6 +9,8 @@
 * :mod:`~retouch.attention.p2p`, :mod:`~retouch.attention.blend` — Prompt-to-Prompt.
 * :mod:`~retouch.attention.mutual` — MasaCtrl and Plug-and-Play.
 * :mod:`~retouch.attention.shared` — shared attention across a batch (StyleAligned).
+* :mod:`~retouch.attention.frames` — keyframe attention across frames (Text2Video-Zero,
+  Pix2Video).
 """
 
 from retouch.attention.blend import LocalBlend, local_blend
@@ -21,6 +23,7 @@ from retouch.attention.control import (
     StepInfo,
     attention_control,
 )
+from retouch.attention.frames import KEYFRAME_SCHEMES, FrameAttention
 from retouch.attention.maps import (
     AttentionStore,
     MapRecorder,
@@ -56,6 +59,8 @@ __all__ = [
     "BatchLayout",
     "ControlProcessor",
     "ControlledDenoiser",
+    "FrameAttention",
+    "KEYFRAME_SCHEMES",
     "Controller",
     "CrossAttentionInjection",
     "LocalBlend",

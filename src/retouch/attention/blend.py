@@ -88,18 +88,20 @@ class LocalBlend(Controller):
         if self.num_steps is None or ctx.i < int(self.start * self.num_steps):
             return None
         maps = self.store.cross()  # (R, S, S, T), mean over steps so far
-        src, tgt = layout.latent_rows(self.source)[0], layout.latent_rows(self.target)
-        m = torch.cat([self._word_map(maps, [src], self.source_positions),
-                       self._word_map(maps, tgt, self.target_positions)])[:, None]
+        src, tgt = layout.latent_rows(self.source), layout.latent_rows(self.target)
+        src = src if len(src) == len(tgt) else src[:1] * len(tgt)  # one source per target row
+        m = torch.stack([self._word_map(maps, src, self.source_positions),
+                         self._word_map(maps, tgt, self.target_positions)])  # (2, r, S, S)
+        m = m.flatten(0, 1)[:, None]
         k = self.dilation
         m = F.max_pool2d(m, 2 * k + 1, stride=1, padding=k)
         m = F.interpolate(m, size=tuple(ctx.x.shape[-2:]))  # nearest, as the reference
         m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-        hit = m > self.threshold  # (1 + r, 1, h, w)
-        mask = (hit[:1] | hit[1:]).to(ctx.x.dtype)  # source words OR target words, per target
+        hit = (m > self.threshold).unflatten(0, (2, len(tgt)))  # (2, r, 1, h, w)
+        mask = (hit[0] | hit[1]).to(ctx.x.dtype)  # source words OR target words, per target
         self.mask = mask[:, 0].amax(0)
         x = ctx.x.clone()
-        x_src = ctx.x[src : src + 1]
+        x_src = ctx.x[src]
         x[tgt] = x_src + mask.to(x.device) * (ctx.x[tgt] - x_src)
         return x
 

@@ -119,14 +119,15 @@ class BatchLayout:
         return list(range(offset, offset + len(self.roles)))
 
     def pairs(self, source: str, target: str, halves: Iterable[str]) -> tuple[list[int], list[int]]:
-        """Model rows ``(src, tgt)`` pairing every ``target`` row with the first ``source`` row
-        of the same half, for the requested halves present in the layout."""
+        """Model rows ``(src, tgt)`` pairing the ``target`` rows of each requested half present
+        in the layout with its ``source`` rows: one to one when there are as many (the frames of
+        a clip edit, each with its own source), else each with the first source row."""
         src, tgt = [], []
         for half in halves:
             if half not in self.halves:
                 continue
-            s, ts = self.rows(source, half)[0], self.rows(target, half)
-            src += [s] * len(ts)
+            ss, ts = self.rows(source, half), self.rows(target, half)
+            src += ss if len(ss) == len(ts) else [ss[0]] * len(ts)
             tgt += ts
         return src, tgt
 

@@ -203,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .edit import register as register_edit
     from .invert import register as register_invert
+    from .video import register as register_video
 
     register_invert(sub)
     register_edit(sub)
+    register_video(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

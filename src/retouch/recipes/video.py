@@ -1,0 +1,197 @@
+"""Frame sequences from an image model: keyframe attention and correlated noise.
+
+* :func:`generate_clip` (text to video): the frames are the rows of one batch; their
+  self-attention reads keyframes (:class:`~retouch.attention.FrameAttention`: ``first`` as
+  Text2Video-Zero, ``first+previous`` as Pix2Video, ``none``) and their start noise follows a
+  noise model (:mod:`retouch.noise`: independent, shared, mixed, or warped along a known motion,
+  which is Text2Video-Zero's motion dynamics when the motion is the clip's).
+* :func:`edit_clip` (video editing of a real clip): every frame is inverted (any method of
+  :data:`retouch.inversion.METHODS`, all frames in one batch) and its reconstruction runs as the
+  source row of its frame; the target rows follow the target prompts under an editor
+  (:data:`.editors.EDITORS`, each target paired with its own frame's source) and keyframe
+  attention among the target frames. With the ``p2p`` editor this is FateZero's scheme:
+  the source's attention maps, taken from its inversion's own trajectory while editing, are
+  fused into the edit, and local blending (``blend_words``) blends with masks from the
+  cross-attention.
+
+All frames go through the model as one call (``chunk``: at most that many frames per call with
+the ``first`` scheme, each chunk with the first frame beside it, which is exact since the first
+frame attends only to itself; the other schemes chain frame to frame and are refused in chunks).
+
+References: Khachatryan et al. 2023 (Text2Video-Zero, ICCV), Sec. 3.2-3.3; Ceylan et al. 2023
+(Pix2Video, ICCV), Sec. 3.2; Qi et al. 2023 (FateZero, ICCV), Sec. 3 (attention fusion during
+inversion, blend masks from cross-attention); Ge et al. 2023; Chang et al. 2024 (noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..attention import BatchLayout, FrameAttention, attention_control, guidance_halves
+from ..attention.frames import check_scheme
+from ..checks import count, finite, prompt_list
+from ..noise import NOISE_MODELS, frame_noise
+from ..samplers import get_step, sample, start_latents
+from .edit import _check_loop, _stepwise
+from .editors import EDITORS, check_editor
+
+__all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES"]
+
+KEYFRAMES = ("none", "first", "first+previous", "previous")
+
+
+def _frame_prompts(prompts: str | Sequence[str], frames: int | None) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else prompt_list(prompts)
+    if frames is None:
+        frames = len(prompts)
+    count("frames", frames)
+    if len(prompts) == 1:
+        return prompts * frames
+    if len(prompts) != frames:
+        raise ValueError(f"{len(prompts)} prompts for {frames} frames; give one prompt or one "
+                         f"per frame")
+    return prompts
+
+
+def _check_keyframes(keyframes: str) -> list:
+    if keyframes == "none":
+        return []
+    check_scheme(keyframes)
+    return [keyframes]
+
+
+def _chunks(frames: int, chunk: int | None, keyframes: str) -> list[list[int]]:
+    """Frame indices of each model batch (each with frame 0 first)."""
+    if chunk is None or chunk >= frames:
+        return [list(range(frames))]
+    count("chunk", chunk, minimum=2)
+    if keyframes not in ("none", "first"):
+        raise ValueError(f"the {keyframes!r} scheme chains each frame to the previous one and "
+                         f"cannot run in chunks of {chunk} frames; use keyframes='first' or "
+                         f"chunk=None (all {frames} frames in one call)")
+    rest = list(range(1, frames))
+    return [[0] + rest[i:i + chunk - 1] for i in range(0, len(rest), chunk - 1)]
+
+
+def generate_clip(
+    model,
+    prompts: str | Sequence[str],
+    *,
+    frames: int | None = None,
+    keyframes: str = "first",
+    noise: str = "independent",
+    mix: float = 1.0,
+    flows: Tensor | None = None,
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    sampler: str = "ddim",
+    chunk: int | None = None,
+    progress: bool = False,
+    **options,
+) -> np.ndarray:
+    """Frames (F, H, W, 3) uint8 for ``prompts`` (one, or one per frame). ``keyframes``: one
+    of :data:`KEYFRAMES`; ``noise``: one of :data:`retouch.noise.NOISE_MODELS` (``mix`` for
+    ``mixed``; ``flows`` (F - 1, 2, h, w) in latent pixels for ``warped``, e.g.
+    ``Clip.flows(h)``). ``options`` go to :class:`FrameAttention` (``start_layer``, ``steps``).
+    """
+    prompts = _frame_prompts(prompts, frames)
+    for p in set(prompts):
+        model.check_prompt(p)
+    count("steps", steps)
+    finite("cfg", cfg)
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"unknown noise model {noise!r}; choose one of {', '.join(NOISE_MODELS)}")
+    schemes = _check_keyframes(keyframes)
+    batches = _chunks(len(prompts), chunk, keyframes)
+    step = get_step(sampler)
+    times = model.time_grid(steps)
+    eps = frame_noise(noise, model.latent_shape(len(prompts)), seed, mix=mix, flows=flows)
+    x = start_latents(model.schedule, float(times[0]), eps).to(model.device)
+    out = [None] * len(prompts)
+    for rows in batches:
+        den = model.denoiser([prompts[i] for i in rows], cfg=cfg)
+        controllers = [FrameAttention(s, **options) for s in schemes]
+        layout = BatchLayout(("frame",) * len(rows), guidance_halves(den))
+        with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as s:
+            latents = sample(s.denoiser(den, times), x[rows], times, step=step,
+                             progress=progress,
+                             generator=torch.Generator().manual_seed(seed + 1))
+        for j, i in enumerate(rows):
+            out[i] = latents[j : j + 1]
+    return model.decode(torch.cat(out))
+
+
+@dataclass
+class ClipEdit:
+    """What :func:`edit_clip` returns: uint8 (F, H, W, 3) frames."""
+
+    source: np.ndarray  # the inversion's reconstruction of each frame
+    edited: np.ndarray  # the edited frames
+    latents: Tensor  # (2F, C, h, w): [source frames; edited frames]
+
+
+def edit_clip(
+    model,
+    images,
+    source_prompts: str | Sequence[str],
+    target_prompts: str | Sequence[str],
+    *,
+    inversion: str = "ddim",
+    editor: str = "p2p",
+    keyframes: str = "first",
+    steps: int = 25,
+    cfg: float = 5.0,
+    inversion_options: Mapping | None = None,
+    progress: bool = False,
+    **editor_options,
+) -> ClipEdit:
+    """Edit a clip ``images`` (F frames: a list of images or an (F, H, W, 3) array) captioned
+    ``source_prompts`` towards ``target_prompts`` (one each, or one per frame; see the module
+    doc). The editor is built from the first frame's prompt pair and applied to every frame, so
+    per-frame prompts must tokenise like the first frame's (words the edit touches at the same
+    places: e.g. captions that differ only in a position word)."""
+    from ..inversion import DenoiserFactory, fingerprint_of, invert, method_config, reconstruct
+
+    frames = len(images)
+    sources = _frame_prompts(source_prompts, frames)
+    targets = _frame_prompts(target_prompts, frames)
+    for p in set(sources + targets):
+        model.check_prompt(p)
+    count("steps", steps)
+    finite("cfg", cfg)
+    check_editor(editor, editor_options)
+    for name, prompts in (("source", sources), ("target", targets)):
+        lengths = {len(model.tokenizer(p).input_ids) for p in prompts}
+        if editor != "none" and len(lengths) > 1:
+            raise ValueError(f"the frames' {name} prompts tokenise to different lengths "
+                             f"({sorted(lengths)}); an editor built from the first frame's pair "
+                             f"needs captions that differ only in words of one token each")
+    schemes = _check_keyframes(keyframes)
+    sizes = {np.asarray(im).shape for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"the clip's frames differ in size ({sorted(sizes)}); resize them to "
+                         f"one size first")
+    controllers = EDITORS[editor](model.tokenizer, sources[0], targets[0], **editor_options)
+    controllers += [FrameAttention(s, role="target") for s in schemes]
+    _check_loop(inversion, controllers, steps)
+    inv = invert(model, np.stack([np.asarray(im) for im in images]), sources, method=inversion,
+                 steps=steps, cfg=cfg, config=method_config(inversion, inversion_options or {}),
+                 progress=progress)
+    layout = BatchLayout(("source",) * frames + ("target",) * frames,
+                         ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
+    cond, uncond = inv.conditioning or (model.encode(sources), model.encode_negative([""]))
+    stepwise = bool(_stepwise(controllers))
+    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+        factory = DenoiserFactory(session.denoiser(model.unet_denoiser(), inv.times), cond=cond,
+                                  uncond=uncond, fingerprint=fingerprint_of(model))
+        latents = reconstruct(inv, factory, target=model.encode(targets),
+                              callbacks=[session.callback] if stepwise else (),
+                              progress=progress)
+    images_out = model.decode(latents)
+    return ClipEdit(source=images_out[:frames], edited=images_out[frames:], latents=latents)

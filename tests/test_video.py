@@ -1,0 +1,217 @@
+"""Frames: noise models, ToyWorld clips, keyframe attention and the clip recipes."""
+
+import numpy as np
+import pytest
+import torch
+
+from retouch.attention import BatchLayout, FrameAttention, attention_control
+from retouch.attention.frames import keyframe_rows
+from retouch.noise import frame_noise, mixed_noise, shared_noise, warped_noise
+from retouch.recipes.video import edit_clip, generate_clip
+from retouch.toyworld.clips import moving_clip
+from retouch.toyworld.scene import ObjectSpec, Scene
+from tiny_models import tiny_model
+
+SCENE = Scene((ObjectSpec("circle", "red", "small", "left"),), background="white")
+
+
+# --- noise models ----------------------------------------------------------------------------
+
+
+def test_mixed_noise_interpolates_between_independent_and_shared():
+    shape = (2, 4, 64, 64)
+    assert torch.equal(mixed_noise(shape, 0, mix=0.0)[0], mixed_noise(shape, 0, mix=0.0)[0])
+    for mix, corr in ((0.0, 0.0), (1.0, 0.5), (3.0, 0.9)):
+        e = mixed_noise(shape, 1, mix=mix)
+        r = torch.corrcoef(e.flatten(1))[0, 1].item()
+        assert abs(r - corr) < 0.03, (mix, r)
+        assert abs(e.std().item() - 1.0) < 0.02
+    s = shared_noise(shape, 2)
+    assert torch.equal(s[0], s[1])
+
+
+def test_warped_noise_keeps_the_first_frame_and_is_unchanged_by_zero_flow():
+    eps = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = warped_noise(eps, torch.zeros(3, 2, 8, 8), k=4)
+    for f in out:
+        torch.testing.assert_close(f, eps, rtol=0, atol=1e-6)
+
+
+def test_warped_noise_carries_a_translation_whole_pixels_and_stays_standard_gaussian():
+    eps = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(1))
+    flow = torch.zeros(1, 2, 32, 32)
+    flow[0, 0] = 3.0  # everything moves 3 pixels right
+    out = warped_noise(eps, flow, k=4)
+    torch.testing.assert_close(out[1, :, :, 3:], eps[:, :, :-3], rtol=0, atol=1e-6)
+    # a sub-pixel motion of an object: still N(0, 1) everywhere
+    flow = torch.zeros(4, 2, 32, 32)
+    flow[:, 0, 8:24, 8:24] = 0.5
+    frames = warped_noise(eps, flow, k=4)
+    for f in frames[1:]:
+        assert abs(f.mean().item()) < 0.05 and abs(f.std().item() - 1.0) < 0.04
+    # the moving block kept its noise, half a pixel a frame: two frames on it is one pixel
+    torch.testing.assert_close(frames[2, :, 10:20, 11:21], eps[:, 10:20, 10:20], rtol=0,
+                               atol=1e-6)
+
+
+def test_warped_noise_needs_a_flow_per_later_frame():
+    with pytest.raises(ValueError, match="one flow per frame after the first"):
+        frame_noise("warped", (3, 4, 8, 8), 0)
+    with pytest.raises(ValueError, match="unknown noise model 'pink'"):
+        frame_noise("pink", (3, 4, 8, 8), 0)
+
+
+# --- ToyWorld clips --------------------------------------------------------------------------
+
+
+def test_a_clip_moves_its_object_and_captions_follow_the_grammar():
+    clip = moving_clip(SCENE, (0.24, 0.0), frames=5)
+    centers = [s.objects[0].center for s in clip.scenes]
+    np.testing.assert_allclose([c[0] for c in centers], [0.26, 0.32, 0.38, 0.44, 0.50])
+    words = [c.text for c in clip.captions()]
+    assert words[0].endswith("on the left on a white background")
+    assert words[-1].endswith("on the center on a white background")
+    flows = clip.flows(16)
+    assert flows.shape == (4, 2, 16, 16)
+    masks = clip.moving_masks(16) >= 0.5
+    assert np.allclose(flows[0, 0].numpy()[masks[0]], 0.06 * 16)
+    assert np.all(flows[0].numpy()[:, ~masks[0]] == 0)
+
+
+def test_clips_refuse_bad_motion():
+    with pytest.raises(ValueError, match="outside the image"):
+        moving_clip(SCENE, (-0.5, 0.0))
+    two = Scene((ObjectSpec("circle", "red", "small", "left"),
+                 ObjectSpec("square", "blue", "small", "right")))
+    with pytest.raises(ValueError, match="another object's region"):
+        moving_clip(two, (0.48, 0.0), frames=3)
+    with pytest.raises(ValueError, match="object index 2"):
+        moving_clip(two, (0.1, 0.0), index=2)
+
+
+# --- keyframe attention ----------------------------------------------------------------------
+
+
+def test_keyframe_rows_of_each_scheme():
+    assert keyframe_rows("first", [4, 5, 6]) == [[4], [4], [4]]
+    assert keyframe_rows("first+previous", [4, 5, 6]) == [[4, 4], [4, 4], [4, 5]]
+    with pytest.raises(ValueError, match="unknown keyframe scheme 'last'"):
+        FrameAttention("last")
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("scheme", ["first", "first+previous"])
+def test_the_first_frame_is_generated_as_it_would_be_alone(kind, scheme):
+    model = tiny_model(kind)
+    prompts = ["a red square", "a blue circle", "a green square"]
+    alone = generate_clip(model, prompts, keyframes="none", steps=3, cfg=3.0, seed=1)
+    keyed = generate_clip(model, prompts, keyframes=scheme, steps=3, cfg=3.0, seed=1)
+    assert np.abs(keyed[0].astype(int) - alone[0].astype(int)).max() <= 1
+    assert np.abs(keyed[1:].astype(int) - alone[1:].astype(int)).max() > 1
+
+
+def test_identical_frames_from_shared_noise_stay_identical():
+    model = tiny_model("sd1")
+    plain = generate_clip(model, "a red square", frames=3, keyframes="none", noise="shared",
+                          steps=3, cfg=3.0)
+    keyed = generate_clip(model, "a red square", frames=3, keyframes="first+previous",
+                          noise="shared", steps=3, cfg=3.0)
+    assert np.abs(keyed.astype(int) - plain.astype(int)).max() <= 1
+    assert np.abs(keyed[1:].astype(int) - keyed[0].astype(int)).max() <= 1
+
+
+def test_chunks_with_the_first_keyframe_equal_one_call():
+    model = tiny_model("sd1")
+    prompts = ["a red square", "a blue circle", "a green square", "a red circle", "a square"]
+    whole = generate_clip(model, prompts, keyframes="first", steps=3, cfg=3.0, seed=4)
+    chunked = generate_clip(model, prompts, keyframes="first", steps=3, cfg=3.0, seed=4, chunk=3)
+    assert np.abs(whole.astype(int) - chunked.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="cannot run in chunks of 3"):
+        generate_clip(model, prompts, keyframes="first+previous", steps=3, chunk=3)
+
+
+def test_frame_attention_touches_only_its_role():
+    from tiny_models import tiny_unet
+
+    unet = tiny_unet("sd1")
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1))
+    layout = BatchLayout(("source", "target"), ("cond",))
+    x[1] = x[0] + 1.0
+
+    def run(controllers):
+        with attention_control(unet, controllers, layout=layout) as s, torch.no_grad():
+            with s.at_step(0, 500.0, num_steps=1, latent_hw=(8, 8)):
+                return unet(x[:2], 500, encoder_hidden_states=ctx[:2]).sample
+
+    base, keyed = run([]), run([FrameAttention("first", role="target")])
+    torch.testing.assert_close(keyed, base, rtol=1e-5, atol=1e-5)  # one target frame: itself
+
+
+# --- clip editing ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:EDICT edits with 4")
+@pytest.mark.parametrize("inversion", ["ddim", "edict"])
+def test_an_identical_prompt_clip_edit_reproduces_the_source(inversion):
+    model = tiny_model("sd1")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    out = edit_clip(model, frames, "a red square", "a red square", inversion=inversion,
+                    editor="p2p", keyframes="none", steps=4, cfg=3.0)
+    assert np.abs(out.edited.astype(int) - out.source.astype(int)).max() <= 1
+    keyed = edit_clip(model, frames, "a red square", "a blue square", inversion=inversion,
+                      editor="p2p", keyframes="first", steps=4, cfg=3.0)
+    assert np.abs(keyed.source.astype(int) - out.source.astype(int)).max() <= 1  # source kept
+    assert keyed.edited.shape == frames.shape
+
+
+def test_clip_edits_refuse_frames_of_different_sizes_before_inverting():
+    model = tiny_model("sd1")
+    frames = [np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+    with pytest.raises(ValueError, match="differ in size"):
+        edit_clip(model, frames, "a red square", "a blue square")
+
+
+def test_each_edited_frame_pairs_with_its_own_source_frame():
+    layout = BatchLayout(("source",) * 3 + ("target",) * 3, ("uncond", "cond"))
+    assert layout.pairs("source", "target", ("cond",)) == ([6, 7, 8], [9, 10, 11])
+    one = BatchLayout(("source", "target", "target"), ("cond",))
+    assert one.pairs("source", "target", ("cond",)) == ([0, 0], [1, 2])
+
+
+def test_local_blending_keeps_each_frame_outside_the_edited_words():
+    model = tiny_model("sd1")
+    frames = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    out = edit_clip(model, frames, "a red square", "a blue square", inversion="ddim",
+                    editor="p2p", keyframes="first", steps=4, cfg=3.0,
+                    blend_words=("red", "blue"), blend_threshold=2.0)  # mask: nowhere
+    torch.testing.assert_close(out.latents[2:], out.latents[:2], rtol=0, atol=1e-5)
+
+
+def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    from retouch.cli import main
+    from retouch.toyworld.render import render
+
+    model = ["--model", str(tiny_toy_pipeline), "--steps", "3"]
+    out = tmp_path / "t2v"
+    assert main(["video", "a red circle", "--frames", "3", "--noise", "warped", "--motion",
+                 "1,0", *model, "--out", str(out)]) == 0
+    gif = Image.open(out / "clip.gif")
+    assert gif.n_frames == 3 and (out / "frame_002.png").exists()
+    paths = []
+    for i, scene in enumerate(moving_clip(SCENE, (0.1, 0.0), frames=2).scenes):
+        paths.append(tmp_path / f"in{i}.png")
+        Image.fromarray(render(scene, 64).image).save(paths[-1])
+    edited = tmp_path / "edit"
+    assert main(["video", "a small red circle", "--input", *map(str, paths), "--target",
+                 "a small blue circle", *model, "--out", str(edited)]) == 0
+    assert (edited / "source_001.png").exists() and (edited / "frame_001.png").exists()
+    assert main(["video", "a red circle", "--noise", "warped", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "carries the noise along --motion" in capsys.readouterr().err
+    assert main(["video", "a red circle", "--keyframes", "last", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
