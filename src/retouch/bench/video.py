@@ -1,0 +1,139 @@
+"""Video part of ``bench consistency``: keyframe attention and noise models on ToyWorld clips.
+
+Each clip moves one object of a random extended scene horizontally by 0.12 of the image side
+(:func:`retouch.toyworld.clips.moving_clip`, it stays in its region). Every frame gets the same
+prompt, which names only the shape and the position (``a circle on the left``), so the model
+picks colour, size, fill style and background itself: independent frames disagree, and a
+consistency method must make them agree. For each method (a keyframe scheme and a noise model;
+25 DDIM steps, CFG 5, all frames in one batch):
+
+* ``adherence``: the share of frames whose shape, position and object count read as the prompt
+  says;
+* ``inconsistency``: the share of frames 2..F whose identity (colour, shape, size, fill style,
+  background, as the checker reads them) differs from frame 1's;
+  ``changed_color`` ... ``changed_background``: the same per attribute;
+* ``flicker``: the mean absolute change between consecutive frames (0..1) outside every object
+  (the checker's masks of both frames and the clip's true object, dilated by 2 pixels);
+* ``warp_error``: the mean absolute difference between frame ``t + 1`` and frame ``t`` moved by
+  the clip's known flow (backward warp, whole pixels);
+* seconds and network evaluations (NFE, counting each CFG half) per frame.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+from scipy import ndimage
+
+from ..recipes.video import generate_clip
+from ..toyworld.checker import read, score
+from ..toyworld.clips import Clip, moving_clip
+from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
+
+__all__ = ["METHODS", "measure_video"]
+
+METHODS = {  # name: (keyframe scheme, noise model)
+    "independent": ("none", "independent"),
+    "shared noise": ("none", "shared"),
+    "mixed noise": ("none", "mixed"),
+    "warped noise": ("none", "warped"),
+    "first (Text2Video-Zero)": ("first", "independent"),
+    "first+previous (Pix2Video)": ("first+previous", "independent"),
+    "first + warped noise": ("first", "warped"),
+    "first+previous + warped noise": ("first+previous", "warped"),
+}
+KEYFRAME_ROWS = ("first (Text2Video-Zero)", "first+previous (Pix2Video)")
+ONLY_SHAPE_AND_POSITION = {a: 1.0 for a in ("size", "color", "style", "background")}
+OFFSET = 0.12  # of the image side, over the clip
+STEPS, CFG = 25, 5.0
+
+
+def _clip(rng: random.Random, frames: int) -> tuple[Clip, str]:
+    scene = random_scene(rng, styles=STYLES, two_object_fraction=0.0, jitter=False)
+    start = scene.replace(0, dx=-OFFSET / 2)
+    clip = moving_clip(start, (OFFSET, 0.0), frames=frames)
+    return clip, caption(clip.scenes[0], drop=ONLY_SHAPE_AND_POSITION, rng=rng).text
+
+
+IDENTITY = ("color", "shape", "size", "style", "background", "count")
+
+
+def _identity(reading) -> tuple:
+    """The attributes of :data:`IDENTITY` as read (None where unreadable)."""
+    o = reading.objects[0] if reading.objects else None
+    attrs = (None,) * 4 if o is None else (o.color, o.shape, o.size, o.style)
+    return (*attrs, reading.background, len(reading.objects))
+
+
+def _warp(frame: np.ndarray, step_px: tuple[int, int], mask_next: np.ndarray) -> np.ndarray:
+    """Frame ``t`` moved by the step inside the object's next-frame mask (backward warp)."""
+    shifted = np.roll(frame, shift=(step_px[1], step_px[0]), axis=(0, 1))
+    return np.where(mask_next[..., None], shifted, frame)
+
+
+def _clip_scores(frames: np.ndarray, clip: Clip, prompt: str) -> dict[str, float]:
+    want = parse_caption(prompt)
+    readings = [read(f) for f in frames]
+    adhere = [all(score(r, want)[k] is not False for k in ("shape", "position", "count"))
+              for r in readings]
+    first = _identity(readings[0])
+    inconsistent = [_identity(r) != first for r in readings[1:]]
+    per_attribute = {f"changed_{a}": float(np.mean([_identity(r)[k] != first[k]
+                                                     for r in readings[1:]]))
+                     for k, a in enumerate(IDENTITY)}
+    size = frames.shape[1]
+    true = clip.moving_masks(size) >= 0.5
+    step_px = tuple(int(round(s * size)) for s in clip.step)
+    flicker, warp = [], []
+    f = frames.astype(np.float64) / 255.0
+    for t in range(len(frames) - 1):
+        objects = true[t] | true[t + 1]
+        for r in (readings[t], readings[t + 1]):
+            for o in r.objects:
+                objects |= o.mask
+        outside = ~ndimage.binary_dilation(objects, iterations=2)
+        flicker.append(np.abs(f[t + 1] - f[t])[outside].mean() if outside.any() else 0.0)
+        warp.append(np.abs(f[t + 1] - _warp(f[t], step_px, true[t + 1])).mean())
+    return {"adherence": float(np.mean(adhere)), "inconsistency": float(np.mean(inconsistent)),
+            "flicker": float(np.mean(flicker)), "warp_error": float(np.mean(warp)),
+            **per_attribute}
+
+
+def measure_video(model, *, clips: int, frames: int, seed: int = 0):
+    """Per-method means over ``clips`` clips of ``frames`` frames, and a sample grid (rows of
+    frames: the first clip under each method)."""
+    rng = random.Random(seed)
+    cases = [_clip(rng, frames) for _ in range(clips)]
+    h = model.latent_shape(1)[-1]
+    tally = {m: [] for m in METHODS}
+    seconds = {m: 0.0 for m in METHODS}
+    grid = []
+    for i, (clip, prompt) in enumerate(cases):
+        flows = clip.flows(h)
+        for name, (keyframes, noise) in METHODS.items():
+            t0 = time.perf_counter()
+            out = generate_clip(model, prompt, frames=frames, keyframes=keyframes, noise=noise,
+                                flows=flows, steps=STEPS, cfg=CFG, seed=i)
+            seconds[name] += time.perf_counter() - t0
+            tally[name].append(_clip_scores(out, clip, prompt))
+            if i == 0:
+                grid.append(out)
+    means = {m: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for m, v in tally.items()}
+    for m in means:
+        means[m]["seconds_per_frame"] = seconds[m] / (clips * frames)
+        means[m]["nfe_per_frame"] = STEPS * 2  # one row per frame in each CFG half
+    return means, grid, [p for _, p in cases]
+
+
+def headline(means: dict) -> dict:
+    base = means["independent"]
+    best = min(KEYFRAME_ROWS, key=lambda m: means[m]["inconsistency"])
+    ratio = (means[best]["inconsistency"] / base["inconsistency"]
+             if base["inconsistency"] > 0 else None)
+    flicker = (means["warped noise"]["flicker"] / base["flicker"] if base["flicker"] > 0
+               else None)
+    return {"video_inconsistency_ratio": ratio, "video_adherence": means[best]["adherence"],
+            "warped_flicker_ratio": flicker, "video_best_keyframe_scheme": best,
+            "video_inconsistency_independent": base["inconsistency"]}
