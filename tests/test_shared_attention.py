@@ -72,3 +72,26 @@ def test_identical_prompts_from_shared_noise_give_identical_images_with_or_witho
     plain = style_aligned(model, same, steps=4, cfg=3.0, seed=3, shared_noise=True, share=False)
     assert np.abs(shared.astype(int) - plain.astype(int)).max() <= 1
     assert np.abs(shared[1:].astype(int) - shared[0].astype(int)).max() <= 1
+
+
+def test_style_aligned_cli_writes_the_batch(tiny_toy_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    from retouch.cli import main
+    from retouch.toyworld.render import render
+    from retouch.toyworld.scene import ObjectSpec, Scene
+
+    model = ["--model", str(tiny_toy_pipeline), "--steps", "3"]
+    prompts = ["a big red circle on the left", "a small blue square on the right"]
+    assert main(["style-aligned", *prompts, *model, "--out", str(tmp_path / "g")]) == 0
+    assert Image.open(tmp_path / "g" / "batch.png").size == (128, 64)
+    ref = tmp_path / "ref.png"
+    scene = Scene((ObjectSpec("circle", "red", "big", "left"),))
+    Image.fromarray(render(scene, 64).image).save(ref)
+    assert main(["style-aligned", *prompts, "--reference", str(ref), *model,
+                 "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "image_001.png").exists()
+    assert main(["style-aligned", *prompts, "--option", "colour=1", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--option" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -9,6 +9,7 @@
 * :mod:`~retouch.attention.p2p`, :mod:`~retouch.attention.blend` — Prompt-to-Prompt.
 * :mod:`~retouch.attention.mutual` — MasaCtrl and Plug-and-Play.
 * :mod:`~retouch.attention.shared` — shared attention across a batch (StyleAligned).
+* :mod:`~retouch.attention.cross_image` — cross-image attention (appearance transfer).
 * :mod:`~retouch.attention.frames` — keyframe attention across frames (Text2Video-Zero,
   Pix2Video).
 """
@@ -23,6 +24,7 @@ from retouch.attention.control import (
     StepInfo,
     attention_control,
 )
+from retouch.attention.cross_image import CrossImageAttention
 from retouch.attention.frames import KEYFRAME_SCHEMES, FrameAttention
 from retouch.attention.maps import (
     AttentionStore,
@@ -63,6 +65,7 @@ __all__ = [
     "KEYFRAME_SCHEMES",
     "Controller",
     "CrossAttentionInjection",
+    "CrossImageAttention",
     "LocalBlend",
     "MapRecorder",
     "MutualSelfAttention",

@@ -22,8 +22,9 @@ shared noise alone (``shared_noise``: every row from the reference's noise, no s
 Needs a model trained on the extended vocabulary (the shipped one). Outputs:
 ``consistency.json`` (headline ``style_agreement``, ``content_leakage``, ``batch_adherence`` for
 StyleAligned, with the baselines' beside them; ``video_inconsistency_ratio``,
-``video_adherence``, ``warped_flicker_ratio`` for clips, :mod:`retouch.bench.video`),
-``consistency.md``, ``consistency.png``, ``consistency_video.png``.
+``video_adherence``, ``warped_flicker_ratio`` for clips, :mod:`retouch.bench.video`;
+``transfer_success`` for appearance transfer, :mod:`retouch.bench.transfer`),
+``consistency.md``, ``consistency.png``, ``consistency_video.png``, ``consistency_transfer.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from ..toyworld.checker import read, score
 from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import caption, parse_caption, random_scene
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .transfer import ROWS as TRANSFER_ROWS
+from .transfer import measure_transfer
 from .video import METHODS as VIDEO_METHODS
 from .video import headline as video_headline
 from .video import measure_video
@@ -107,6 +110,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     means = {m: {k: float(np.mean(v)) for k, v in t.items()} for m, t in tally.items()}
     clips, frames = (2, 4) if quick else (12, 8)
     video, video_grid, clip_prompts = measure_video(tw, clips=clips, frames=frames)
+    transfer_cases = 2 if quick else 24
+    transfer, transfer_grid = measure_transfer(tw, cases=transfer_cases)
     result = {
         "headline": {
             "style_agreement": means["shared"]["agree"],
@@ -116,13 +121,18 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             "style_agreement_shared_noise": means["shared_noise"]["agree"],
             "reference_max_pixel_change": ref_change,
             **video_headline(video),
+            "transfer_success": transfer["cross-image attention"]["success"],
+            "transfer_success_adain_only": transfer["adain only"]["success"],
+            "transfer_success_p2p_edit": transfer["p2p edit"]["success"],
         },
         "modes": means,
         "video": video,
+        "transfer": transfer,
         "reference_right": float(np.mean(ref_right)),
         "settings": {"cases_per_style": cases, "styles": list(STYLES), "images_per_batch": 4,
                      "steps": 25, "cfg": 5.0, "model": model or "shipped ToyWorld",
-                     "clips": clips, "frames_per_clip": frames, "clip_prompts": clip_prompts},
+                     "clips": clips, "frames_per_clip": frames, "clip_prompts": clip_prompts,
+                     "transfer_cases": transfer_cases},
     }
     write_result(out / "consistency.json", result)
     rows = [{"mode": m, "style and background": v["agree"], "style": v["style"],
@@ -136,13 +146,27 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         f"batch; references read right (style and background) in {np.mean(ref_right):.2f}.\n\n"
         + write_markdown_table(rows, ["mode", "style and background", "style", "background",
                                       "content leakage", "batch adherence"])
-        + _video_section(video, clips, frames)))
+        + _video_section(video, clips, frames) + _transfer_section(transfer, transfer_cases)))
     names = ["reference", "shared 1", "shared 2", "shared 3", "plain 1", "plain 2", "plain 3"]
     image_grid([im for r in grid for im in r], out / "consistency.png", columns=len(names),
                labels=names * len(grid), scale=2)
     image_grid([f for row in video_grid for f in row], out / "consistency_video.png",
                columns=frames, labels=[m for m in VIDEO_METHODS for _ in range(frames)], scale=2)
+    image_grid([im for row in transfer_grid for im in row], out / "consistency_transfer.png",
+               columns=2 + len(TRANSFER_ROWS),
+               labels=["structure", "appearance", *TRANSFER_ROWS] * len(transfer_grid), scale=2)
     return result
+
+
+def _transfer_section(transfer: dict, cases: int) -> str:
+    rows = [{"method": m, **v} for m, v in transfer.items()]
+    return (
+        f"\n\n# Appearance transfer: cross-image attention on ToyWorld renders\n\n{cases} pairs "
+        "of one-object scenes; the output prompt names only the structure's size, shape and "
+        "position (see `retouch.bench.transfer`). Success: the structure's shape and position "
+        "with the appearance's colour and fill style.\n\n"
+        + write_markdown_table(rows, ["method", "success", "structure_kept", "appearance_taken",
+                                      "background_taken", "seconds_per_transfer"]))
 
 
 def _video_section(video: dict, clips: int, frames: int) -> str:

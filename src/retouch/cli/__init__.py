@@ -203,11 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .edit import register as register_edit
     from .invert import register as register_invert
+    from .style_aligned import register as register_style_aligned
+    from .transfer import register as register_transfer
     from .video import register as register_video
 
     register_invert(sub)
     register_edit(sub)
     register_video(sub)
+    register_transfer(sub)
+    register_style_aligned(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

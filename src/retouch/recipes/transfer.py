@@ -1,0 +1,147 @@
+"""Appearance transfer by cross-image attention: the structure of one image, the look of another.
+
+Both inputs are inverted (any method of :data:`retouch.inversion.METHODS`, one batch) and held on
+their trajectories as the ``appearance`` and ``structure`` rows; the ``output`` row starts from
+the structure's inverted noise and, through :class:`~retouch.attention.CrossImageAttention`,
+reads the appearance's keys and values in the decoder's finest self-attention layers. Two more
+pieces of the paper act on the output row:
+
+* **AdaIN on the latents** in ``adain_steps``: each channel of the output latent takes the
+  appearance latent's mean and standard deviation over the image (the unmasked variant of the
+  reference code's ``adain``);
+* **swap guidance** on the steps where cross-image attention runs: ``x0 = x0_plain +
+  s (x0_swap - x0_plain)``, with ``s`` falling linearly from ``swap_guidance`` to
+  ``max(swap_guidance / 2, 1)`` over those steps (a second network pass per step; 1 turns it off).
+
+References: Alaluf, Garibi et al. 2024 (SIGGRAPH), Sec. 4 and garibida/cross-image-attention
+(``swap_guidance_scale`` 3.5, ``adain_range`` steps 20-100 of 100).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..attention import BatchLayout, attention_control, guidance_halves, in_window
+from ..attention.cross_image import CrossImageAttention
+from ..checks import count, finite
+from ..denoiser import halves_of
+from ..samplers import get_step, sample
+from ..samplers.callbacks import pin_row
+
+__all__ = ["appearance_transfer", "Transfer", "adain_latents"]
+
+ROLES = ("appearance", "structure", "output")
+
+
+@dataclass
+class Transfer:
+    """uint8 (H, W, 3) images: the output and the two inputs as their inversions reconstruct
+    them (what the output's attention saw)."""
+
+    output: np.ndarray
+    structure: np.ndarray
+    appearance: np.ndarray
+
+
+def adain_latents(x: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each channel of ``x`` (C, h, w) with the mean and std of ``ref``'s channel."""
+    mean, std = x.mean((-2, -1), keepdim=True), (x.var((-2, -1), keepdim=True) + eps).sqrt()
+    rmean, rstd = ref.mean((-2, -1), keepdim=True), (ref.var((-2, -1), keepdim=True) + eps).sqrt()
+    return (x - mean) / std * rstd + rmean
+
+
+def _adain_callback(window, num_steps: int):
+    def callback(ctx):
+        if not in_window(ctx.i, num_steps, window):
+            return None
+        x = ctx.x.clone()
+        x[2] = adain_latents(x[2], x[0])
+        return x
+
+    return callback
+
+
+def _swap_guided(den, ctrl: CrossImageAttention, times: Tensor, scale: float):
+    """``den`` with swap guidance on the output row at cross-image steps (module doc)."""
+    n = len(times) - 1
+    steps = [i for i in range(n) if any(in_window(i, n, w) for w in ctrl.windows.values())]
+    strengths = dict(zip(steps, np.linspace(scale, max(scale / 2, 1.0), len(steps)),
+                         strict=True))
+    grid = [float(t) for t in times]
+
+    def guided(x: Tensor, t: float) -> Tensor:
+        swapped = den(x, t)
+        i = min(range(n), key=lambda k: abs(grid[k] - float(t)))
+        s = strengths.get(i, 1.0)
+        if s == 1.0:
+            return swapped
+        ctrl.enabled = False
+        try:
+            plain = den(x, t)
+        finally:
+            ctrl.enabled = True
+        out = swapped.clone()
+        out[2] = plain[2] + s * (swapped[2] - plain[2])
+        return out
+
+    guided.schedule, guided.halves = den.schedule, halves_of(den)
+    return guided
+
+
+def appearance_transfer(
+    model,
+    structure,
+    appearance,
+    *,
+    structure_prompt: str,
+    appearance_prompt: str,
+    output_prompt: str | None = None,
+    inversion: str = "ddim",
+    steps: int = 25,
+    cfg: float = 5.0,
+    swap_guidance: float = 3.5,
+    adain_steps: tuple[float, float] = (0.2, 1.0),
+    sampler: str = "ddim",
+    cross_image: bool = True,
+    progress: bool = False,
+    **options,
+) -> Transfer:
+    """The ``structure`` image (PIL / uint8 array) in the look of ``appearance`` (module doc).
+    ``output_prompt`` defaults to the structure's; ``options`` go to
+    :class:`CrossImageAttention` (``contrast``, ``windows``, ``structure_every``,
+    ``structure_until``)."""
+    from ..inversion import invert
+
+    prompts = [appearance_prompt, structure_prompt, output_prompt or structure_prompt]
+    for p in prompts:
+        model.check_prompt(p)
+    count("steps", steps)
+    finite("cfg", cfg)
+    finite("swap_guidance", swap_guidance, low=1.0)
+    ctrl = CrossImageAttention(**options)
+    step = get_step(sampler)
+    images = [np.asarray(appearance), np.asarray(structure)]
+    if images[0].shape != images[1].shape:
+        raise ValueError(f"the structure ({images[1].shape}) and appearance ({images[0].shape}) "
+                         f"images differ in size; resize one to the other")
+    inv = invert(model, np.stack(images), prompts[:2], method=inversion, steps=steps, cfg=cfg,
+                 progress=progress)
+    traj: Tensor = inv.trajectory  # (steps + 1, 2, C, h, w) on the grid
+    times = inv.times
+    x = torch.cat([traj[0], traj[0][1:2]]).to(model.device)  # output from the structure's noise
+    callbacks = [pin_row(traj[:, 0], 0), pin_row(traj[:, 1], 1),
+                 _adain_callback(adain_steps, steps)]
+    den = model.denoiser(prompts, cfg=cfg)
+    layout = BatchLayout(ROLES, guidance_halves(den))
+    controllers = [ctrl] if cross_image else []
+    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+        guided = session.denoiser(den, times)
+        if cross_image:
+            guided = _swap_guided(guided, ctrl, times, swap_guidance)
+        latents = sample(guided, x, times, step=step, callbacks=callbacks, progress=progress)
+    out = model.decode(latents)
+    return Transfer(output=out[2], structure=out[1], appearance=out[0])
