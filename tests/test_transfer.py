@@ -116,3 +116,19 @@ def test_transfer_cli_writes_the_output(tiny_toy_pipeline, tmp_path, capsys):
     assert "contrast must be a positive number" in capsys.readouterr().err
     assert main(["transfer", *common, "--out", str(paths[0])]) == 2  # a file, not a folder
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("inversion", ["direct", "edict", "bdia", "ddpm_edit_friendly"])
+def test_transfer_takes_any_inversion_and_keeps_the_inputs_on_it(inversion):
+    from retouch.inversion import invert
+
+    model = tiny_model("sd1")
+    struct, app = _images()
+    out = appearance_transfer(model, struct, app, structure_prompt="a red square",
+                              appearance_prompt="a blue circle", steps=4, cfg=3.0,
+                              inversion=inversion)
+    inv = invert(model, np.stack([app, struct]), ["a blue circle", "a red square"],
+                 method=inversion, steps=4, cfg=3.0, progress=False)
+    want = model.decode(inv.trajectory[-1])
+    assert np.abs(out.appearance.astype(int) - want[0].astype(int)).max() <= 1
+    assert np.abs(out.structure.astype(int) - want[1].astype(int)).max() <= 1

@@ -39,12 +39,14 @@ METHODS = {  # name: (keyframe scheme, noise model)
     "shared noise": ("none", "shared"),
     "mixed noise": ("none", "mixed"),
     "warped noise": ("none", "warped"),
-    "first (Text2Video-Zero)": ("first", "independent"),
+    "first": ("first", "independent"),
     "first+previous (Pix2Video)": ("first+previous", "independent"),
-    "first + warped noise": ("first", "warped"),
+    "first + warped noise (Text2Video-Zero)": ("first", "warped"),
     "first+previous + warped noise": ("first+previous", "warped"),
 }
-KEYFRAME_ROWS = ("first (Text2Video-Zero)", "first+previous (Pix2Video)")
+#: The keyframe schemes, alone and with warped noise (Text2Video-Zero's cross-frame attention
+#: with its motion dynamics); the headline takes the best of them.
+KEYFRAME_ROWS = tuple(m for m, (k, _) in METHODS.items() if k != "none")
 ONLY_SHAPE_AND_POSITION = {a: 1.0 for a in ("size", "color", "style", "background")}
 OFFSET = 0.12  # of the image side, over the clip
 STEPS, CFG = 25, 5.0

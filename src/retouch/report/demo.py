@@ -3,8 +3,9 @@ model and writes a self-contained HTML gallery, with the checker's verdicts wher
 
 Sections: text-to-image with checker verdicts; samplers on one prompt; inversion of a *rendered*
 (real) image by several methods; cross-attention maps; Prompt-to-Prompt edits of real images
-against the renderer's ground truth. Each section is small, so the whole demo runs in about a
-minute on 2 CPU cores.
+against the renderer's ground truth; on an extended-vocabulary model, a clip with keyframe
+attention and warped noise, and appearance transfers by cross-image attention. Each section is
+small, so the whole demo runs in a minute or two on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -179,6 +180,62 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
         "36.9 dB outside the edit, core model). Reproduce: retouch ui, Edit tab."))
 
 
+def _video_section(model: PipelineModel) -> Section:
+    from ..bench.video import _clip, _clip_scores
+    from ..recipes.video import generate_clip
+
+    clip, prompt = _clip(random.Random(DEMO_SEED), 6)
+    h = model.latent_shape(1)[-1]
+    figures = []
+    for name, keyframes, noise in (("independent frames", "none", "independent"),
+                                   ("Text2Video-Zero: first-frame attention + warped noise",
+                                    "first", "warped")):
+        frames = generate_clip(model, prompt, frames=6, keyframes=keyframes, noise=noise,
+                               flows=clip.flows(h), steps=25, cfg=5.0, seed=DEMO_SEED)
+        s = _clip_scores(frames, clip, prompt)
+        figures.append(Figure(np.concatenate(list(frames), 1), (
+            f"{name}: {1 - s['inconsistency']:.2f} of later frames keep frame 1's colour, size "
+            f"and background; flicker outside the object {s['flicker']:.3f}"),
+            ok=s["inconsistency"] == 0 and s["adherence"] == 1))
+    text = (f"Six frames of '{prompt}' (the prompt leaves colour, size and background to the "
+            "model), the noise carried along a known motion of the object. Independent frames "
+            "each pick their own look; keyframe attention and warped noise are meant to make them "
+            "agree, and the captions say how far they do.")
+    return Section("Frames from an image model", text, figures, see=(
+        "Benchmark: retouch bench consistency (benchmarks/consistency.md, video rows). "
+        "Reproduce: retouch video 'a circle on the left' --frames 6 --noise warped --motion "
+        "0.3,0 --out clip/"))
+
+
+def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
+    from ..bench.transfer import LOOK, _case, _marks
+    from ..recipes.transfer import appearance_transfer
+
+    rng = random.Random(DEMO_SEED)
+    figures, wins = [], 0
+    for _ in range(n):
+        a, b = _case(rng)
+        out = appearance_transfer(model, render(a).image, render(b).image,
+                                  structure_prompt=caption(a).text,
+                                  appearance_prompt=caption(b).text,
+                                  output_prompt=caption(a, drop=LOOK, rng=rng).text,
+                                  steps=25, cfg=5.0).output
+        marks = _marks(out, a, b)
+        wins += marks["success"]
+        figures.append(Figure(np.concatenate([render(a).image, render(b).image, out], 1), (
+            f"structure kept {marks['structure_kept']}, colour and style taken "
+            f"{marks['appearance_taken']}, background taken {marks['background_taken']}"),
+            ok=marks["success"]))
+    text = ("Cross-image attention: the output keeps the first image's shape and position and "
+            "takes the second image's look (colour, fill style) through its self-attention and "
+            "AdaIN of the latents; its prompt names neither. Each row: structure | appearance | "
+            f"output. The checker judged {wins} of {n} transfers right.")
+    return Section("Appearance transfer between real images", text, figures, see=(
+        "Benchmark: retouch bench consistency (benchmarks/consistency.md, transfer rows). "
+        "Reproduce: retouch transfer STRUCTURE.png APPEARANCE.png --structure-prompt P "
+        "--appearance-prompt P --out t/"))
+
+
 def run_demo(out: Path, *, model: str | None = None, n: int = 16) -> Path:
     """Write ``out/index.html``; returns its path."""
     tw = PipelineModel.load(model)
@@ -194,4 +251,6 @@ def run_demo(out: Path, *, model: str | None = None, n: int = 16) -> Path:
         _attention_section(tw, scene),
         _edit_section(tw),
     ]
+    if toyworld_extended(tw.folder):  # colours, styles and backgrounds to share
+        sections += [_video_section(tw), _transfer_section(tw)]
     return write_gallery(Path(out) / "index.html", "retouch demo", sections)
