@@ -119,8 +119,10 @@ class Controller:
         """Sampling-loop callback after each step (``ctx``: StepContext); may return new x."""
         return None
 
-    def hooks(self) -> dict[str, Callable[[StepInfo, Tensor], Tensor]]:
-        """Forward hooks by module path: ``fn(info, output) -> output`` (feature injection)."""
+    def hooks(self, unet: torch.nn.Module) -> dict[str, Callable[..., Tensor]]:
+        """Forward hooks by module path of ``unet``: ``fn(info, output, inputs) -> output``
+        (``inputs``: the module's positional arguments), e.g. feature injection or a norm
+        whose statistics span several rows."""
         return {}
 
     def missing_sites_message(self) -> str:
@@ -283,7 +285,7 @@ class AttentionSession:
         self._selected = {}
         for c in self.controllers:
             chosen = c.bind(list(self.sites.values()))
-            if not chosen and not c.hooks():
+            if not chosen and not c.hooks(unet):
                 raise ValueError(
                     f"{c.missing_sites_message()}; this model has "
                     f"{describe_sites(self.sites.values())}"
@@ -347,7 +349,7 @@ class AttentionSession:
             if not controller.active(info):
                 return None
             self.record(controller)
-            return fn(info, output)
+            return fn(info, output, args)
 
         return hook
 
@@ -412,7 +414,7 @@ def attention_control(
             for key, site in session.sites.items()
         })
         for c in session.controllers:
-            for name, fn in c.hooks().items():
+            for name, fn in c.hooks(unet).items():
                 try:
                     module = unet.get_submodule(name)
                 except AttributeError as exc:

@@ -120,11 +120,11 @@ class PlugAndPlay(Controller):
         src, tgt = self._rows(call, q.device)
         return q.index_copy(0, tgt, q[src]), k.index_copy(0, tgt, k[src]), v
 
-    def hooks(self):
+    def hooks(self, unet):
         if self.feature_module is None:
             return {}
 
-        def inject(info: StepInfo, out: Tensor) -> Tensor:
+        def inject(info: StepInfo, out: Tensor, inputs) -> Tensor:
             src, tgt = self._rows(info, out.device)
             return out.index_copy(0, tgt, out[src])
 

@@ -7,7 +7,9 @@ reference's keys and values are appended to every row's own:
 its own tokens, which leaves its softmax average unchanged: the reference is generated exactly
 as it would be alone (to float round-off), and the other rows take its style. ``score_scale``
 ``s`` scales the reference keys seen by the other rows and ``score_shift`` adds to their scores
-on the reference tokens (the strength of the reference's attention).
+on the reference tokens (the strength of the reference's attention). ``share_group_norm``
+(default, as the reference code) also normalises every row's UNet group norms jointly with its
+reference's features.
 
 References: Hertz et al. 2024, "Style Aligned Image Generation via Shared Attention" (CVPR),
 Sec. 3 (AdaIN of queries and keys, eq. 2-4); google/style-aligned ``sa_handler.py``
@@ -20,6 +22,7 @@ import math
 from collections.abc import Collection
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from retouch.attention.control import AttnCall, Controller
@@ -58,6 +61,7 @@ class SharedAttention(Controller):
         start_layer: int = 0,
         steps: Window = (0.0, 1.0),
         halves: Collection[str] = ("uncond", "cond"),
+        share_group_norm: bool = True,
     ):
         if not math.isfinite(score_scale) or score_scale <= 0:
             raise ValueError(f"score_scale must be a positive number, got {score_scale}")
@@ -72,6 +76,7 @@ class SharedAttention(Controller):
         self.steps = steps  # step window (fractions)
         self.halves = tuple(halves)  # guidance halves whose rows share (each with its own ref)
         self.uses_probs = score_shift != 0.0  # the shift acts on the probabilities
+        self.share_group_norm = share_group_norm  # group norms see the reference's features
 
     def select(self, site: Site) -> bool:
         return site.kind == "self" and site.layer >= self.start_layer
@@ -81,6 +86,28 @@ class SharedAttention(Controller):
 
     def active(self, call: AttnCall) -> bool:
         return in_window(call.step, call.num_steps, self.steps)
+
+    def hooks(self, unet: torch.nn.Module):
+        """With ``share_group_norm``, every GroupNorm of the UNet normalises each row jointly
+        with its reference row (the statistics of ``[x; x_ref]``), as the reference code's
+        ``register_shared_norm``; the reference row sees itself twice, which keeps its own
+        statistics. (The reference code's LayerNorm sharing normalises each token over its
+        channels, which concatenating tokens does not change: a no-op, left out.)"""
+        if not self.share_group_norm:
+            return {}
+
+        def shared_norm(norm: torch.nn.GroupNorm):
+            def fn(info, out: Tensor, inputs) -> Tensor:
+                x = inputs[0]
+                ref_of, _ = self._reference_rows(info, x.device)
+                joint = torch.cat([x, x[ref_of]], dim=-1)
+                y = F.group_norm(joint, norm.num_groups, norm.weight, norm.bias, norm.eps)
+                return y[..., : x.shape[-1]]
+
+            return fn
+
+        return {name: shared_norm(m) for name, m in unet.named_modules()
+                if isinstance(m, torch.nn.GroupNorm)}
 
     def _reference_rows(self, call: AttnCall, device) -> tuple[Tensor, Tensor]:
         """``ref_of`` (B,): each row's reference row (itself outside the shared halves), and
