@@ -22,6 +22,7 @@ def _call(step: int, num_steps: int = 10) -> AttnCall:
 
 def test_the_output_reads_the_appearance_and_periodically_the_structure():
     ctrl = CrossImageAttention(structure_every=5, structure_until=0.4)
+    assert ctrl.bind([SITE]) == [SITE]  # the finest decoder resolution: rank 0
     q, k, v = (torch.randn(3, 2, 64, 4, generator=torch.Generator().manual_seed(i))
                for i in range(3))
     _, k1, v1 = ctrl.qkv(_call(1), q, k, v)
@@ -79,7 +80,9 @@ def test_transfer_moves_the_output_and_keeps_the_inputs_on_their_inversions(kind
     on = appearance_transfer(model, struct, app, **common)
     off = appearance_transfer(model, struct, app, **common, swap_guidance=1.0,
                               adain_steps=(1.0, 1.0), cross_image=False)
+    unswapped = appearance_transfer(model, struct, app, **common, swap_guidance=1.0)
     assert np.abs(on.output.astype(int) - off.output.astype(int)).max() > 1
+    assert np.abs(on.output.astype(int) - unswapped.output.astype(int)).max() > 1
     assert np.abs(on.structure.astype(int) - off.structure.astype(int)).max() <= 1
 
 

@@ -20,7 +20,6 @@ SCENE = Scene((ObjectSpec("circle", "red", "small", "left"),), background="white
 
 def test_mixed_noise_interpolates_between_independent_and_shared():
     shape = (2, 4, 64, 64)
-    assert torch.equal(mixed_noise(shape, 0, mix=0.0)[0], mixed_noise(shape, 0, mix=0.0)[0])
     for mix, corr in ((0.0, 0.0), (1.0, 0.5), (3.0, 0.9)):
         e = mixed_noise(shape, 1, mix=mix)
         r = torch.corrcoef(e.flatten(1))[0, 1].item()
@@ -52,6 +51,19 @@ def test_warped_noise_carries_a_translation_whole_pixels_and_stays_standard_gaus
     # the moving block kept its noise, half a pixel a frame: two frames on it is one pixel
     torch.testing.assert_close(frames[2, :, 10:20, 11:21], eps[:, 10:20, 10:20], rtol=0,
                                atol=1e-6)
+
+
+def test_warped_noise_collisions_keep_the_moving_source_and_holes_get_fresh_draws():
+    eps = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # (C, h, w) = (1, 1, 4)
+    flow = torch.zeros(1, 2, 1, 4)
+    flow[0, 0, 0, 1] = 1.0  # the pixel holding 2 moves onto the one holding 3
+    out = warped_noise(eps, flow, k=1)[1, 0, 0]
+    assert out[0] == 1.0 and out[2] == 2.0 and out[3] == 4.0  # 3 is covered
+    assert out[1] not in (1.0, 2.0, 3.0, 4.0)  # the hole: a fresh draw
+    half = torch.full((1, 2, 1, 4), 0.5)
+    half[0, 1] = 0.0
+    moved = warped_noise(eps, half, k=1)[1, 0, 0]  # half a pixel rounds up, everywhere alike
+    assert torch.equal(moved[1:], eps[0, 0, :-1])
 
 
 def test_warped_noise_needs_a_flow_per_later_frame():
@@ -126,6 +138,9 @@ def test_chunks_with_the_first_keyframe_equal_one_call():
     whole = generate_clip(model, prompts, keyframes="first", steps=3, cfg=3.0, seed=4)
     chunked = generate_clip(model, prompts, keyframes="first", steps=3, cfg=3.0, seed=4, chunk=3)
     assert np.abs(whole.astype(int) - chunked.astype(int)).max() <= 1
+    ddpm = dict(keyframes="first", steps=3, cfg=3.0, seed=4, sampler="ddpm")
+    assert np.abs(generate_clip(model, prompts, **ddpm).astype(int)
+                  - generate_clip(model, prompts, chunk=3, **ddpm).astype(int)).max() <= 1
     with pytest.raises(ValueError, match="cannot run in chunks of 3"):
         generate_clip(model, prompts, keyframes="first+previous", steps=3, chunk=3)
 
@@ -146,6 +161,8 @@ def test_frame_attention_touches_only_its_role():
 
     base, keyed = run([]), run([FrameAttention("first", role="target")])
     torch.testing.assert_close(keyed, base, rtol=1e-5, atol=1e-5)  # one target frame: itself
+    with pytest.raises(ValueError, match="has none: pass role="):
+        run([FrameAttention("first", role="frame")])
 
 
 # --- clip editing ----------------------------------------------------------------------------
@@ -163,7 +180,11 @@ def test_an_identical_prompt_clip_edit_reproduces_the_source(inversion):
     keyed = edit_clip(model, frames, "a red square", "a blue square", inversion=inversion,
                       editor="p2p", keyframes="first", steps=4, cfg=3.0)
     assert np.abs(keyed.source.astype(int) - out.source.astype(int)).max() <= 1  # source kept
+    plain = edit_clip(model, frames, "a red square", "a blue square", inversion=inversion,
+                      editor="p2p", keyframes="none", steps=4, cfg=3.0)
     assert keyed.edited.shape == frames.shape
+    assert np.abs(keyed.edited[0].astype(int) - plain.edited[0].astype(int)).max() <= 1
+    assert np.abs(keyed.edited[1:].astype(int) - plain.edited[1:].astype(int)).max() > 1
 
 
 def test_clip_edits_refuse_frames_of_different_sizes_before_inverting():

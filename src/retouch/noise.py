@@ -12,12 +12,12 @@ from a seeded generator (so the same seed gives the same noise on every device):
   Warped Your Noise"). Each latent pixel is the normalised sum of ``k x k`` i.i.d. N(0, 1)
   sub-pixels (drawn conditionally on the pixel, so the first frame is exactly the given noise);
   the sub-pixels move with the flow, and each later pixel is again the sum of the ``k^2``
-  sub-pixels that land in it divided by ``k``. A sub-pixel that two destinations would take goes
-  to the one that moves most (the moving object covers what it passes over) and the other takes
-  a fresh draw; so does every disoccluded sub-pixel. Every frame is therefore exactly i.i.d.
-  N(0, 1) per pixel, for any flow, while a pixel moving along the flow keeps its noise. (The
-  paper warps each pixel's polygon; the nearest-sub-pixel transport here is its discrete form
-  at resolution ``1/k``, exact for translations by multiples of ``1/k`` pixel.)
+  sub-pixels that land in it divided by ``k``. Where two sub-pixels land on one place, the one
+  that moves most stays (the moving object covers what it passes over) and the other is dropped;
+  a place nothing lands on (disoccluded) takes a fresh draw. Every frame is therefore exactly
+  i.i.d. N(0, 1) per pixel, for any flow, while a pixel moving along the flow keeps its noise.
+  (The paper warps each pixel's polygon; the nearest-sub-pixel transport here is its discrete
+  form at resolution ``1/k``, exact for translations by multiples of ``1/k`` pixel.)
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def _transport(sub: Tensor, flow: Tensor, k: int, gen: torch.Generator) -> Tenso
     c, hh, ww = sub.shape
     f = flow.to(sub.dtype).repeat_interleave(k, 1).repeat_interleave(k, 2) * k  # sub-pixels
     ys, xs = torch.meshgrid(torch.arange(hh), torch.arange(ww), indexing="ij")
-    tx = torch.round(xs + f[0]).long()
-    ty = torch.round(ys + f[1]).long()
+    tx = torch.floor(xs + f[0] + 0.5).long()  # round half up: a uniform motion stays uniform
+    ty = torch.floor(ys + f[1] + 0.5).long()
     inside = (tx >= 0) & (tx < ww) & (ty >= 0) & (ty < hh)
     src = torch.nonzero(inside.flatten()).squeeze(1)
     dst = (ty * ww + tx).flatten()[src]

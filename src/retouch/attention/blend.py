@@ -89,6 +89,9 @@ class LocalBlend(Controller):
             return None
         maps = self.store.cross()  # (R, S, S, T), mean over steps so far
         src, tgt = layout.latent_rows(self.source), layout.latent_rows(self.target)
+        if len(src) not in (1, len(tgt)):
+            raise ValueError(f"local blending pairs {len(src)} source rows with {len(tgt)} target "
+                             f"rows: give one source row, or one per target row")
         src = src if len(src) == len(tgt) else src[:1] * len(tgt)  # one source per target row
         m = torch.stack([self._word_map(maps, src, self.source_positions),
                          self._word_map(maps, tgt, self.target_positions)])  # (2, r, S, S)

@@ -71,6 +71,10 @@ class FrameAttention(Controller):
     def _sources(self, call: AttnCall, device) -> Tensor:
         """(B, n) model rows whose keys and values each row attends to."""
         layout, n = call.layout, len(KEYFRAME_SCHEMES[self.scheme])
+        if self.role not in layout.roles or not set(self.halves) & set(layout.halves):
+            raise ValueError(f"keyframe attention acts on {self.role!r} rows of the halves "
+                             f"{self.halves}; the batch layout {layout} has none: pass role= "
+                             f"and halves= of this batch")
         src = torch.arange(layout.size).unsqueeze(1).repeat(1, n)
         for half in self.halves:
             if half in layout.halves and self.role in layout.roles:

@@ -8,8 +8,8 @@ its own tokens, which leaves its softmax average unchanged: the reference is gen
 as it would be alone (to float round-off), and the other rows take its style. ``score_scale``
 ``s`` scales the reference keys seen by the other rows and ``score_shift`` adds to their scores
 on the reference tokens (the strength of the reference's attention). ``share_group_norm``
-(default, as the reference code) also normalises every row's UNet group norms jointly with its
-reference's features.
+(default, as the reference code's ``StyleAlignedArgs``; its SDXL demos turn it off) also
+normalises every row's UNet group norms jointly with its reference's features.
 
 References: Hertz et al. 2024, "Style Aligned Image Generation via Shared Attention" (CVPR),
 Sec. 3 (AdaIN of queries and keys, eq. 2-4); google/style-aligned ``sa_handler.py``

@@ -127,6 +127,9 @@ class BatchLayout:
             if half not in self.halves:
                 continue
             ss, ts = self.rows(source, half), self.rows(target, half)
+            if len(ss) not in (1, len(ts)):
+                raise ValueError(f"{len(ss)} {source!r} rows for {len(ts)} {target!r} rows: give "
+                                 f"one source row, or one per target row")
             src += ss if len(ss) == len(ts) else [ss[0]] * len(ts)
             tgt += ts
         return src, tgt

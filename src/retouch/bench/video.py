@@ -41,11 +41,11 @@ METHODS = {  # name: (keyframe scheme, noise model)
     "warped noise": ("none", "warped"),
     "first": ("first", "independent"),
     "first+previous (Pix2Video)": ("first+previous", "independent"),
-    "first + warped noise (Text2Video-Zero)": ("first", "warped"),
+    "first + warped noise": ("first", "warped"),
     "first+previous + warped noise": ("first+previous", "warped"),
 }
-#: The keyframe schemes, alone and with warped noise (Text2Video-Zero's cross-frame attention
-#: with its motion dynamics); the headline takes the best of them.
+#: The keyframe schemes, alone and with warped noise (first-frame attention is Text2Video-Zero's
+#: cross-frame attention); the headline takes the best of the four, chosen on the same clips.
 KEYFRAME_ROWS = tuple(m for m, (k, _) in METHODS.items() if k != "none")
 ONLY_SHAPE_AND_POSITION = {a: 1.0 for a in ("size", "color", "style", "background")}
 OFFSET = 0.12  # of the image side, over the clip

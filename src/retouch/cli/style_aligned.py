@@ -36,6 +36,8 @@ def run_style_aligned(args: argparse.Namespace) -> None:
         SharedAttention(**options)  # refuses unknown or bad options before the model loads
     except TypeError as err:
         raise ValueError(f"--option: {err}; see retouch.attention.SharedAttention") from None
+    if args.inversion is not None and args.reference is None:
+        raise ValueError("--inversion inverts a --reference image; give one or drop --inversion")
     prompts = args.prompts
     if len(prompts) < 2:
         raise ValueError("style-aligned needs the reference prompt and at least one more prompt")
@@ -52,7 +54,8 @@ def run_style_aligned(args: argparse.Namespace) -> None:
         from retouch.inversion import invert
 
         image = read_image(args.reference, model.image_size)
-        inversion = invert(model, image, prompts[0], method=args.inversion, steps=args.steps,
+        inversion = invert(model, image, prompts[0], method=args.inversion or "ddim",
+                           steps=args.steps,
                            cfg=args.cfg)
     images = style_aligned(model, prompts, steps=args.steps, cfg=args.cfg, seed=args.seed,
                            reference_inversion=inversion, shared_noise=args.shared_noise,
@@ -61,7 +64,8 @@ def run_style_aligned(args: argparse.Namespace) -> None:
         save_image(im, out / f"image_{i:03d}.png")
     save_image(np.concatenate(list(images), axis=1), out / "batch.png")
     report = {"prompts": prompts, "reference": args.reference,
-              "inversion": args.inversion if args.reference else None, "steps": args.steps,
+              "inversion": (args.inversion or "ddim") if args.reference else None,
+              "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "shared_noise": args.shared_noise,
               "options": options}
     atomic_write_text(out / "style_aligned.json", json.dumps(report, indent=2) + "\n")
@@ -77,7 +81,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[1])
     p.add_argument("prompts", nargs="+", help="the reference prompt, then the others")
     p.add_argument("--reference", default=None, help="a real reference image")
-    p.add_argument("--inversion", default="ddim", choices=METHODS)
+    p.add_argument("--inversion", default=None, choices=METHODS,
+                   help="with --reference (default ddim)")
     p.add_argument("--shared-noise", action="store_true", help="every image from one noise")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="SharedAttention option")

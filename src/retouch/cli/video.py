@@ -4,10 +4,10 @@
 independent|shared|mixed|warped] [--mix A] [--motion DX,DY] --out DIR`` generates N frames whose
 self-attention reads the keyframes (Text2Video-Zero: first; Pix2Video: first+previous). With
 ``--noise warped`` the start noise moves along ``--motion`` (a global translation of DX, DY
-latent pixels per frame; Text2Video-Zero's motion dynamics). ``--input FRAME.png ...`` edits a
+latent pixels per frame, carried as Chang et al.'s warped noise). ``--input FRAME.png ...`` edits a
 real clip instead: every frame is inverted under PROMPT (``--inversion``, default ddim) and
-edited towards ``--target`` with ``--editor`` (default p2p; FateZero-style attention fusion from
-the source's inversion) and keyframe attention among the edited frames.
+edited towards ``--target`` with ``--editor`` (default p2p: the source's attention maps fused
+into the edit, close to FateZero) and keyframe attention among the edited frames.
 
 Writes ``DIR/frame_000.png``... and ``DIR/clip.gif`` (with ``--input`` also
 ``DIR/source_000.png``..., the reconstructions), and ``DIR/video.json``. Wire-in:
@@ -78,6 +78,17 @@ def run_video(args: argparse.Namespace) -> None:
         raise ValueError("--input needs --target (the caption the edited clip should have)")
     if args.noise == "warped" and motion is None:
         raise ValueError("--noise warped carries the noise along --motion DX,DY; give it")
+    if motion is not None and args.noise != "warped":
+        raise ValueError("--motion moves warped noise; use it with --noise warped")
+    if args.mix is not None and args.noise != "mixed":
+        raise ValueError("--mix weighs mixed noise; use it with --noise mixed")
+    if args.mix is not None and not (np.isfinite(args.mix) and args.mix >= 0):
+        raise ValueError(f"--mix must be a finite number >= 0, got {args.mix}")
+    if editing and args.chunk is not None:
+        raise ValueError("--chunk splits generated clips; an --input edit runs in one call")
+    if args.chunk is not None and args.keyframes not in ("none", "first"):
+        raise ValueError(f"--keyframes {args.keyframes} chains frames and cannot run in chunks; "
+                         f"use --keyframes first or drop --chunk")
     frames = len(args.input) if editing else (args.frames or 8)
     if frames > MAX_FRAMES:
         raise ValueError(f"{frames} frames in one clip; at most {MAX_FRAMES}: split the clip")
@@ -101,7 +112,8 @@ def run_video(args: argparse.Namespace) -> None:
     else:
         h, w = model.latent_shape(1)[-2:]
         flows = _global_flows(frames, (h, w), motion) if motion is not None else None
-        clip = generate_clip(model, args.prompt, frames=frames, noise=args.noise, mix=args.mix,
+        mix = 1.0 if args.mix is None else args.mix
+        clip = generate_clip(model, args.prompt, frames=frames, noise=args.noise, mix=mix,
                              flows=flows, seed=args.seed, chunk=args.chunk, **common)
     for i, f in enumerate(clip):
         save_image(f, out / f"frame_{i:03d}.png")
@@ -129,7 +141,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=whole(2), default=None, help="frames to generate (8)")
     p.add_argument("--keyframes", default="first", choices=KEYFRAMES)
     p.add_argument("--noise", default="independent", choices=NOISE_MODELS)
-    p.add_argument("--mix", type=number, default=1.0, help="mixed noise weight (Ge et al.)")
+    p.add_argument("--mix", type=number, default=None,
+                   help="mixed noise weight (Ge et al.; default 1)")
     p.add_argument("--motion", default=None, metavar="DX,DY",
                    help="latent pixels per frame, for --noise warped")
     p.add_argument("--chunk", type=whole(2), default=None, help="frames per model call")

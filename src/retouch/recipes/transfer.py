@@ -13,6 +13,11 @@ pieces of the paper act on the output row:
   s (x0_swap - x0_plain)``, with ``s`` falling linearly from ``swap_guidance`` to
   ``max(swap_guidance / 2, 1)`` over those steps (a second network pass per step; 1 turns it off).
 
+The inputs may be inverted with any method: their rows follow the stored trajectories. The
+output row is sampled from the structure's inverted noise with ``sampler`` (seeded by ``seed``
+if it is stochastic); the reference code instead runs edit-friendly DDPM with the structure's
+noise maps and CFG 1, at 100 steps.
+
 References: Alaluf, Garibi et al. 2024 (SIGGRAPH), Sec. 4 and garibida/cross-image-attention
 (``swap_guidance_scale`` 3.5, ``adain_range`` steps 20-100 of 100).
 """
@@ -27,6 +32,7 @@ from torch import Tensor
 
 from ..attention import BatchLayout, attention_control, guidance_halves, in_window
 from ..attention.cross_image import CrossImageAttention
+from ..attention.sites import check_window
 from ..checks import count, finite
 from ..denoiser import halves_of
 from ..samplers import get_step, sample
@@ -35,6 +41,7 @@ from ..samplers.callbacks import pin_row
 __all__ = ["appearance_transfer", "Transfer", "adain_latents"]
 
 ROLES = ("appearance", "structure", "output")
+APPEARANCE, STRUCTURE, OUTPUT = range(3)  # latent rows
 
 
 @dataclass
@@ -59,7 +66,7 @@ def _adain_callback(window, num_steps: int):
         if not in_window(ctx.i, num_steps, window):
             return None
         x = ctx.x.clone()
-        x[2] = adain_latents(x[2], x[0])
+        x[OUTPUT] = adain_latents(x[OUTPUT], x[APPEARANCE])
         return x
 
     return callback
@@ -75,6 +82,9 @@ def _swap_guided(den, ctrl: CrossImageAttention, times: Tensor, scale: float):
 
     def guided(x: Tensor, t: float) -> Tensor:
         swapped = den(x, t)
+        if not isinstance(swapped, Tensor):
+            raise ValueError(f"swap guidance extrapolates x0 predictions; this denoiser returns "
+                             f"{type(swapped).__name__} (e.g. CFG++): use swap_guidance=1")
         i = min(range(n), key=lambda k: abs(grid[k] - float(t)))
         s = strengths.get(i, 1.0)
         if s == 1.0:
@@ -85,7 +95,7 @@ def _swap_guided(den, ctrl: CrossImageAttention, times: Tensor, scale: float):
         finally:
             ctrl.enabled = True
         out = swapped.clone()
-        out[2] = plain[2] + s * (swapped[2] - plain[2])
+        out[OUTPUT] = plain[OUTPUT] + s * (swapped[OUTPUT] - plain[OUTPUT])
         return out
 
     guided.schedule, guided.halves = den.schedule, halves_of(den)
@@ -106,6 +116,7 @@ def appearance_transfer(
     swap_guidance: float = 3.5,
     adain_steps: tuple[float, float] = (0.2, 1.0),
     sampler: str = "ddim",
+    seed: int = 0,
     cross_image: bool = True,
     progress: bool = False,
     **options,
@@ -122,6 +133,11 @@ def appearance_transfer(
     count("steps", steps)
     finite("cfg", cfg)
     finite("swap_guidance", swap_guidance, low=1.0)
+    check_window(adain_steps, "adain_steps")
+    if not cross_image and (swap_guidance != 1.0 or options):
+        raise ValueError("cross_image=False runs no cross-image attention, so swap guidance and "
+                         f"{', '.join(options) or 'its options'} do nothing: pass "
+                         "swap_guidance=1.0 and no attention options")
     ctrl = CrossImageAttention(**options)
     step = get_step(sampler)
     images = [np.asarray(appearance), np.asarray(structure)]
@@ -142,6 +158,7 @@ def appearance_transfer(
         guided = session.denoiser(den, times)
         if cross_image:
             guided = _swap_guided(guided, ctrl, times, swap_guidance)
-        latents = sample(guided, x, times, step=step, callbacks=callbacks, progress=progress)
+        latents = sample(guided, x, times, step=step, callbacks=callbacks, progress=progress,
+                         generator=torch.Generator().manual_seed(seed))
     out = model.decode(latents)
     return Transfer(output=out[2], structure=out[1], appearance=out[0])

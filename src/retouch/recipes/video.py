@@ -3,16 +3,18 @@
 * :func:`generate_clip` (text to video): the frames are the rows of one batch; their
   self-attention reads keyframes (:class:`~retouch.attention.FrameAttention`: ``first`` as
   Text2Video-Zero, ``first+previous`` as Pix2Video, ``none``) and their start noise follows a
-  noise model (:mod:`retouch.noise`: independent, shared, mixed, or warped along a known motion,
-  which is Text2Video-Zero's motion dynamics when the motion is the clip's).
+  noise model (:mod:`retouch.noise`: independent, shared, mixed, or warped along a known motion
+  as Chang et al. do; Text2Video-Zero's own motion dynamics instead translate the whole latent
+  after a few DDIM steps, which ``warped`` with a global flow approximates at the start noise).
 * :func:`edit_clip` (video editing of a real clip): every frame is inverted (any method of
   :data:`retouch.inversion.METHODS`, all frames in one batch) and its reconstruction runs as the
   source row of its frame; the target rows follow the target prompts under an editor
   (:data:`.editors.EDITORS`, each target paired with its own frame's source) and keyframe
-  attention among the target frames. With the ``p2p`` editor this is FateZero's scheme:
-  the source's attention maps, taken from its inversion's own trajectory while editing, are
-  fused into the edit, and local blending (``blend_words``) blends with masks from the
-  cross-attention.
+  attention among the target frames. With the ``p2p`` editor this is close to FateZero's
+  scheme: the source's attention maps are fused into the edit and local blending
+  (``blend_words``) blends with masks from the cross-attention; the maps come from the source's
+  reconstruction running beside the edit (the inversion's trajectory for the exact methods),
+  where FateZero stores them during the DDIM inversion itself.
 
 All frames go through the model as one call (``chunk``: at most that many frames per call with
 the ``first`` scheme, each chunk with the first frame beside it, which is exact since the first
@@ -113,6 +115,9 @@ def generate_clip(
     times = model.time_grid(steps)
     eps = frame_noise(noise, model.latent_shape(len(prompts)), seed, mix=mix, flows=flows)
     x = start_latents(model.schedule, float(times[0]), eps).to(model.device)
+    # Step noises of stochastic samplers drawn once for all frames, so chunks equal one call.
+    gen = torch.Generator().manual_seed(seed + 1)
+    noises = [torch.randn(x.shape, generator=gen).to(x) for _ in range(steps)]
     out = [None] * len(prompts)
     for rows in batches:
         den = model.denoiser([prompts[i] for i in rows], cfg=cfg)
@@ -120,8 +125,7 @@ def generate_clip(
         layout = BatchLayout(("frame",) * len(rows), guidance_halves(den))
         with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as s:
             latents = sample(s.denoiser(den, times), x[rows], times, step=step,
-                             progress=progress,
-                             generator=torch.Generator().manual_seed(seed + 1))
+                             progress=progress, noises=[n[rows] for n in noises])
         for j, i in enumerate(rows):
             out[i] = latents[j : j + 1]
     return model.decode(torch.cat(out))

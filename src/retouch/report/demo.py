@@ -188,7 +188,7 @@ def _video_section(model: PipelineModel) -> Section:
     h = model.latent_shape(1)[-1]
     figures = []
     for name, keyframes, noise in (("independent frames", "none", "independent"),
-                                   ("Text2Video-Zero: first-frame attention + warped noise",
+                                   ("first-frame attention (Text2Video-Zero) + warped noise",
                                     "first", "warped")):
         frames = generate_clip(model, prompt, frames=6, keyframes=keyframes, noise=noise,
                                flows=clip.flows(h), steps=25, cfg=5.0, seed=DEMO_SEED)
