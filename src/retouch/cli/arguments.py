@@ -12,7 +12,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 
-__all__ = ["OneLineParser", "number", "whole", "fraction", "notes_to_stderr"]
+__all__ = ["OneLineParser", "number", "whole", "fraction", "notes_to_stderr",
+           "add_run_arguments"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,3 +75,13 @@ def notes_to_stderr():
 
         warnings.showwarning = show
         yield
+
+
+def add_run_arguments(p, *, seed: bool = True) -> None:
+    """The arguments every sampling command shares: ``--steps --cfg [--seed] --model --out``."""
+    p.add_argument("--steps", type=whole(1), default=25)
+    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
+    if seed:
+        p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    p.add_argument("--out", required=True, help="output folder")

@@ -74,7 +74,7 @@ def run_style_aligned(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``style-aligned`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.cli.arguments import number, whole
+    from retouch.cli.arguments import add_run_arguments
     from retouch.inversion.api import METHODS
 
     p = subparsers.add_parser("style-aligned", help="a batch sharing the first image's style",
@@ -86,10 +86,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shared-noise", action="store_true", help="every image from one noise")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="SharedAttention option")
-    p.add_argument("--steps", type=whole(1), default=25)
-    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=whole(0), default=0)
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(p)
     p.set_defaults(func=run_style_aligned)
     return p

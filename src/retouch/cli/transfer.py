@@ -60,7 +60,7 @@ def run_transfer(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``transfer`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.cli.arguments import number, whole
+    from retouch.cli.arguments import add_run_arguments, number
     from retouch.inversion.api import METHODS
 
     p = subparsers.add_parser("transfer", help="appearance transfer by cross-image attention",
@@ -73,9 +73,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inversion", default="ddim", choices=METHODS)
     p.add_argument("--contrast", type=number, default=1.67, help="attention contrast")
     p.add_argument("--swap-guidance", type=number, default=3.5, help="1 turns it off")
-    p.add_argument("--steps", type=whole(1), default=25)
-    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(p, seed=False)
     p.set_defaults(func=run_transfer)
     return p

@@ -129,7 +129,7 @@ def run_video(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``video`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.cli.arguments import number, whole
+    from retouch.cli.arguments import add_run_arguments, number, whole
     from retouch.inversion.api import METHODS
     from retouch.noise import NOISE_MODELS
     from retouch.recipes.editors import EDITORS
@@ -150,10 +150,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="with --input: the edited caption")
     p.add_argument("--inversion", default="ddim", choices=METHODS)
     p.add_argument("--editor", default="p2p", choices=tuple(EDITORS))
-    p.add_argument("--steps", type=whole(1), default=25)
-    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=whole(0), default=0)
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_run_arguments(p)
     p.set_defaults(func=run_video)
     return p
