@@ -241,12 +241,12 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
 def test_video_scores_of_the_true_renders():
     import random
 
-    from retouch.bench.video import _clip, _clip_scores
+    from retouch.bench.video import bench_clip, clip_scores
 
-    clip, prompt = _clip(random.Random(3), 5)
+    clip, prompt = bench_clip(random.Random(3), 5)
     frames = np.stack([r.image for r in clip.render(64)])
-    s = _clip_scores(frames, clip, prompt)
+    s = clip_scores(frames, clip, prompt)
     assert s["adherence"] == 1.0 and s["inconsistency"] == 0.0 and s["flicker"] == 0.0
     assert s["warp_error"] < 0.01  # the step is 1.1 pixels, warped by 1
-    still = _clip_scores(np.stack([frames[0]] * 5), clip, prompt)
+    still = clip_scores(np.stack([frames[0]] * 5), clip, prompt)
     assert still["flicker"] == 0.0 and still["warp_error"] > s["warp_error"]

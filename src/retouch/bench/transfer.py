@@ -31,14 +31,14 @@ from ..toyworld.checker import read
 from ..toyworld.render import render
 from ..toyworld.scene import STYLES, caption, random_scene
 
-__all__ = ["ROWS", "measure_transfer"]
+__all__ = ["ROWS", "measure_transfer", "transfer_marks", "transfer_pair"]
 
 ROWS = ("cross-image attention", "adain only", "p2p edit")
 LOOK = {"color": 1.0, "style": 1.0, "background": 1.0}
 STEPS, CFG = 25, 5.0
 
 
-def _case(rng: random.Random):
+def transfer_pair(rng: random.Random):
     while True:
         a = random_scene(rng, styles=STYLES, two_object_fraction=0.0)
         b = random_scene(rng, styles=STYLES, two_object_fraction=0.0)
@@ -61,7 +61,7 @@ def _run(model, row: str, a, b, rng: random.Random) -> np.ndarray:
                                swap_guidance=3.5 if row != "adain only" else 1.0).output
 
 
-def _marks(image: np.ndarray, a, b) -> dict[str, bool]:
+def transfer_marks(image: np.ndarray, a, b) -> dict[str, bool]:
     r = read(image)
     o = r.objects[0] if len(r.objects) == 1 else None
     kept = o is not None and o.shape == a.objects[0].shape and o.position == a.objects[0].position
@@ -73,7 +73,7 @@ def _marks(image: np.ndarray, a, b) -> dict[str, bool]:
 def measure_transfer(model, *, cases: int, seed: int = 0):
     """Per-row means over ``cases`` transfers, and a sample grid (structure, appearance, rows)."""
     rng = random.Random(seed)
-    pairs = [_case(rng) for _ in range(cases)]
+    pairs = [transfer_pair(rng) for _ in range(cases)]
     tally = {row: [] for row in ROWS}
     seconds = dict.fromkeys(ROWS, 0.0)
     grid = []
@@ -83,7 +83,7 @@ def measure_transfer(model, *, cases: int, seed: int = 0):
             t0 = time.perf_counter()
             out = _run(model, row, a, b, random.Random(seed * 1000 + i))
             seconds[row] += time.perf_counter() - t0
-            tally[row].append(_marks(out, a, b))
+            tally[row].append(transfer_marks(out, a, b))
             outs.append(out)
         if i < 4:
             grid.append([render(a).image, render(b).image, *outs])

@@ -32,7 +32,7 @@ from ..toyworld.checker import read, score
 from ..toyworld.clips import Clip, moving_clip
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 
-__all__ = ["METHODS", "measure_video"]
+__all__ = ["METHODS", "bench_clip", "clip_scores", "headline", "measure_video"]
 
 METHODS = {  # name: (keyframe scheme, noise model)
     "independent": ("none", "independent"),
@@ -52,7 +52,7 @@ OFFSET = 0.12  # of the image side, over the clip
 STEPS, CFG = 25, 5.0
 
 
-def _clip(rng: random.Random, frames: int) -> tuple[Clip, str]:
+def bench_clip(rng: random.Random, frames: int) -> tuple[Clip, str]:
     scene = random_scene(rng, styles=STYLES, two_object_fraction=0.0, jitter=False)
     start = scene.replace(0, dx=-OFFSET / 2)
     clip = moving_clip(start, (OFFSET, 0.0), frames=frames)
@@ -75,7 +75,7 @@ def _warp(frame: np.ndarray, step_px: tuple[int, int], mask_next: np.ndarray) ->
     return np.where(mask_next[..., None], shifted, frame)
 
 
-def _clip_scores(frames: np.ndarray, clip: Clip, prompt: str) -> dict[str, float]:
+def clip_scores(frames: np.ndarray, clip: Clip, prompt: str) -> dict[str, float]:
     want = parse_caption(prompt)
     readings = [read(f) for f in frames]
     adhere = [all(score(r, want)[k] is not False for k in ("shape", "position", "count"))
@@ -107,7 +107,7 @@ def measure_video(model, *, clips: int, frames: int, seed: int = 0):
     """Per-method means over ``clips`` clips of ``frames`` frames, and a sample grid (rows of
     frames: the first clip under each method)."""
     rng = random.Random(seed)
-    cases = [_clip(rng, frames) for _ in range(clips)]
+    cases = [bench_clip(rng, frames) for _ in range(clips)]
     h = model.latent_shape(1)[-1]
     tally = {m: [] for m in METHODS}
     seconds = {m: 0.0 for m in METHODS}
@@ -119,7 +119,7 @@ def measure_video(model, *, clips: int, frames: int, seed: int = 0):
             out = generate_clip(model, prompt, frames=frames, keyframes=keyframes, noise=noise,
                                 flows=flows, steps=STEPS, cfg=CFG, seed=i)
             seconds[name] += time.perf_counter() - t0
-            tally[name].append(_clip_scores(out, clip, prompt))
+            tally[name].append(clip_scores(out, clip, prompt))
             if i == 0:
                 grid.append(out)
     means = {m: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for m, v in tally.items()}

@@ -161,7 +161,7 @@ def _result(model, latents: Tensor, controllers, store) -> EditResult:
 # --- real images: an inversion's reconstruction as the source branch ------------------------
 
 
-def _stepwise(controllers: Sequence[Controller]) -> list[Controller]:
+def stepwise_controllers(controllers: Sequence[Controller]) -> list[Controller]:
     """Controllers acting through the loop's per-step callback (local blending)."""
     return [c for c in controllers if type(c).after_step is not Controller.after_step]
 
@@ -170,7 +170,7 @@ def _stepwise(controllers: Sequence[Controller]) -> list[Controller]:
 EDICT_MIN_STEPS = 50
 
 
-def _check_loop(method: str, controllers: Sequence[Controller], steps: int) -> None:
+def check_loop(method: str, controllers: Sequence[Controller], steps: int) -> None:
     if method == "edict" and steps < EDICT_MIN_STEPS:
         warnings.warn(
             f"EDICT edits with {steps} < {EDICT_MIN_STEPS} steps usually fail: the two chains "
@@ -179,8 +179,8 @@ def _check_loop(method: str, controllers: Sequence[Controller], steps: int) -> N
             "does, or another inversion",
             stacklevel=3,
         )
-    if method == "edict" and _stepwise(controllers):
-        names = ", ".join(type(c).__name__ for c in _stepwise(controllers))
+    if method == "edict" and stepwise_controllers(controllers):
+        names = ", ".join(type(c).__name__ for c in stepwise_controllers(controllers))
         raise ValueError(
             f"inversion 'edict' cannot run {names}: EDICT's coupled two-chain loop takes no "
             "per-step callbacks, so no local blending (blend_words / blend_positions). Valid: "
@@ -211,7 +211,7 @@ def edit_inverted(
     model.check_prompt(target_prompt)
     controllers, store = _controllers(model, source, target_prompt, editor, maps,
                                       editor_options)
-    _check_loop(inversion.method, controllers, len(inversion.times) - 1)
+    check_loop(inversion.method, controllers, len(inversion.times) - 1)
     return _run_inverted(model, inversion, target_prompt, controllers, store, progress)
 
 
@@ -221,7 +221,7 @@ def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -
     # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call.
     layout = BatchLayout(ROLES, ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
     inner = model.unet_denoiser()
-    stepwise = bool(_stepwise(controllers))
+    stepwise = bool(stepwise_controllers(controllers))
     cond, uncond = inv.conditioning or (model.encode([inv.prompt]), model.encode_negative([""]))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         factory = DenoiserFactory(
@@ -271,7 +271,7 @@ def edit(
     config = method_config(inversion, options)
     controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
                                       editor_options)
-    _check_loop(inversion, controllers, steps)
+    check_loop(inversion, controllers, steps)
     inv = invert(model, image, source_prompt, method=inversion, steps=steps, cfg=cfg,
                  config=config, progress=progress)
     return _run_inverted(model, inv, target_prompt, controllers, store, progress)

@@ -39,7 +39,7 @@ from ..attention.frames import check_scheme
 from ..checks import count, finite, prompt_list
 from ..noise import NOISE_MODELS, frame_noise
 from ..samplers import get_step, sample, start_latents
-from .edit import _check_loop, _stepwise
+from .edit import check_loop, stepwise_controllers
 from .editors import EDITORS, check_editor
 
 __all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES"]
@@ -183,14 +183,14 @@ def edit_clip(
                          f"one size first")
     controllers = EDITORS[editor](model.tokenizer, sources[0], targets[0], **editor_options)
     controllers += [FrameAttention(s, role="target") for s in schemes]
-    _check_loop(inversion, controllers, steps)
+    check_loop(inversion, controllers, steps)
     inv = invert(model, np.stack([np.asarray(im) for im in images]), sources, method=inversion,
                  steps=steps, cfg=cfg, config=method_config(inversion, inversion_options or {}),
                  progress=progress)
     layout = BatchLayout(("source",) * frames + ("target",) * frames,
                          ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
     cond, uncond = inv.conditioning or (model.encode(sources), model.encode_negative([""]))
-    stepwise = bool(_stepwise(controllers))
+    stepwise = bool(stepwise_controllers(controllers))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         factory = DenoiserFactory(session.denoiser(model.unet_denoiser(), inv.times), cond=cond,
                                   uncond=uncond, fingerprint=fingerprint_of(model))

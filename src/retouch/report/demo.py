@@ -181,10 +181,10 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
 
 
 def _video_section(model: PipelineModel) -> Section:
-    from ..bench.video import _clip, _clip_scores
+    from ..bench.video import bench_clip, clip_scores
     from ..recipes.video import generate_clip
 
-    clip, prompt = _clip(random.Random(DEMO_SEED), 6)
+    clip, prompt = bench_clip(random.Random(DEMO_SEED), 6)
     h = model.latent_shape(1)[-1]
     figures = []
     for name, keyframes, noise in (("independent frames", "none", "independent"),
@@ -192,7 +192,7 @@ def _video_section(model: PipelineModel) -> Section:
                                     "first", "warped")):
         frames = generate_clip(model, prompt, frames=6, keyframes=keyframes, noise=noise,
                                flows=clip.flows(h), steps=25, cfg=5.0, seed=DEMO_SEED)
-        s = _clip_scores(frames, clip, prompt)
+        s = clip_scores(frames, clip, prompt)
         figures.append(Figure(np.concatenate(list(frames), 1), (
             f"{name}: {1 - s['inconsistency']:.2f} of later frames keep frame 1's colour, size "
             f"and background; flicker outside the object {s['flicker']:.3f}"),
@@ -208,19 +208,19 @@ def _video_section(model: PipelineModel) -> Section:
 
 
 def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
-    from ..bench.transfer import LOOK, _case, _marks
+    from ..bench.transfer import LOOK, transfer_marks, transfer_pair
     from ..recipes.transfer import appearance_transfer
 
     rng = random.Random(DEMO_SEED)
     figures, wins = [], 0
     for _ in range(n):
-        a, b = _case(rng)
+        a, b = transfer_pair(rng)
         out = appearance_transfer(model, render(a).image, render(b).image,
                                   structure_prompt=caption(a).text,
                                   appearance_prompt=caption(b).text,
                                   output_prompt=caption(a, drop=LOOK, rng=rng).text,
                                   steps=25, cfg=5.0).output
-        marks = _marks(out, a, b)
+        marks = transfer_marks(out, a, b)
         wins += marks["success"]
         figures.append(Figure(np.concatenate([render(a).image, render(b).image, out], 1), (
             f"structure kept {marks['structure_kept']}, colour and style taken "
