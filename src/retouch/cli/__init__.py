@@ -23,6 +23,7 @@ BENCHMARKS = {
     "scale": "retouch.bench.scale",
     "guidance": "retouch.bench.guidance",
     "consistency": "retouch.bench.consistency",
+    "fusion": "retouch.bench.fusion",
 }
 
 
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     from .edit import register as register_edit
+    from .fusion import register as register_fusion
     from .invert import register as register_invert
     from .style_aligned import register as register_style_aligned
     from .transfer import register as register_transfer
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_video(sub)
     register_transfer(sub)
     register_style_aligned(sub)
+    register_fusion(sub)
 
     t = sub.add_parser("toyworld", help="train or export the ToyWorld model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

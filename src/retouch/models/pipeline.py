@@ -195,13 +195,18 @@ class PipelineModel:
         # picks the CPU kernels of every later call, so it is made standard once, here.
         return ((z - shift) * self.vae.config.scaling_factor).float().contiguous()
 
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in about [-1, 1] from scaled latents, with gradients when the
+        caller records them (losses on the decoded image, e.g. SyncDiffusion)."""
+        shift = self.vae.config.get("shift_factor") or 0.0
+        z = (latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).contiguous()
+        return self.vae.decode(z).sample.float()
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, output: str = "uint8"):
         """Images from scaled latents: uint8 (B, H, W, 3) numpy, or a [-1, 1] tensor."""
         finite_tensor("the latents to decode", latents)
-        shift = self.vae.config.get("shift_factor") or 0.0
-        z = (latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).contiguous()
-        x = torch.cat([self.vae.decode(b).sample for b in z.split(64)]).float()
+        x = torch.cat([self.decode_tensor(b) for b in latents.split(64)])
         if output == "tensor":
             return x
         if output != "uint8":

@@ -1,0 +1,325 @@
+"""Fusion benchmark: panoramas (MultiDiffusion, SyncDiffusion) and region layouts on ToyWorld.
+
+**Panoramas.** Each prompt names one object's size, colour and shape but no background and no
+fill style (``a big red circle``), so every window picks those itself; a panorama is coherent
+when the checker, reading each non-overlapping native-size tile, finds one background colour on
+every tile and at most one fill style among all objects. Canvases 4x and 8x the model's width,
+windows every half window (20 DDIM steps, CFG 5, one seed per prompt, the same for every
+method). Methods: MultiDiffusion; SyncDiffusion (:data:`SYNC`); and a no-overlap baseline
+(stride = window: independent tiles side by side). Per method:
+
+* ``coherence``: the share of coherent panoramas (background and style; each alone too);
+* ``adherence``: the share of tiles holding an object of the prompt's colour and shape (the
+  paper's trade-off: synchronising may cost per-window fidelity);
+* ``seam_ratio``: the mean horizontal gradient energy on the columns where windows begin or end
+  over that of the other columns (1: no seam);
+* seconds per panorama, network evaluations (each CFG half counts one; SyncDiffusion's gradient
+  pass counts its forward and backward as one each) and window rows per step.
+
+**Distances.** How well SyncDiffusion's distances track the checker's coherence: over pairs
+of tiles of the MultiDiffusion panoramas (the anchor tile with every other), the ROC AUC of the
+distance separating pairs the checker calls coherent (same background and style) from the rest.
+
+**Regions.** Layouts of one to four native-size regions (a 1x2, 2x1, 1x3 and 2x2 split), each
+region prompting one object (colour and shape) on one shared background; a region's object is
+right when its tile holds an object of that colour and shape and no other tile does. Both
+MultiDiffusion's region masks (bootstrapping 40% of the steps) and regional prompting (base
+prompt: all objects and the background, base ratio 0.3).
+
+**Grid stacking**: four views of each prompt as one 2x2 canvas (one image to the model, so its
+self-attention spans the views) against four independent images; coherence and adherence as
+for panoramas, over the four views.
+
+**Cost against width**: seconds, NFE and peak resident memory growth of one MultiDiffusion
+panorama at 1x, 2x, 4x and 8x the width (memory: the process's peak RSS, read before and after;
+widths run first, in increasing order).
+
+Outputs ``fusion.json`` (headline ``coherence_multidiffusion``, ``coherence_sync``,
+``sync_time_ratio``, ``region_adherence_multidiffusion``, ``region_adherence_regional``,
+``seam_ratio``), ``fusion.md``, ``fusion.png`` (panoramas), ``fusion_regions.png``.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..fusion import RegionLayout, VAEFeatureDistance
+from ..models.pipeline import PipelineModel
+from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
+from ..recipes.generate import generate
+from ..toyworld.checker import read
+from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
+from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+
+__all__ = ["run", "panorama_scores", "region_scores", "seam_ratio", "auc", "SYNC"]
+
+STEPS, CFG = 20, 5.0
+#: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
+#: steps of 50 (here 4 of 20). The paper's weight 20 is LPIPS's; with the VAE distance it
+#: wrecks the panorama, so the weight was chosen among 2, 5, 10 and 20 on 6 other prompts
+#: (4x canvases: coherence 0.67 at 2, 0.33 at 5, 0 at 10; MultiDiffusion 0.17).
+SYNC = dict(weight=2.0, decay=0.95, steps=4, distance="vae")
+SPLITS = {"1x2": "1,1,1", "2x1": "1;1", "1x3": "1,1,1,1", "2x2": "1,1,1;1,1,1"}
+
+
+def _prompt(rng: random.Random) -> tuple[str, str, str]:
+    size, color, shape = rng.choice(("small", "big")), rng.choice(tuple(COLORS)), rng.choice(
+        SHAPES)
+    return f"a {size} {color} {shape}", color, shape
+
+
+def _tiles(image: np.ndarray, size: int) -> list[np.ndarray]:
+    h, w = image.shape[:2]
+    return [image[r:r + size, c:c + size] for r in range(0, h - size + 1, size)
+            for c in range(0, w - size + 1, size)]
+
+
+def panorama_scores(image: np.ndarray, color: str, shape: str, size: int) -> dict[str, float]:
+    readings = [read(t) for t in _tiles(image, size)]
+    backgrounds = {r.background for r in readings}
+    styles = {o.style for r in readings for o in r.objects if o.style is not None}
+    bg_one = len(backgrounds) == 1 and None not in backgrounds
+    style_one = len(styles) <= 1
+    hits = [any(o.color == color and o.shape == shape for o in r.objects) for r in readings]
+    return {"coherence": float(bg_one and style_one), "background_one": float(bg_one),
+            "style_one": float(style_one), "adherence": float(np.mean(hits))}
+
+
+def seam_ratio(image: np.ndarray, borders: list[int]) -> float | None:
+    """Mean |horizontal difference| on the border columns over the other columns'."""
+    f = image.astype(np.float64)
+    d = np.abs(np.diff(f, axis=1)).mean(axis=(0, 2))  # d[x - 1]: between columns x - 1 and x
+    cols = np.zeros(len(d), bool)
+    for x in borders:
+        if 0 < x < image.shape[1]:
+            cols[x - 1] = True
+    if not cols.any() or cols.all() or d[~cols].mean() == 0:
+        return None
+    return float(d[cols].mean() / d[~cols].mean())
+
+
+def _window_borders(width_latent: int, window: int, stride: int, factor: int) -> list[int]:
+    starts = list(range(0, width_latent - window + 1, stride))
+    if starts[-1] != width_latent - window:
+        starts.append(width_latent - window)
+    return sorted({x * factor for s in starts for x in (s, s + window)})
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """ROC AUC of ``scores`` ranking positive ``labels`` first (ties count half)."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(pos) * len(neg)))
+
+
+def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, float | None]:
+    """AUC of each default distance for the checker's tile-pair coherence (see module doc)."""
+    distances = {name: VAEFeatureDistance(model.vae, statistics=name == "vae-stats")
+                 for name in ("vae", "vae-stats")}
+    scores = {name: [] for name in distances}
+    labels = []
+    for image in images:
+        tiles = _tiles(image, size)
+        anchor = len(tiles) // 2
+        readings = [read(t) for t in tiles]
+        for k, t in enumerate(tiles):
+            if k == anchor:
+                continue
+            a, b = readings[anchor], readings[k]
+            labels.append(a.background is not None and a.background == b.background
+                          and a.style == b.style)
+            pair = model.to_tensor(np.stack([tiles[anchor], t]))
+            with torch.no_grad():
+                for name, dist in distances.items():
+                    scores[name].append(-float(dist(pair[:1], pair[1:])[0]))
+    return {f"distance_auc_{name}": auc(s, labels) for name, s in scores.items()} | {
+        "distance_pairs": len(labels), "distance_pairs_coherent": int(sum(labels))}
+
+
+def _layout(rng: random.Random, split: str, size: int, grid: tuple[int, int]):
+    rows, cols = grid
+    background = rng.choice(tuple(BACKGROUNDS))
+    picks = rng.sample([(c, s) for c in COLORS for s in SHAPES], rows * cols)
+    picks = [(c, s) for c, s in picks if not (c == "black" and background == "black")] or picks
+    while len(picks) < rows * cols:
+        picks.append(("red", "circle"))
+    prompts = [f"a {c} {s} on a {background} background" for c, s in picks]
+    objects = " and ".join(f"a {c} {s}" for c, s in picks)
+    layout = RegionLayout.from_dict({
+        "width": cols * size, "height": rows * size, "split": split, "prompts": prompts,
+        "base": f"{objects} on a {background} background"})
+    return layout, picks
+
+
+def region_scores(image: np.ndarray, picks: list[tuple[str, str]], size: int) -> list[bool]:
+    """Per region: its tile holds its object, and no other tile does."""
+    readings = [read(t) for t in _tiles(image, size)]
+    found = [{(o.color, o.shape) for o in r.objects} for r in readings]
+    return [picks[k] in found[k] and not any(picks[k] in f for j, f in enumerate(found) if j != k)
+            for k in range(len(picks))]
+
+
+def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+    tw = PipelineModel.load(model)
+    size, window, factor = tw.image_size, tw.unet.config.sample_size, tw.vae_factor
+    stride = window // 2
+    cases = 2 if quick else 32
+    widths = (4,) if quick else (4, 8)
+    steps = 8 if quick else STEPS
+    rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
+    prompts = [_prompt(rng) for _ in range(cases)]
+    cost = []
+    for k in (1, 2, 4) if quick else (1, 2, 4, 8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        panorama(tw, prompts[0][0], width=k * size, stride=stride, steps=steps, cfg=CFG, seed=0)
+        secs = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        windows = len(range(0, k * window - window + 1, stride))
+        cost.append({"width": f"{k}x", "windows": windows, "seconds": secs,
+                     "seconds_per_window": secs / windows, "nfe": 2 * steps,
+                     "rows_per_step": 2 * windows, "peak_rss_growth_mb": (after - before) / 1024})
+    methods = {"multidiffusion": dict(stride=stride),
+               "syncdiffusion": dict(stride=stride, sync=True),
+               "no overlap": dict(stride=window)}
+    tally = {m: [] for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    seams = {m: [] for m in methods}
+    md_images, grid, labels = [], [], []
+    sync_rows = {k: v for k, v in SYNC.items() if k != "distance"}
+    for i, (prompt, color, shape) in enumerate(prompts):
+        for k in widths:
+            for name, kw in methods.items():
+                sync = sync_diffusion(tw, distance=SYNC["distance"], **sync_rows) if kw.get(
+                    "sync") else None
+                t0 = time.perf_counter()
+                image = panorama(tw, prompt, width=k * size, stride=kw["stride"], sync=sync,
+                                 steps=steps, cfg=CFG, seed=i)
+                seconds[name] += time.perf_counter() - t0
+                tally[name].append(panorama_scores(image, color, shape, size))
+                seams[name].append(seam_ratio(image, _window_borders(
+                    k * window, window, kw["stride"], factor)))
+                if name == "multidiffusion":
+                    md_images.append(image)
+                if i < 3 and k == 4:
+                    grid.append(image)
+                    labels.append(f"{name}: {prompt}")
+    n = cases * len(widths)
+    means = {}
+    for name, rows in tally.items():
+        means[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+        valid = [s for s in seams[name] if s is not None]
+        means[name]["seam_ratio"] = float(np.mean(valid)) if valid else None
+        means[name]["seconds_per_panorama"] = seconds[name] / n
+    for name, kw in methods.items():
+        views = {k: len(range(0, k * window - window + 1, kw["stride"])) for k in widths}
+        means[name].update({f"windows_{k}x": v for k, v in views.items()})
+        sync_steps = SYNC["steps"] if kw.get("sync") else 0
+        # a synchronised step adds a forward and a backward pass (both CFG halves)
+        means[name]["nfe"] = 2 * (steps + 2 * sync_steps)
+    distances = _distance_pairs(tw, md_images, size)
+
+    region_tally = {"multidiffusion": [], "regional": []}
+    region_seconds = {m: 0.0 for m in region_tally}
+    region_grid, region_labels = [], []
+    region_cases = 1 if quick else 8
+    per_split = {}
+    for split_name, split in SPLITS.items():
+        grid_rc = (2, 2) if split_name == "2x2" else (2, 1) if split_name == "2x1" else (
+            1, len(split.split(",")) - 1)
+        for c in range(region_cases):
+            layout, picks = _layout(rng, split, size, grid_rc)
+            for method in region_tally:
+                t0 = time.perf_counter()
+                image = regions(tw, layout, method=method, stride=stride, steps=steps, cfg=CFG,
+                                seed=c)
+                region_seconds[method] += time.perf_counter() - t0
+                right = region_scores(image, picks, size)
+                region_tally[method] += right
+                per_split.setdefault((split_name, method), []).extend(right)
+                if c == 0:
+                    region_grid.append(image)
+                    region_labels.append(f"{method} {split_name}")
+    region_means = {m: float(np.mean(v)) for m, v in region_tally.items()}
+
+    grid_tally = {"grid 2x2": [], "independent": []}
+    grid_cases = 2 if quick else 16
+    for i, (prompt, color, shape) in enumerate(prompts[:grid_cases]):
+        stacked = grid_views(tw, prompt, grid=(2, 2), steps=steps, cfg=CFG, seed=i)
+        alone = generate(tw, [prompt] * 4, steps=steps, cfg=CFG, seed=i, progress=False)
+        for name, views in (("grid 2x2", stacked), ("independent", alone)):
+            grid_tally[name].append(panorama_scores(np.concatenate(list(views), 1), color,
+                                                    shape, size))
+        if i == 0:
+            region_grid += [np.concatenate(list(stacked), 1), np.concatenate(list(alone), 1)]
+            region_labels += ["grid 2x2 views", "independent views"]
+    grid_means = {m: {k: float(np.mean([r[k] for r in v])) for k in v[0]}
+                  for m, v in grid_tally.items()}
+
+    md, sy = means["multidiffusion"], means["syncdiffusion"]
+    headline = {
+        "coherence_multidiffusion": md["coherence"], "coherence_sync": sy["coherence"],
+        "sync_time_ratio": sy["seconds_per_panorama"] / md["seconds_per_panorama"],
+        "region_adherence_multidiffusion": region_means["multidiffusion"],
+        "region_adherence_regional": region_means["regional"],
+        "seam_ratio": md["seam_ratio"],
+        "adherence_multidiffusion": md["adherence"], "adherence_sync": sy["adherence"],
+        "seam_ratio_no_overlap": means["no overlap"]["seam_ratio"],
+    }
+    result = {"headline": headline, "quick": quick, "panoramas_per_method": n,
+              "steps": steps, "cfg": CFG, "stride": stride, "sync": SYNC,
+              "methods": means, "distances": distances, "regions": region_means,
+              "regions_by_split": {f"{s} {m}": float(np.mean(v)) for (s, m), v in
+                                   per_split.items()},
+              "region_seconds": {m: s / (len(SPLITS) * region_cases)
+                                 for m, s in region_seconds.items()},
+              "grid_views": grid_means, "cost": cost, "prompts": [p for p, _, _ in prompts]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(out / "fusion.json", result)
+    rows = [{"method": m, **v} for m, v in means.items()]
+    split_rows = [{"layout": s, "multidiffusion": result["regions_by_split"][f"{s} multidiffusion"],
+                   "regional": result["regions_by_split"][f"{s} regional"]} for s in SPLITS]
+    atomic_write_text(out / "fusion.md", (
+        "# Fusion: panoramas and region layouts on ToyWorld\n\n"
+        f"{n} panoramas per method ({cases} prompts naming no background or style, at "
+        f"{' and '.join(f'{k}x' for k in widths)} the width; windows every {stride} latent "
+        f"pixels; {steps} DDIM steps, CFG {CFG}). "
+        f"SyncDiffusion: {SYNC}. See `retouch.bench.fusion`.\n\n"
+        + write_markdown_table(rows, ["method", "coherence", "background_one", "style_one",
+                                      "adherence", "seam_ratio", "seconds_per_panorama", "nfe",
+                                      *(f"windows_{k}x" for k in widths)])
+        + "\n## Distances against the checker's coherence (tile pairs)\n\n"
+        + write_markdown_table([distances], list(distances))
+        + f"\n## Region layouts ({region_cases} per layout)\n\n"
+        + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"])
+        + f"\n## Grid stacking ({grid_cases} prompts, 4 views each)\n\n"
+        + write_markdown_table([{"method": m, **v} for m, v in grid_means.items()],
+                               ["method", "coherence", "background_one", "style_one",
+                                "adherence"])
+        + "\n## Cost against width (MultiDiffusion)\n\n"
+        + write_markdown_table(cost, list(cost[0]))))
+    image_grid(grid, out / "fusion.png", columns=1, labels=labels, scale=2)
+    image_grid(_pad(region_grid), out / "fusion_regions.png", columns=2, labels=region_labels,
+               scale=2)
+    return result
+
+
+def _pad(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Images of different sizes padded white to the largest (for one grid)."""
+    h = max(im.shape[0] for im in images)
+    w = max(im.shape[1] for im in images)
+    out = []
+    for im in images:
+        canvas = np.full((h, w, 3), 255, np.uint8)
+        canvas[: im.shape[0], : im.shape[1]] = im
+        out.append(canvas)
+    return out

@@ -1,0 +1,128 @@
+"""SyncDiffusion: a gradient step that pulls every view toward the anchor view's look.
+
+Before each of the first ``steps`` MultiDiffusion steps, every view's latent ``x_v`` moves by
+``-w_i grad_{x_v} d(D(x0_hat(x_v)), D(x0_hat(x_a)))``: ``D`` decodes the predicted clean latent,
+``a`` is the anchor view (the middle one), ``d`` a perceptual distance and ``w_i = w decay^i``
+(the paper's ``w = 20``, decay 0.95, and the reference script's 10 synchronised steps). All
+views' gradients come from one batched forward and backward pass (the rows of a model call are
+independent). The shifted windows are then denoised and fused (:class:`FusedDenoiser`).
+
+The paper's distance is LPIPS, whose backbone needs pretrained weights that retouch cannot
+download: :func:`lpips_distance` uses them when they are on disk. The default needs nothing:
+:class:`VAEFeatureDistance` compares the model's own VAE-encoder features the LPIPS way
+(unit-normalised channels, squared differences, spatial mean, summed over blocks), or their
+per-channel statistics (``statistics=True``, a layout-free style distance).
+
+References: Lee et al. 2023 (SyncDiffusion, NeurIPS; eq. 7-8, Sec. 5 settings); Zhang et al.
+2018 (LPIPS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..checks import count, finite
+from ..denoiser import x0_of
+
+__all__ = ["SyncDiffusion", "VAEFeatureDistance", "lpips_distance", "LPIPS_FILES"]
+
+Distance = Callable[[Tensor, Tensor], Tensor]  # images (N, 3, H, W) in [-1, 1] x2 -> (N,)
+
+
+class VAEFeatureDistance:
+    """A perceptual distance on the features of ``vae``'s encoder blocks (see the module doc)."""
+
+    def __init__(self, vae, *, statistics: bool = False):
+        self.encoder, self.statistics = vae.encoder, statistics
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        h = self.encoder.conv_in(images.to(self.encoder.conv_in.weight.dtype))
+        feats = []
+        for block in self.encoder.down_blocks:
+            h = block(h)
+            feats.append(h.float())
+        return feats
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        total = a.new_zeros(a.shape[0], dtype=torch.float32)
+        for f in self.features(torch.cat([a, b])):
+            fa, fb = f.chunk(2)
+            if self.statistics:
+                d = (fa.mean((2, 3)) - fb.mean((2, 3))) ** 2 + (
+                    fa.std((2, 3)) - fb.std((2, 3))) ** 2
+                total = total + d.mean(1)
+            else:
+                fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
+                fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
+                total = total + ((fa - fb) ** 2).sum(1).mean((1, 2))
+        return total
+
+
+#: The torchvision weights LPIPS's backbones load, by ``net`` (in ``torch.hub.get_dir()``'s
+#: ``checkpoints`` folder); LPIPS's own linear layers ship inside the ``lpips`` package.
+LPIPS_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth",
+               "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def lpips_distance(net: str = "vgg", device=None) -> Distance:
+    """LPIPS (the paper's distance) when its weights are on disk; never downloads."""
+    if net not in LPIPS_FILES:
+        raise ValueError(f"unknown LPIPS net {net!r}; valid: {', '.join(LPIPS_FILES)}")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_FILES[net]
+    try:
+        import lpips
+    except ImportError as exc:
+        raise ValueError("the LPIPS distance needs the lpips package (pip install lpips, which "
+                         f"needs torchvision) and {path}; or use the default VAE distance") from exc
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS-{net} needs torchvision's pretrained weights at {path} "
+                                "(retouch never downloads): copy the file there, or use the "
+                                "default VAE distance")
+    model = lpips.LPIPS(net=net, verbose=False).to(device).eval().requires_grad_(False)
+    return lambda a, b: model(a, b).flatten()
+
+
+@dataclass
+class SyncDiffusion:
+    """The SyncDiffusion gradient step (see the module doc). ``decode`` maps latents to images
+    in [-1, 1] with gradients (``model.decode_tensor``); ``distance`` defaults to
+    :class:`VAEFeatureDistance` of the model's VAE; ``anchor`` is a view index (default: the
+    middle view)."""
+
+    decode: Callable[[Tensor], Tensor]
+    distance: Distance
+    weight: float = 20.0
+    decay: float = 0.95
+    steps: int = 10  # synchronise the first ``steps`` steps only
+    anchor: int | None = None
+    losses: list[float] = field(default_factory=list)  # mean distance at each synced step
+
+    def __post_init__(self):
+        finite("the SyncDiffusion weight", self.weight, low=0)
+        finite("the SyncDiffusion decay", self.decay, low=0, high=1)
+        count("the SyncDiffusion steps", self.steps, minimum=0)
+
+    def active(self, step: int) -> bool:
+        return step < self.steps
+
+    def shift(self, fused, crops: Tensor, t: float, step: int, batch: int) -> Tensor:
+        """The views' windows (V * B, C, h, w) after one gradient step toward the anchor."""
+        views = len(fused.views)
+        anchor = views // 2 if self.anchor is None else self.anchor
+        if not 0 <= anchor < views:
+            raise ValueError(f"anchor view {anchor} is not one of the {views} views")
+        rows = slice(anchor * batch, (anchor + 1) * batch)
+        z = crops.detach().requires_grad_(True)
+        with torch.enable_grad():
+            images = self.decode(x0_of(fused._inner(z, t, batch)))
+            reference = images[rows].detach().repeat(views, 1, 1, 1)
+            loss = self.distance(images, reference)
+            (grad,) = torch.autograd.grad(loss.sum(), z)
+        self.losses.append(float(loss.detach().mean()))
+        grad[rows] = 0  # the anchor stays
+        return (crops - self.weight * self.decay ** step * grad.to(crops)).detach()

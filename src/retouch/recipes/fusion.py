@@ -1,0 +1,212 @@
+"""Panoramas, region layouts and view grids by fusing diffusion paths (one sampling loop).
+
+* :func:`panorama`: MultiDiffusion windows of the model's native size over a wider (or taller)
+  canvas, one prompt; with ``sync`` (:func:`sync_diffusion`) SyncDiffusion's gradient step.
+* :func:`regions`: a :class:`~retouch.fusion.RegionLayout` generated either by MultiDiffusion's
+  region masks (every window denoised under each region's prompt, weighted by the region's
+  mask, with bootstrapping) or by regional prompting in the cross-attention (every window under
+  the base prompt, each region's queries reading its sub-prompt,
+  :class:`~retouch.attention.RegionalPrompting`).
+* :func:`grid_views`: several views of one prompt tiled into one canvas and denoised as one
+  image, so the model's self-attention couples them (Zero123++'s grid, without its fine-tuning).
+
+Every function runs any sampler (SyncDiffusion: ddim or ddpm) and takes attention
+``controllers``, which see the windows as the rows of one model call (role ``"view"``).
+
+References: Bar-Tal et al. 2023 (MultiDiffusion); Lee et al. 2023 (SyncDiffusion); Yang et al.
+2024 (RPG); Shi et al. 2023 (Zero123++, the tiled multi-view canvas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..attention import BatchLayout, attention_control, guidance_halves
+from ..attention.regional import RegionalPrompting
+from ..checks import count, finite, prompt_list
+from ..fusion import (
+    Bootstrap,
+    FusedDenoiser,
+    RegionLayout,
+    SyncDiffusion,
+    VAEFeatureDistance,
+    View,
+    lpips_distance,
+    window_boxes,
+)
+from ..fusion.views import check_canvas
+from ..samplers import get_step, sample, start_latents
+
+__all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "regions",
+           "sync_diffusion"]
+
+#: SyncDiffusion's distances by name (``vae``: the default, needs no download).
+DISTANCES = ("vae", "vae-stats", "lpips")
+
+
+def sync_diffusion(model, *, distance: str = "vae", **options) -> SyncDiffusion:
+    """A :class:`SyncDiffusion` for ``model`` (its VAE decodes; ``distance`` by name);
+    ``options``: ``weight``, ``decay``, ``steps``, ``anchor``."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown SyncDiffusion distance {distance!r}; valid: "
+                         f"{', '.join(DISTANCES)}")
+    d = (lpips_distance(device=model.device) if distance == "lpips" else
+         VAEFeatureDistance(model.vae, statistics=distance == "vae-stats"))
+    return SyncDiffusion(model.decode_tensor, d, **options)
+
+
+def canvas_latent_hw(model, width: int, height: int) -> tuple[int, int]:
+    """The latent size of a ``width`` x ``height`` canvas (refused unless both are whole
+    multiples of the VAE's factor and at least one window)."""
+    f, size = model.vae_factor, model.image_size
+    for name, v in (("width", width), ("height", height)):
+        count(name, v)
+        if v % f:
+            raise ValueError(f"the canvas {name} {v} must be a multiple of {f} pixels (the VAE's "
+                             f"downsampling): use {v - v % f or f}")
+    check_canvas((height, width), (size, size), 1, unit="pixels")
+    return height // f, width // f
+
+
+def _window(model) -> tuple[int, int]:
+    s = model.unet.config.sample_size
+    return s, s
+
+
+def fuse(
+    model,
+    prompts: Sequence[str],
+    views: Sequence[View],
+    canvas_hw: tuple[int, int],
+    *,
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    sampler: str = "ddim",
+    negative: str = "",
+    controllers: Sequence = (),
+    bootstrap: float = 0.0,
+    sync: SyncDiffusion | None = None,
+    views_per_call: int | None = None,
+    progress: bool = False,
+    output: str = "image",
+) -> np.ndarray | torch.Tensor:
+    """The canvas (H, W, 3) uint8 fused from ``views`` (each under ``prompts[view.prompt]``),
+    or its latent (1, C, h, w) with ``output="latent"``; ``bootstrap`` is the share of the
+    first steps bootstrapped (views marked so)."""
+    if output not in ("image", "latent"):
+        raise ValueError(f"unknown output {output!r}; valid: image, latent")
+    prompts = prompt_list(prompts)
+    count("steps", steps)
+    finite("cfg", cfg)
+    count("seed", seed, minimum=0)
+    finite("bootstrap", bootstrap, low=0, high=1)
+    step = get_step(sampler)
+    if sync is not None and sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"SyncDiffusion renoises with the synchronised views' noise, which the "
+                         f"{sampler} sampler cannot take; use --sampler ddim or ddpm")
+    if controllers and views_per_call is not None and views_per_call < len(views):
+        raise ValueError("attention controllers need every view in one model call: leave "
+                         "views_per_call unset")
+    times = model.time_grid(steps)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, model.unet.config.in_channels, *canvas_hw)
+    noise = torch.randn(shape, generator=gen)
+    x = start_latents(model.schedule, float(times[0]), noise).to(model.device)
+    unique = sorted(set(prompts[v.prompt] for v in views), key=prompts.index)
+    cond = model.encode(unique)[[unique.index(prompts[v.prompt]) for v in views]]
+    den = model.denoiser(cond, cfg=cfg, negative=[negative] * len(views))
+    boot = None
+    if bootstrap > 0 and any(v.bootstrap for v in views):
+        boot = Bootstrap(round(bootstrap * steps), _colour_latents(model, gen), noise, seed)
+    layout = BatchLayout(("view",) * len(views), guidance_halves(den))
+    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+        fused = FusedDenoiser(session.denoiser(den, times), views, canvas_hw=canvas_hw,
+                              times=times, bootstrap=boot, sync=sync,
+                              views_per_call=views_per_call)
+        latents = sample(fused, x, times, step=step, progress=progress,
+                         generator=torch.Generator().manual_seed(seed + 1))
+    return latents if output == "latent" else model.decode(latents)[0]
+
+
+def _colour_latents(model, gen: torch.Generator, n: int = 8) -> torch.Tensor:
+    """Latents of ``n`` constant-colour images of the window's size (bootstrapping's
+    backgrounds; MultiDiffusion draws uniform RGB colours)."""
+    size = model.image_size
+    colours = (torch.rand(n, 3, generator=gen) * 255).round().to(torch.uint8)
+    images = colours[:, None, None, :].expand(n, size, size, 3).numpy()
+    return model.encode_image(np.ascontiguousarray(images))
+
+
+def _window_views(model, canvas_hw, stride: int | None, prompt: int = 0) -> list[View]:
+    wh, ww = _window(model)
+    stride = max(1, wh // 4) if stride is None else stride
+    return [View(top, left, wh, ww, prompt) for top, left in window_boxes(canvas_hw, (wh, ww),
+                                                                          stride)]
+
+
+def panorama(model, prompt: str, *, width: int, height: int | None = None,
+             stride: int | None = None, sync: SyncDiffusion | None = None,
+             **options) -> np.ndarray:
+    """A ``width`` x ``height`` (default: the model's size) image of ``prompt`` by
+    MultiDiffusion: windows every ``stride`` latent pixels (default a quarter window);
+    ``options`` go to :func:`fuse`."""
+    height = model.image_size if height is None else height
+    canvas = canvas_latent_hw(model, width, height)
+    views = _window_views(model, canvas, stride)
+    return fuse(model, [prompt], views, canvas, sync=sync, **options)
+
+
+#: Region-generation methods.
+REGION_METHODS = ("multidiffusion", "regional")
+
+
+def regions(model, layout: RegionLayout, *, method: str = "multidiffusion",
+            stride: int | None = None, bootstrap: float = 0.4, **options) -> np.ndarray:
+    """The layout's canvas (H, W, 3) by ``method`` (see the module doc). MultiDiffusion:
+    ``bootstrap`` is the share of early steps bootstrapped (the paper's 20 of 50); regional
+    prompting needs the layout's ``base`` prompt."""
+    if method not in REGION_METHODS:
+        raise ValueError(f"unknown region method {method!r}; valid: {', '.join(REGION_METHODS)}")
+    canvas = canvas_latent_hw(model, layout.width, layout.height)
+    masks = layout.masks(canvas)  # (R, h, w)
+    windows = _window_views(model, canvas, stride)
+    if method == "regional":
+        if layout.base is None:
+            raise ValueError("regional prompting needs the layout's 'base' prompt (the whole "
+                             "canvas's prompt mixed in by base_ratio)")
+        crops = torch.stack([masks[:, v.box[0], v.box[1]] for v in windows])
+        embeds = model.encode(layout.prompts).embeds
+        control = RegionalPrompting(embeds, crops, base_ratio=layout.base_ratio)
+        controllers = [*options.pop("controllers", ()), control]
+        return fuse(model, [layout.base], windows, canvas, controllers=controllers, **options)
+    prompts = layout.prompts + ([layout.background] if layout.background else [])
+    union = masks.amax(0)
+    views = []
+    for w in windows:
+        for r in range(len(layout.regions)):
+            crop = masks[r][w.box]
+            if bool(crop.any()):
+                views.append(View(w.top, w.left, w.height, w.width, r, crop, bootstrap=True))
+        rest = 1 - union[w.box]
+        if layout.background and bool(rest.any()):
+            views.append(View(w.top, w.left, w.height, w.width, len(prompts) - 1, rest))
+    return fuse(model, prompts, views, canvas, bootstrap=bootstrap, **options)
+
+
+def grid_views(model, prompt: str, *, grid: tuple[int, int] = (2, 2),
+               **options) -> np.ndarray:
+    """``rows x cols`` views of ``prompt`` (N, H, W, 3), generated as one canvas of that many
+    native-size tiles in one model call per step (no fusion: one view covering the canvas)."""
+    rows, cols = (count("grid rows", grid[0]), count("grid columns", grid[1]))
+    wh, ww = _window(model)
+    canvas = (rows * wh, cols * ww)
+    image = fuse(model, [prompt], [View(0, 0, *canvas)], canvas, **options)
+    if options.get("output") == "latent":
+        return image
+    size = model.image_size
+    return np.stack([image[r * size:(r + 1) * size, c * size:(c + 1) * size]
+                     for r in range(rows) for c in range(cols)])

@@ -1,0 +1,257 @@
+"""Fusing diffusion paths: MultiDiffusion windows, SyncDiffusion, regions, grids."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retouch.attention import AttentionStore
+from retouch.attention.regional import RegionalPrompting
+from retouch.fusion import (
+    FusedDenoiser,
+    RegionLayout,
+    SyncDiffusion,
+    VAEFeatureDistance,
+    View,
+    lpips_distance,
+    split_boxes,
+    window_boxes,
+)
+from retouch.recipes.fusion import fuse, grid_views, panorama, regions, sync_diffusion
+from retouch.recipes.generate import generate
+from retouch.samplers import get_step, sample
+from retouch.schedules import get_schedule
+from tiny_models import CONFIGS, tiny_model
+
+PROMPT = "a red square"
+
+
+class Pointwise:
+    """An analytic denoiser acting pixel by pixel: any fusion of its windows is itself."""
+
+    schedule = get_schedule("scaled_linear")
+    halves = ("cond",)
+
+    def __call__(self, x, t):
+        return 0.5 * torch.tanh(x) + 1e-4 * t
+
+
+# --- windows ---------------------------------------------------------------------------------
+
+
+def test_window_boxes_tile_any_canvas_with_a_last_window_flush_with_the_edge():
+    assert window_boxes((8, 20), (8, 8), 4) == [(0, 0), (0, 4), (0, 8), (0, 12)]
+    assert window_boxes((8, 19), (8, 8), 4) == [(0, 0), (0, 4), (0, 8), (0, 11)]
+    assert window_boxes((12, 8), (8, 8), 8) == [(0, 0), (4, 0)]
+    with pytest.raises(ValueError, match="smaller than one"):
+        window_boxes((8, 6), (8, 8), 4)
+    for stride in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="stride"):
+            window_boxes((8, 20), (8, 8), stride)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "dpmpp_2m"])
+def test_overlapping_windows_of_a_pointwise_denoiser_average_to_what_each_would_give(sampler):
+    inner = Pointwise()
+    times = torch.linspace(900, 0, 6).tolist()
+    views = [View(top, left, 4, 4, weight=torch.rand(4, 4) + 0.1)
+             for top, left in window_boxes((6, 11), (4, 4), 3)]
+    fused = FusedDenoiser(inner, views, canvas_hw=(6, 11), times=times)
+    x = torch.randn(2, 4, 6, 11, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fused(x, times[0]), inner(x, times[0]), rtol=0, atol=1e-6)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = sample(fused, x, times, step=get_step(sampler), progress=False, generator=gen())
+    b = sample(inner, x, times, step=get_step(sampler), progress=False, generator=gen())
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_uncovered_pixels_and_views_outside_the_canvas_are_refused():
+    inner = Pointwise()
+    with pytest.raises(ValueError, match="covered by no view"):
+        FusedDenoiser(inner, [View(0, 0, 4, 4)], canvas_hw=(4, 8), times=[1, 0])
+    with pytest.raises(ValueError, match="outside"):
+        FusedDenoiser(inner, [View(0, 6, 4, 4)], canvas_hw=(4, 8), times=[1, 0])
+
+
+# --- MultiDiffusion on the models -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_canvas_of_exactly_one_window_is_plain_generation(kind):
+    model = tiny_model(kind)
+    a = generate(model, PROMPT, steps=3, cfg=5.0, seed=2, progress=False)[0]
+    b = panorama(model, PROMPT, width=model.image_size, steps=3, cfg=5.0, seed=2)
+    assert np.array_equal(a, b)
+
+
+def test_identical_windows_with_one_prompt_give_what_one_window_gives():
+    model = tiny_model("sd1")
+    one = fuse(model, [PROMPT], [View(0, 0, 8, 8)], (8, 8), steps=3, output="latent")
+    three = fuse(model, [PROMPT], [View(0, 0, 8, 8)] * 3, (8, 8), steps=3, output="latent")
+    # equal up to the round-off of a batch of 3 rows against 1 (other CPU kernels)
+    torch.testing.assert_close(three, one, rtol=0, atol=1e-4)
+
+
+def test_panoramas_run_with_any_sampler_and_with_controllers_on_the_windows():
+    model = tiny_model("sd1")
+    for sampler in ("dpmpp_2m", "ddpm"):
+        image = panorama(model, PROMPT, width=40, stride=4, steps=3, sampler=sampler)
+        assert image.shape == (16, 40, 3)
+    store = AttentionStore()
+    panorama(model, PROMPT, width=32, stride=4, steps=3, controllers=[store])
+    assert store.cross().shape[0] == len(window_boxes((8, 16), (8, 8), 4))  # one row a window
+
+
+def test_grid_views_tile_one_canvas():
+    model = tiny_model("sd1")
+    views = grid_views(model, PROMPT, grid=(2, 3), steps=2)
+    assert views.shape == (6, 16, 16, 3)
+
+
+# --- SyncDiffusion --------------------------------------------------------------------------
+
+
+def _fused_sample(model, sync, canvas=(8, 16), steps=3):
+    views = [View(top, left, 8, 8) for top, left in window_boxes(canvas, (8, 8), 4)]
+    times = model.time_grid(steps)
+    den = model.denoiser([PROMPT] * len(views), cfg=5.0)
+    fused = FusedDenoiser(den, views, canvas_hw=canvas, times=times, sync=sync)
+    x = torch.randn(1, 4, *canvas, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return sample(fused, x, times, progress=False)
+
+
+def test_syncdiffusion_with_weight_zero_is_multidiffusion():
+    model = tiny_model("sd1")
+    sync = sync_diffusion(model, weight=0.0, steps=3)
+    torch.testing.assert_close(_fused_sample(model, sync), _fused_sample(model, None),
+                               rtol=0, atol=1e-5)
+    assert len(sync.losses) == 3  # the gradient pass ran at every synchronised step
+
+
+def test_the_syncdiffusion_step_lowers_the_distance_to_the_anchor_and_keeps_the_anchor():
+    model = tiny_model("sd1")
+    views = [View(top, left, 8, 8) for top, left in window_boxes((8, 16), (8, 8), 4)]
+    times = model.time_grid(4)
+    fused = FusedDenoiser(model.denoiser([PROMPT] * 3, cfg=5.0), views, canvas_hw=(8, 16),
+                          times=times)
+    crops = fused.crops(torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(1)))
+    dist = VAEFeatureDistance(model.vae)
+
+    def loss(c):
+        with torch.no_grad():
+            images = model.decode_tensor(fused._inner(c, float(times[1]), 1))
+            return float(dist(images, images[1:2].repeat(3, 1, 1, 1)).sum())
+
+    sync = SyncDiffusion(model.decode_tensor, dist, weight=1e-3, decay=1.0, steps=4)
+    shifted = sync.shift(fused, crops, float(times[1]), 1, 1)
+    assert torch.equal(shifted[1], crops[1])  # the middle view is the anchor
+    assert loss(shifted) < loss(crops)
+
+
+def test_syncdiffusion_refuses_samplers_that_cannot_renoise_and_bad_settings():
+    model = tiny_model("sd1")
+    with pytest.raises(ValueError, match="ddim or ddpm"):
+        panorama(model, PROMPT, width=32, sync=sync_diffusion(model), sampler="euler", steps=2)
+    with pytest.raises(ValueError, match="weight"):
+        sync_diffusion(model, weight=float("nan"))
+    with pytest.raises(ValueError, match="distance"):
+        sync_diffusion(model, distance="dino")
+
+
+def test_lpips_says_which_weights_it_needs_and_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises((ValueError, FileNotFoundError), match="lpips|vgg16-397923af.pth"):
+        lpips_distance("vgg")
+
+
+# --- regions --------------------------------------------------------------------------------
+
+
+def test_rpg_splits_give_complementary_boxes_in_reading_order():
+    assert split_boxes("1,1,1") == [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]
+    assert split_boxes("1;3") == [(0, 0, 1, 0.25), (0, 0.25, 1, 1)]
+    boxes = split_boxes("1,1,1;1,2,1,1")
+    assert len(boxes) == 5 and boxes[2] == (0, 0.5, 0.5, 1)
+    for bad in ("", "1,a", "1,-1", "1;;1"):
+        with pytest.raises(ValueError):
+            split_boxes(bad)
+
+
+def _layout(**kw):
+    return RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+                                   "prompts": [PROMPT, "a blue circle"], **kw})
+
+
+def test_a_region_covering_the_canvas_is_the_plain_panorama_even_when_bootstrapped():
+    model = tiny_model("sd1")
+    whole = RegionLayout.from_dict({"width": 32, "height": 16,
+                                    "regions": [{"prompt": PROMPT, "box": [0, 0, 1, 1]}]})
+    a = regions(model, whole, stride=4, steps=3, bootstrap=1.0, output="latent")
+    b = panorama(model, PROMPT, width=32, stride=4, steps=3, output="latent")
+    assert torch.equal(a, b)
+
+
+def test_regional_prompting_with_the_base_prompt_everywhere_changes_nothing():
+    model = tiny_model("sd1")
+    same = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+                                   "prompts": [PROMPT, PROMPT], "base": PROMPT})
+    a = regions(model, same, method="regional", stride=4, steps=3, output="latent")
+    b = panorama(model, PROMPT, width=32, stride=4, steps=3, output="latent")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    other = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+                                    "prompts": ["a blue circle", PROMPT], "base": PROMPT})
+    c = regions(model, other, method="regional", stride=4, steps=3, output="latent")
+    assert not torch.allclose(c, b, atol=1e-3)  # a sub-prompt acts
+    assert regions(model, _layout(), steps=2).shape == (16, 32, 3)
+
+
+def test_regional_prompting_acts_only_inside_regions_and_on_the_conditional_half():
+    model = tiny_model("sd1")
+    embeds = model.encode(["a blue circle"]).embeds
+    masks = torch.zeros(1, 1, 8, 8)
+    ctrl = RegionalPrompting(embeds, masks, base_ratio=0.0)  # a region covering nothing
+    b = panorama(model, PROMPT, width=16, steps=2, output="latent")
+    a = panorama(model, PROMPT, width=16, steps=2, output="latent", controllers=[ctrl])
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bad_layouts_are_refused_with_the_rule(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        _layout(colour="red")
+    with pytest.raises(ValueError, match="2 regions"):
+        RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1", "prompts": ["a"]})
+    with pytest.raises(ValueError, match="outside the canvas"):
+        RegionLayout.from_dict({"width": 32, "height": 16,
+                                "regions": [{"prompt": PROMPT, "box": [0.5, 0, 1.2, 1]}]})
+    tiny = RegionLayout.from_dict({"width": 32, "height": 16,
+                                   "regions": [{"prompt": PROMPT, "box": [0, 0, 0.01, 0.01]}]})
+    with pytest.raises(ValueError, match="covers no latent pixel"):
+        tiny.masks((8, 16))
+    model = tiny_model("sd1")
+    part = RegionLayout.from_dict({"width": 32, "height": 16,
+                                   "regions": [{"prompt": PROMPT, "box": [0, 0, 0.5, 1]}]})
+    with pytest.raises(ValueError, match="background prompt"):
+        regions(model, part, steps=2)
+    with pytest.raises(ValueError, match="base"):
+        regions(model, _layout(), method="regional", steps=2)
+    bad = tmp_path / "layout.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="layout"):
+        RegionLayout.read(bad)
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="JSON object"):
+        RegionLayout.read(bad)
+
+
+def test_bad_canvases_are_refused_before_any_work():
+    model = tiny_model("sd1")
+    with pytest.raises(ValueError, match="smaller than one"):
+        panorama(model, PROMPT, width=8)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        panorama(model, PROMPT, width=33)
+    with pytest.raises(ValueError, match="stride"):
+        panorama(model, PROMPT, width=32, stride=0)
+    with pytest.raises(ValueError, match="stride"):
+        panorama(model, PROMPT, width=32, stride=9)
