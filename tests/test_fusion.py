@@ -255,3 +255,51 @@ def test_bad_canvases_are_refused_before_any_work():
         panorama(model, PROMPT, width=32, stride=0)
     with pytest.raises(ValueError, match="stride"):
         panorama(model, PROMPT, width=32, stride=9)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def test_panorama_and_regions_cli_write_their_images(tiny_toy_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    from retouch.cli import main
+
+    model = ["--model", str(tiny_toy_pipeline), "--steps", "2"]
+    out = tmp_path / "pano"
+    assert main(["panorama", "a red circle", "--width", "128", "--sync", "--sync-steps", "1",
+                 *model, "--out", str(out)]) == 0
+    assert Image.open(out / "panorama.png").size == (128, 64)
+    report = json.loads((out / "panorama.json").read_text())
+    assert report["sync"] and len(report["sync_losses"]) == 1
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({
+        "width": 128, "height": 64, "split": "1,1,1", "prompts": ["a red circle",
+                                                                 "a blue square"],
+        "base": "a red circle and a blue square"}))
+    for method in ("multidiffusion", "regional"):
+        folder = tmp_path / method
+        assert main(["regions", str(layout), "--method", method, *model,
+                     "--out", str(folder)]) == 0
+        assert Image.open(folder / "regions.png").size == (128, 64)
+    capsys.readouterr()
+    for argv, text in (
+        (["panorama", "a red circle", "--width", "60"], "smaller than one 64x64 window"),
+        (["panorama", "a red circle", "--width", "128", "--stride", "17"], "stride 17"),
+        (["panorama", "a red circle", "--width", "128", "--distance", "vae"], "add --sync"),
+        (["regions", str(tmp_path / "missing.json")], "missing.json"),
+    ):
+        assert main([*argv, *model, "--out", str(tmp_path / "no")]) == 2
+        assert text in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_shared_anchor_attention_leaves_the_anchor_window_as_it_was():
+    """With one window the anchor is the whole canvas: sharing with itself changes nothing."""
+    model = tiny_model("sd1")
+    a = panorama(model, PROMPT, width=16, steps=2, share_anchor=True, output="latent")
+    b = panorama(model, PROMPT, width=16, steps=2, output="latent")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # to float round-off (two key copies)
+    c = panorama(model, PROMPT, width=32, stride=4, steps=2, share_anchor=True, output="latent")
+    d = panorama(model, PROMPT, width=32, stride=4, steps=2, output="latent")
+    assert not torch.allclose(c, d, atol=1e-4)

@@ -5,7 +5,9 @@ fill style (``a big red circle``), so every window picks those itself; a panoram
 when the checker, reading each non-overlapping native-size tile, finds one background colour on
 every tile and at most one fill style among all objects. Canvases 4x and 8x the model's width,
 windows every half window (20 DDIM steps, CFG 5, one seed per prompt, the same for every
-method). Methods: MultiDiffusion; SyncDiffusion (:data:`SYNC`); and a no-overlap baseline
+method). Methods: MultiDiffusion; SyncDiffusion (:data:`SYNC`); MultiDiffusion with every
+window also attending to the middle window's self-attention (StyleAligned's shared attention,
+the middle window as reference: a cheaper route to one look); and a no-overlap baseline
 (stride = window: independent tiles side by side). Per method:
 
 * ``coherence``: the share of coherent panoramas (background and style; each alone too);
@@ -190,6 +192,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
                      "rows_per_step": 2 * windows, "peak_rss_growth_mb": (after - before) / 1024})
     methods = {"multidiffusion": dict(stride=stride),
                "syncdiffusion": dict(stride=stride, sync=True),
+               "shared anchor attention": dict(stride=stride, share_anchor=True),
                "no overlap": dict(stride=window)}
     tally = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -203,7 +206,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
                     "sync") else None
                 t0 = time.perf_counter()
                 image = panorama(tw, prompt, width=k * size, stride=kw["stride"], sync=sync,
-                                 steps=steps, cfg=CFG, seed=i)
+                                 share_anchor=kw.get("share_anchor", False), steps=steps,
+                                 cfg=CFG, seed=i)
                 seconds[name] += time.perf_counter() - t0
                 tally[name].append(panorama_scores(image, color, shape, size))
                 seams[name].append(seam_ratio(image, _window_borders(
@@ -274,6 +278,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         "seam_ratio": md["seam_ratio"],
         "adherence_multidiffusion": md["adherence"], "adherence_sync": sy["adherence"],
         "seam_ratio_no_overlap": means["no overlap"]["seam_ratio"],
+        "coherence_shared_anchor": means["shared anchor attention"]["coherence"],
     }
     result = {"headline": headline, "quick": quick, "panoramas_per_method": n,
               "steps": steps, "cfg": CFG, "stride": stride, "sync": SYNC,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..attention import BatchLayout, attention_control, guidance_halves
+from ..attention import BatchLayout, SharedAttention, attention_control, guidance_halves
 from ..attention.regional import RegionalPrompting
 from ..checks import count, finite, prompt_list
 from ..fusion import (
@@ -93,10 +93,15 @@ def fuse(
     views_per_call: int | None = None,
     progress: bool = False,
     output: str = "image",
+    roles: Sequence[str] | None = None,
 ) -> np.ndarray | torch.Tensor:
     """The canvas (H, W, 3) uint8 fused from ``views`` (each under ``prompts[view.prompt]``),
     or its latent (1, C, h, w) with ``output="latent"``; ``bootstrap`` is the share of the
-    first steps bootstrapped (views marked so)."""
+    first steps bootstrapped (views marked so). ``roles`` names each view's row in the
+    controllers' batch layout (default ``"view"`` for all)."""
+    roles = ("view",) * len(views) if roles is None else tuple(roles)
+    if len(roles) != len(views):
+        raise ValueError(f"{len(roles)} roles for {len(views)} views; give one per view")
     if output not in ("image", "latent"):
         raise ValueError(f"unknown output {output!r}; valid: image, latent")
     prompts = prompt_list(prompts)
@@ -122,7 +127,7 @@ def fuse(
     boot = None
     if bootstrap > 0 and any(v.bootstrap for v in views):
         boot = Bootstrap(round(bootstrap * steps), _colour_latents(model, gen), noise, seed)
-    layout = BatchLayout(("view",) * len(views), guidance_halves(den))
+    layout = BatchLayout(roles, guidance_halves(den))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
         fused = FusedDenoiser(session.denoiser(den, times), views, canvas_hw=canvas_hw,
                               times=times, bootstrap=boot, sync=sync,
@@ -150,13 +155,20 @@ def _window_views(model, canvas_hw, stride: int | None, prompt: int = 0) -> list
 
 def panorama(model, prompt: str, *, width: int, height: int | None = None,
              stride: int | None = None, sync: SyncDiffusion | None = None,
-             **options) -> np.ndarray:
+             share_anchor: bool = False, **options) -> np.ndarray:
     """A ``width`` x ``height`` (default: the model's size) image of ``prompt`` by
-    MultiDiffusion: windows every ``stride`` latent pixels (default a quarter window);
+    MultiDiffusion: windows every ``stride`` latent pixels (default a quarter window).
+    ``share_anchor``: every window also attends to the middle window's self-attention keys and
+    values (StyleAligned's shared attention over the windows, the middle one the reference).
     ``options`` go to :func:`fuse`."""
     height = model.image_size if height is None else height
     canvas = canvas_latent_hw(model, width, height)
     views = _window_views(model, canvas, stride)
+    if share_anchor:
+        roles = ["view"] * len(views)
+        roles[len(views) // 2] = "reference"
+        options["roles"] = roles
+        options["controllers"] = [*options.get("controllers", ()), SharedAttention()]
     return fuse(model, [prompt], views, canvas, sync=sync, **options)
 
 
