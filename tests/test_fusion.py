@@ -9,7 +9,9 @@ import torch
 from retouch.attention import AttentionStore
 from retouch.attention.regional import RegionalPrompting
 from retouch.fusion import (
+    Bootstrap,
     FusedDenoiser,
+    Region,
     RegionLayout,
     SyncDiffusion,
     VAEFeatureDistance,
@@ -64,6 +66,92 @@ def test_overlapping_windows_of_a_pointwise_denoiser_average_to_what_each_would_
     a = sample(fused, x, times, step=get_step(sampler), progress=False, generator=gen())
     b = sample(inner, x, times, step=get_step(sampler), progress=False, generator=gen())
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+class WindowMean(Pointwise):
+    """An analytic denoiser that depends on the whole window (its mean), row by row."""
+
+    def __call__(self, x, t):
+        return 0.5 * x + 0.3 * x.mean((2, 3), keepdim=True) + 1e-4 * t
+
+
+def _ddim(schedule, x, t, t_next, x0):
+    (a, s), (a_n, s_n) = schedule.coeffs(t), schedule.coeffs(t_next)
+    return a_n * x0 + s_n * (x - a * x0) / s
+
+
+def test_fusion_equals_multidiffusion_stepping_each_window_then_averaging():
+    inner, times = WindowMean(), torch.linspace(900, 0, 5).tolist()
+    views = [View(top, left, 4, 4, weight=torch.rand(4, 4) + 0.1)
+             for top, left in window_boxes((4, 11), (4, 4), 3)]
+    fused = FusedDenoiser(inner, views, canvas_hw=(4, 11), times=times)
+    x = torch.randn(1, 4, 4, 11, generator=torch.Generator().manual_seed(0))
+    ours = sample(fused, x, times, progress=False)
+    ref = x.clone()
+    for t, t_next in zip(times[:-1], times[1:], strict=True):  # Bar-Tal et al.'s eq. 5
+        value, total = torch.zeros_like(ref), torch.zeros(4, 11)
+        for v in views:
+            crop = ref[:, :, v.box[0], v.box[1]]
+            value[:, :, v.box[0], v.box[1]] += v.weight * _ddim(inner.schedule, crop, t, t_next,
+                                                                 inner(crop, t))
+            total[v.box] += v.weight
+        ref = value / total
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_syncdiffusion_equals_shifting_and_stepping_each_view_then_averaging():
+    inner, times = WindowMean(), torch.linspace(900, 0, 4).tolist()
+    views = [View(0, left, 4, 4) for _, left in window_boxes((4, 10), (4, 4), 3)]
+    decode = lambda z: z[:, :3]  # noqa: E731
+    distance = lambda a, b: ((a - b) ** 2).mean((1, 2, 3))  # noqa: E731
+    sync = SyncDiffusion(decode, distance, weight=0.5, decay=0.9, steps=2)
+    fused = FusedDenoiser(inner, views, canvas_hw=(4, 10), times=times, sync=sync)
+    x = torch.randn(1, 4, 4, 10, generator=torch.Generator().manual_seed(1))
+    ours = sample(fused, x, times, progress=False)
+    ref = x.clone()
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        crops = [ref[:, :, v.box[0], v.box[1]] for v in views]
+        anchor = decode(inner(crops[1], t)).detach()  # the middle view
+        value, total = torch.zeros_like(ref), torch.zeros(4, 10)
+        for k, (v, crop) in enumerate(zip(views, crops, strict=True)):
+            if i < 2 and k != 1:
+                z = crop.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(distance(decode(inner(z, t)), anchor).sum(), z)
+                crop = crop - 0.5 * 0.9**i * g
+            value[:, :, v.box[0], v.box[1]] += _ddim(inner.schedule, crop, t, t_next,
+                                                     inner(crop, t))
+            total[v.box] += 1
+        ref = (value / total).detach()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_bootstrapping_shows_a_noised_constant_colour_outside_the_mask_in_early_steps():
+    seen = []
+
+    class Recorder(Pointwise):
+        def __call__(self, x, t):
+            seen.append(x.clone())
+            return super().__call__(x, t)
+
+    times = torch.linspace(900, 0, 5).tolist()
+    mask = torch.zeros(4, 4)
+    mask[:, :2] = 1
+    colours = torch.full((1, 4, 4, 4), 0.7)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    boot = Bootstrap(2, colours, noise)
+    fused = FusedDenoiser(Recorder(), [View(0, 0, 4, 4, weight=mask, bootstrap=True),
+                                       View(0, 0, 4, 4, weight=1 - mask)],
+                          canvas_hw=(4, 4), times=times, bootstrap=boot)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    sample(fused, x, times, progress=False)
+    for i, t in enumerate(times[:-1]):
+        a, s = fused.schedule.coeffs(t)
+        region, background = seen[i][0], seen[i][1]
+        if i < 2:
+            torch.testing.assert_close(region[:, :, 2:], a * 0.7 + s * noise[0, :, :, 2:])
+        else:
+            torch.testing.assert_close(region[:, :, 2:], background[:, :, 2:])
+        torch.testing.assert_close(region[:, :, :2], background[:, :, :2])  # inside: the canvas
 
 
 def test_uncovered_pixels_and_views_outside_the_canvas_are_refused():
@@ -170,17 +258,22 @@ def test_lpips_says_which_weights_it_needs_and_never_downloads(tmp_path, monkeyp
 
 
 def test_rpg_splits_give_complementary_boxes_in_reading_order():
-    assert split_boxes("1,1,1") == [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]
-    assert split_boxes("1;3") == [(0, 0, 1, 0.25), (0, 0.25, 1, 1)]
-    boxes = split_boxes("1,1,1;1,2,1,1")
+    assert split_boxes("1,1") == [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]  # no ";": columns
+    assert split_boxes("1,1,2") == [(0, 0, 0.25, 1), (0.25, 0, 0.5, 1), (0.5, 0, 1, 1)]
+    assert split_boxes("1;3") == [(0, 0, 1, 0.25), (0, 0.25, 1, 1)]  # rows of one region
+    boxes = split_boxes("1,1,1;1,2,1,1")  # a row of 2 regions over a row of 3
     assert len(boxes) == 5 and boxes[2] == (0, 0.5, 0.5, 1)
+    # float ratios still end exactly at the canvas edge (a valid layout)
+    edges = split_boxes("0.18,1.74,2.73,1.63;2.06,0.13,1.92,1.84")
+    assert max(b[2] for b in edges) == 1.0 and max(b[3] for b in edges) == 1.0
+    RegionLayout(32, 16, tuple(Region(PROMPT, b) for b in edges))
     for bad in ("", "1,a", "1,-1", "1;;1"):
         with pytest.raises(ValueError):
             split_boxes(bad)
 
 
 def _layout(**kw):
-    return RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+    return RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1",
                                    "prompts": [PROMPT, "a blue circle"], **kw})
 
 
@@ -195,16 +288,43 @@ def test_a_region_covering_the_canvas_is_the_plain_panorama_even_when_bootstrapp
 
 def test_regional_prompting_with_the_base_prompt_everywhere_changes_nothing():
     model = tiny_model("sd1")
-    same = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+    same = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1",
                                    "prompts": [PROMPT, PROMPT], "base": PROMPT})
     a = regions(model, same, method="regional", stride=4, steps=3, output="latent")
     b = panorama(model, PROMPT, width=32, stride=4, steps=3, output="latent")
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    other = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1",
+    other = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1",
                                     "prompts": ["a blue circle", PROMPT], "base": PROMPT})
     c = regions(model, other, method="regional", stride=4, steps=3, output="latent")
     assert not torch.allclose(c, b, atol=1e-3)  # a sub-prompt acts
     assert regions(model, _layout(), steps=2).shape == (16, 32, 3)
+    half = RegionLayout.from_dict({"width": 32, "height": 16, "base": PROMPT, "base_ratio": 1.0,
+                                   "regions": [{"prompt": "a blue circle", "box": [0, 0, .5, 1]}]})
+    d = regions(model, half, method="regional", stride=4, steps=3, output="latent")
+    torch.testing.assert_close(d, b, rtol=0, atol=1e-5)  # base ratio 1: the base alone
+
+
+def test_regional_prompting_over_the_whole_canvas_with_no_base_is_its_sub_prompt():
+    """SD1 reads text only through cross-attention: a region covering everything, at base
+    ratio 0, is generation under the region's prompt (the unconditional half untouched)."""
+    model = tiny_model("sd1")
+    whole = RegionLayout.from_dict({"width": 16, "height": 16, "base": PROMPT, "base_ratio": 0.0,
+                                    "regions": [{"prompt": "a blue circle", "box": [0, 0, 1, 1]}]})
+    a = regions(model, whole, method="regional", steps=3, output="latent")
+    b = panorama(model, "a blue circle", width=16, steps=3, output="latent")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_splitting_the_windows_over_several_calls_changes_nothing():
+    model = tiny_model("sd1")
+    a = panorama(model, PROMPT, width=40, stride=4, steps=3, output="latent",
+                 sync=sync_diffusion(model, weight=0.5, steps=2))
+    b = panorama(model, PROMPT, width=40, stride=4, steps=3, output="latent", views_per_call=2,
+                 sync=sync_diffusion(model, weight=0.5, steps=2))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="one model call"):
+        panorama(model, PROMPT, width=40, stride=4, steps=2, views_per_call=2,
+                 controllers=[AttentionStore()])
 
 
 def test_regional_prompting_acts_only_inside_regions_and_on_the_conditional_half():
@@ -221,7 +341,7 @@ def test_bad_layouts_are_refused_with_the_rule(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         _layout(colour="red")
     with pytest.raises(ValueError, match="2 regions"):
-        RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1,1", "prompts": ["a"]})
+        RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1", "prompts": ["a"]})
     with pytest.raises(ValueError, match="outside the canvas"):
         RegionLayout.from_dict({"width": 32, "height": 16,
                                 "regions": [{"prompt": PROMPT, "box": [0.5, 0, 1.2, 1]}]})
@@ -274,7 +394,7 @@ def test_panorama_and_regions_cli_write_their_images(tiny_toy_pipeline, tmp_path
     assert report["sync"] and len(report["sync_losses"]) == 1
     layout = tmp_path / "layout.json"
     layout.write_text(json.dumps({
-        "width": 128, "height": 64, "split": "1,1,1", "prompts": ["a red circle",
+        "width": 128, "height": 64, "split": "1,1", "prompts": ["a red circle",
                                                                  "a blue square"],
         "base": "a red circle and a blue square"}))
     for method in ("multidiffusion", "regional"):

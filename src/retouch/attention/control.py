@@ -110,9 +110,10 @@ class Controller:
         """Read or rewrite attention probabilities (B, H, N, M); default: unchanged."""
         return p
 
-    def output(self, call: AttnCall, attn, q: Tensor) -> Tensor | None:
+    def output(self, call: AttnCall, attn, q: Tensor, out: Tensor) -> Tensor | None:
         """An extra attention output (B, H, N, d) added before the output projection (e.g.
-        IP-Adapter's decoupled cross-attention); default: none."""
+        IP-Adapter's decoupled cross-attention, regional prompting); ``out`` is the attention
+        output so far (B, H, N, d), with the terms of earlier controllers. Default: none."""
         return None
 
     def after_step(self, ctx, layout: BatchLayout) -> Tensor | None:
@@ -240,7 +241,7 @@ class ControlProcessor:
 
         out = _attend(query, key, value, attention_mask, probs_fn if readers else None)
         for ctrl, _ in active:
-            term = ctrl.output(call, attn, query)
+            term = ctrl.output(call, attn, query, out)
             if term is not None:
                 out = out + term.to(out.dtype)
 

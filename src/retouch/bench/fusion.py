@@ -67,7 +67,8 @@ STEPS, CFG = 20, 5.0
 #: wrecks the panorama, so the weight was chosen among 2, 5, 10 and 20 on 6 other prompts
 #: (4x canvases: coherence 0.67 at 2, 0.33 at 5, 0 at 10; MultiDiffusion 0.17).
 SYNC = dict(weight=2.0, decay=0.95, steps=4, distance="vae")
-SPLITS = {"1x2": "1,1,1", "2x1": "1;1", "1x3": "1,1,1,1", "2x2": "1,1,1;1,1,1"}
+#: Region layouts by grid (rows x columns): RPG splits of the canvas into native-size tiles.
+SPLITS = {"1x2": "1,1", "2x1": "1;1", "1x3": "1,1,1", "2x2": "1,1,1;1,1,1"}
 
 
 def _prompt(rng: random.Random) -> tuple[str, str, str]:
@@ -150,10 +151,8 @@ def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, flo
 def _layout(rng: random.Random, split: str, size: int, grid: tuple[int, int]):
     rows, cols = grid
     background = rng.choice(tuple(BACKGROUNDS))
-    picks = rng.sample([(c, s) for c in COLORS for s in SHAPES], rows * cols)
-    picks = [(c, s) for c, s in picks if not (c == "black" and background == "black")] or picks
-    while len(picks) < rows * cols:
-        picks.append(("red", "circle"))
+    visible = [(c, s) for c in COLORS for s in SHAPES if not (c == background == "black")]
+    picks = rng.sample(visible, rows * cols)  # distinct objects, none black on black
     prompts = [f"a {c} {s} on a {background} background" for c, s in picks]
     objects = " and ".join(f"a {c} {s}" for c, s in picks)
     layout = RegionLayout.from_dict({
@@ -238,8 +237,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     region_cases = 1 if quick else 8
     per_split = {}
     for split_name, split in SPLITS.items():
-        grid_rc = (2, 2) if split_name == "2x2" else (2, 1) if split_name == "2x1" else (
-            1, len(split.split(",")) - 1)
+        grid_rc = tuple(int(n) for n in split_name.split("x"))
         for c in range(region_cases):
             layout, picks = _layout(rng, split, size, grid_rc)
             for method in region_tally:

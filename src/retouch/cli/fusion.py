@@ -1,9 +1,11 @@
 """The ``retouch panorama`` and ``retouch regions`` sub-commands (fusing diffusion paths).
 
 ``retouch panorama PROMPT --width W [--height H] [--stride S] [--sync [--sync-weight W]
-[--sync-steps N] [--distance D]] --out DIR`` generates a W x H image by MultiDiffusion windows of
-the model's native size every S latent pixels (default a quarter window), with SyncDiffusion's
-gradient step toward the middle window with ``--sync``. Writes ``DIR/panorama.png`` and
+[--sync-steps N] [--distance D]] [--share-anchor] --out DIR`` generates a W x H image by
+MultiDiffusion windows of the model's native size every S latent pixels (default a quarter
+window), with SyncDiffusion's
+gradient step toward the middle window with ``--sync``, and with every window also attending to
+the middle window's self-attention with ``--share-anchor``. Writes ``DIR/panorama.png`` and
 ``DIR/panorama.json``.
 
 ``retouch regions LAYOUT.json [--method multidiffusion|regional] [--bootstrap F] --out DIR``
@@ -46,11 +48,11 @@ def run_panorama(args: argparse.Namespace) -> None:
                    if v is not None}
         sync = sync_diffusion(model, distance=args.distance or "vae", **options)
     image = panorama(model, args.prompt, width=args.width, height=height, stride=args.stride,
-                     sync=sync, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                     sampler=args.sampler, progress=True)
+                     sync=sync, share_anchor=args.share_anchor, steps=args.steps,
+                     cfg=args.cfg, seed=args.seed, sampler=args.sampler, progress=True)
     save_image(image, out / "panorama.png")
-    report = _settings(args, ("prompt", "width", "stride", "sync", "steps", "cfg", "seed",
-                              "sampler")) | {"height": height}
+    report = _settings(args, ("prompt", "width", "stride", "sync", "share_anchor", "steps",
+                              "cfg", "seed", "sampler")) | {"height": height}
     if sync is not None:
         report |= {"sync_weight": sync.weight, "sync_steps": sync.steps,
                    "distance": args.distance or "vae", "sync_losses": sync.losses}
@@ -103,6 +105,8 @@ def register(subparsers) -> None:
                    help="synchronise the first N steps")
     p.add_argument("--distance", choices=DISTANCES, default=None,
                    help="SyncDiffusion's distance (default vae: needs no download)")
+    p.add_argument("--share-anchor", action="store_true",
+                   help="every window also attends to the middle window (shared attention)")
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     add_run_arguments(p)
     p.set_defaults(func=run_panorama)

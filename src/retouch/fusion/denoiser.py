@@ -5,8 +5,11 @@ in one batched call of a view-level denoiser (each row under its view's prompt),
 per-pixel weighted average of the views' ``x0_hat`` (MultiDiffusion, eq. 5). Bar-Tal et al.
 average the windows' *stepped* latents; every sampler step is affine in ``x0_hat`` for a given
 ``x`` and all windows share the canvas's ``x``, so averaging ``x0_hat`` and stepping the canvas
-once is the same update, and it works with every sampler of :mod:`retouch.samplers`
-(multistep solvers average their history; a stochastic step draws one noise for the canvas).
+once is the same update, and it works with every sampler of :mod:`retouch.samplers`.
+It is exact for single-step and multistep solvers (their history averages alike); Heun's second
+evaluation is taken at the canvas's Euler point rather than at each window's own, and a
+stochastic step (DDPM) draws one noise for the canvas where averaging windows that each drew
+their own would shrink the noise in the overlaps.
 
 Two per-step additions, both in the paper's form:
 
@@ -49,31 +52,39 @@ class FusedDenoiser:
     """``x0_hat`` of canvas latents (B, C, H, W) fused from ``views`` (see the module doc).
 
     ``inner`` denoises the stacked windows: row ``v * B + b`` is view ``v`` of canvas ``b``,
-    conditioned on that view's prompt. ``times`` is the sampling grid (for the step index of
-    bootstrapping and SyncDiffusion). ``views_per_call`` bounds how many views share one model
-    call (None: all, which attention controllers need: their batch layout is one call's rows).
+    conditioned on that view's prompt. To bound memory, ``inner`` may instead be a list of
+    denoisers, each for ``views_per_call`` consecutive views (the last for the rest), called
+    one after the other; attention controllers need one call (their batch layout is one call's
+    rows). ``times`` is the sampling grid (for the step index of bootstrapping and
+    SyncDiffusion).
     """
 
     def __init__(self, inner, views: Sequence[View], *, canvas_hw: Sequence[int], times,
                  bootstrap: Bootstrap | None = None, sync=None,
                  views_per_call: int | None = None):
         if not views:
-            raise ValueError("a fusion needs at least one view")
+            raise ValueError("a fusion needs at least one view; give the canvas's windows")
         sizes = {(v.height, v.width) for v in views}
         if len(sizes) != 1:
-            raise ValueError(f"all views must have one window size to batch, got {sorted(sizes)}")
-        self.inner, self.schedule = inner, inner.schedule
+            raise ValueError(f"all views must have one window size to batch, got {sorted(sizes)}:"
+                             " give every view the model's native window")
+        inners = list(inner) if isinstance(inner, (list, tuple)) else [inner]
+        self.views_per_call = len(views) if len(inners) == 1 else views_per_call
+        if len(inners) > 1 and (views_per_call is None or
+                                len(inners) != -(-len(views) // views_per_call)):
+            raise ValueError(f"{len(inners)} denoisers for {len(views)} views: give one per "
+                             f"{views_per_call} views (views_per_call)")
+        self.inners, self.schedule = inners, inners[0].schedule
         self.views, self.canvas_hw = list(views), tuple(int(s) for s in canvas_hw)
         self.total = coverage(self.views, self.canvas_hw)  # (H, W) summed weights
         ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
         self.step_of = {t: i for i, t in enumerate(ts)}
         self.num_steps = len(ts) - 1
         self.bootstrap, self.sync = bootstrap, sync
-        self.views_per_call = views_per_call or len(self.views)
 
     @property
     def halves(self):
-        return getattr(self.inner, "halves", ("cond",))
+        return getattr(self.inners[0], "halves", ("cond",))
 
     # --- windows ---------------------------------------------------------------------------
 
@@ -89,10 +100,13 @@ class FusedDenoiser:
             out[:, :, v.box[0], v.box[1]] += v.weights(out.device, out.dtype) * part
         return out / self.total.to(out.device, out.dtype)
 
+    def chunks(self, crops: Tensor, batch: int) -> list[tuple[object, Tensor]]:
+        """``(denoiser, its windows)`` for each model call of a step."""
+        return list(zip(self.inners, crops.split(self.views_per_call * batch), strict=True))
+
     def _inner(self, crops: Tensor, t: float, batch: int):
-        """The inner denoiser over the stacked windows, ``views_per_call`` views a call."""
-        rows = self.views_per_call * batch
-        outs = [self.inner(c, t) for c in crops.split(rows)]
+        """The inner denoiser(s) over the stacked windows (V * B, C, h, w)."""
+        outs = [den(c, t) for den, c in self.chunks(crops, batch)]
         if isinstance(outs[0], Prediction):
             return Prediction(torch.cat([o.x0 for o in outs]), torch.cat([o.eps for o in outs]))
         return torch.cat(outs)
@@ -118,10 +132,12 @@ class FusedDenoiser:
     def __call__(self, x: Tensor, t: float) -> Tensor | Prediction:
         batch = x.shape[0]
         if tuple(x.shape[-2:]) != self.canvas_hw:
-            raise ValueError(f"the latent is {tuple(x.shape[-2:])}, the canvas {self.canvas_hw}")
+            raise ValueError(f"the latent is {tuple(x.shape[-2:])}, the canvas {self.canvas_hw}: "
+                             "sample the canvas latent this fusion was built for")
         step = self.step_of.get(float(t))
         if step is None:
-            raise ValueError(f"time {t} is not on this fusion's time grid")
+            raise ValueError(f"time {t} is not on this fusion's time grid: sample with the "
+                             "times it was built with")
         crops = self._bootstrapped(self.crops(x), t, step, batch)
         if self.sync is not None and self.sync.active(step):
             crops = self.sync.shift(self, crops, t, step, batch)

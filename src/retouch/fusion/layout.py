@@ -2,14 +2,15 @@
 
 A layout is a canvas size in image pixels and regions, each a box ``[left, top, right, bottom]``
 in fractions of the canvas with a prompt; or a ``split`` of the canvas into complementary
-regions, RPG's way: rows separated by ``;``, each row ``h,w1,w2,...`` (its height ratio, then
-the width ratios of its regions; a row of one number is one region), with one prompt per region
-in reading order. ``background`` prompts the pixels outside every region (MultiDiffusion);
+regions, RPG's way: without ``;`` the numbers are the width ratios of columns (``1,1,1``: three
+columns); with ``;`` each ``;``-separated part is a row ``h,w1,w2,...`` (its height ratio, then
+the width ratios of its regions; a row of one number is one region). One prompt per region, in
+reading order. ``background`` prompts the pixels outside every region (MultiDiffusion);
 ``base`` is regional prompting's whole-canvas prompt, mixed in by ``base_ratio``.
 
 JSON::
 
-    {"width": 128, "height": 64, "split": "1,1,1",
+    {"width": 128, "height": 64, "split": "1,1",
      "prompts": ["a red circle on a gray background", "a blue square on a gray background"],
      "base": "a red circle on the left and a blue square on the right on a gray background"}
 """
@@ -54,21 +55,29 @@ def _ratios(text: str, where: str) -> list[float]:
 def split_boxes(spec: str) -> list[Box]:
     """The boxes of an RPG split (see the module doc), in reading order."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a split must be a string such as '1,1,1' (one row, two regions) or "
-                         f"'1;1' (two rows), got {spec!r}")
-    rows = [_ratios(r, "the split row") for r in spec.split(";")]
-    height = sum(r[0] for r in rows)
-    boxes, top = [], 0.0
-    for row in rows:
-        bottom = top + row[0] / height
+        raise ValueError(f"a split must be a string such as '1,1' (two columns) or '1;1' (two "
+                         f"rows) or '1,1,1;1' (a row of two regions over a row of one), got "
+                         f"{spec!r}")
+    if ";" not in spec:
+        rows = [[1.0, *_ratios(spec, "the split")]]
+    else:
+        rows = [_ratios(r, "the split row") for r in spec.split(";")]
+    heights = [r[0] for r in rows]
+    boxes = []
+    for i, row in enumerate(rows):
+        top, bottom = _edges(heights, i)
         widths = row[1:] or [1.0]
-        left = 0.0
-        for w in widths:
-            right = left + w / sum(widths)
+        for j in range(len(widths)):
+            left, right = _edges(widths, j)
             boxes.append((left, top, right, bottom))
-            left = right
-        top = bottom
     return boxes
+
+
+def _edges(ratios: list[float], i: int) -> tuple[float, float]:
+    """The start and end of part ``i`` of [0, 1] split by ``ratios`` (the last ends at 1)."""
+    total = sum(ratios)
+    start = sum(ratios[:i]) / total
+    return start, 1.0 if i == len(ratios) - 1 else sum(ratios[: i + 1]) / total
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ class RegionLayout:
         for k, r in enumerate(self.regions):
             if not isinstance(r.prompt, str) or not r.prompt.strip():
                 raise ValueError(f"region {k} needs a prompt (a non-empty string)")
-            if len(r.box) != 4 or not all(isinstance(c, (int, float)) for c in r.box):
+            if not isinstance(r.box, (tuple, list)) or len(r.box) != 4 or not all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) for c in r.box):
                 raise ValueError(f"region {k}'s box {r.box!r} must be [left, top, right, bottom]")
             left, top, right, bottom = r.box
             if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
@@ -131,7 +141,8 @@ class RegionLayout:
                     isinstance(r, dict) and set(r) == {"prompt", "box"} for r in d["regions"]):
                 raise ValueError(f"{source}'s 'regions' must be a list of "
                                  "{\"prompt\": ..., \"box\": [left, top, right, bottom]}")
-            regions = tuple(Region(r["prompt"], tuple(r["box"])) for r in d["regions"])
+            regions = tuple(Region(r["prompt"], tuple(r["box"]) if isinstance(r["box"], list)
+                                   else r["box"]) for r in d["regions"])
         return cls(d["width"], d["height"], regions, d.get("background"), d.get("base"),
                    d.get("base_ratio", 0.3))
 

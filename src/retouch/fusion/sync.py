@@ -3,9 +3,11 @@
 Before each of the first ``steps`` MultiDiffusion steps, every view's latent ``x_v`` moves by
 ``-w_i grad_{x_v} d(D(x0_hat(x_v)), D(x0_hat(x_a)))``: ``D`` decodes the predicted clean latent,
 ``a`` is the anchor view (the middle one), ``d`` a perceptual distance and ``w_i = w decay^i``
-(the paper's ``w = 20``, decay 0.95, and the reference script's 10 synchronised steps). All
-views' gradients come from one batched forward and backward pass (the rows of a model call are
-independent). The shifted windows are then denoised and fused (:class:`FusedDenoiser`).
+(the paper's ``w = 20`` for LPIPS, decay 0.95, and the reference script's 10 synchronised
+steps). The views' gradients come from one batched forward and backward pass per model call of
+the fusion (the rows of a call are independent). The shifted windows are then denoised and
+fused (:class:`FusedDenoiser`). The decoded images are not clamped to [-1, 1] (the reference
+clamps before LPIPS), so the gradient also flows through pixels out of range.
 
 The paper's distance is LPIPS, whose backbone needs pretrained weights that retouch cannot
 download: :func:`lpips_distance` uses them when they are on disk. The default needs nothing:
@@ -100,7 +102,7 @@ class SyncDiffusion:
     decay: float = 0.95
     steps: int = 10  # synchronise the first ``steps`` steps only
     anchor: int | None = None
-    losses: list[float] = field(default_factory=list)  # mean distance at each synced step
+    losses: list[float] = field(default_factory=list)  # mean distance to the anchor, per step
 
     def __post_init__(self):
         finite("the SyncDiffusion weight", self.weight, low=0)
@@ -111,18 +113,37 @@ class SyncDiffusion:
         return step < self.steps
 
     def shift(self, fused, crops: Tensor, t: float, step: int, batch: int) -> Tensor:
-        """The views' windows (V * B, C, h, w) after one gradient step toward the anchor."""
+        """The views' windows (V * B, C, h, w) after one gradient step toward the anchor; one
+        forward and backward pass per model call of the fusion (see ``views_per_call``)."""
         views = len(fused.views)
         anchor = views // 2 if self.anchor is None else self.anchor
         if not 0 <= anchor < views:
-            raise ValueError(f"anchor view {anchor} is not one of the {views} views")
+            raise ValueError(f"anchor view {anchor} is not one of the {views} views; give an "
+                             f"index in [0, {views - 1}]")
         rows = slice(anchor * batch, (anchor + 1) * batch)
-        z = crops.detach().requires_grad_(True)
-        with torch.enable_grad():
-            images = self.decode(x0_of(fused._inner(z, t, batch)))
-            reference = images[rows].detach().repeat(views, 1, 1, 1)
-            loss = self.distance(images, reference)
-            (grad,) = torch.autograd.grad(loss.sum(), z)
-        self.losses.append(float(loss.detach().mean()))
+        chunks = fused.chunks(crops, batch)
+        reference = None
+        if len(chunks) > 1:  # the anchor's image first, from its own call
+            per = fused.views_per_call * batch
+            k = rows.start // per
+            den, c = chunks[k]
+            with torch.no_grad():
+                images = self.decode(x0_of(den(c, t)))
+            reference = images[rows.start - k * per : rows.stop - k * per]
+        grads, losses = [], []
+        for den, c in chunks:
+            z = c.detach().requires_grad_(True)
+            with torch.enable_grad():
+                images = self.decode(x0_of(den(z, t)))
+                if reference is None:
+                    reference = images[rows].detach()
+                loss = self.distance(images, reference.repeat(len(z) // batch, 1, 1, 1))
+                (g,) = torch.autograd.grad(loss.sum(), z)
+            grads.append(g)
+            losses.append(loss.detach())
+        grad, loss = torch.cat(grads), torch.cat(losses)
         grad[rows] = 0  # the anchor stays
+        others = torch.ones(len(loss), dtype=torch.bool)
+        others[rows] = False
+        self.losses.append(float(loss[others].mean()) if others.any() else 0.0)
         return (crops - self.weight * self.decay ** step * grad.to(crops)).detach()

@@ -80,12 +80,14 @@ def coverage(views: Sequence[View], canvas_hw: Sequence[int], device=None) -> Te
         if v.top < 0 or v.left < 0 or v.top + v.height > h or v.left + v.width > w:
             raise ValueError(f"a view at ({v.top}, {v.left}) of {v.width}x{v.height} lies outside "
                              f"the {w}x{h} canvas; keep every window inside it")
-        if v.weight is not None and tuple(v.weight.shape) != (v.height, v.width):
-            raise ValueError(f"a view's weight is {tuple(v.weight.shape)}, its window "
-                             f"{(v.height, v.width)}; give one weight per window pixel")
+        if v.weight is not None:
+            if tuple(v.weight.shape) != (v.height, v.width):
+                raise ValueError(f"a view's weight is {tuple(v.weight.shape)}, its window "
+                                 f"{(v.height, v.width)}; give one weight per window pixel")
+            if not bool(torch.isfinite(v.weight).all()) or bool((v.weight < 0).any()):
+                raise ValueError(f"the weights of the view at ({v.top}, {v.left}) must be finite "
+                                 "and non-negative")
         total[v.box] += v.weights(device)
-    if bool((total < 0).any()):
-        raise ValueError("view weights must be non-negative")
     empty = int((total <= 0).sum())
     if empty:
         raise ValueError(f"{empty} of {h * w} canvas latent pixels are covered by no view (or only "

@@ -113,6 +113,8 @@ def fuse(
     if sync is not None and sampler not in ("ddim", "ddpm"):
         raise ValueError(f"SyncDiffusion renoises with the synchronised views' noise, which the "
                          f"{sampler} sampler cannot take; use --sampler ddim or ddpm")
+    if views_per_call is not None:
+        count("views_per_call", views_per_call)
     if controllers and views_per_call is not None and views_per_call < len(views):
         raise ValueError("attention controllers need every view in one model call: leave "
                          "views_per_call unset")
@@ -124,12 +126,19 @@ def fuse(
     unique = sorted(set(prompts[v.prompt] for v in views), key=prompts.index)
     cond = model.encode(unique)[[unique.index(prompts[v.prompt]) for v in views]]
     den = model.denoiser(cond, cfg=cfg, negative=[negative] * len(views))
+    inner = den
+    if views_per_call is not None:
+        inner = [model.denoiser(cond[k:k + views_per_call], cfg=cfg,
+                                negative=[negative] * len(views[k:k + views_per_call]))
+                 for k in range(0, len(views), views_per_call)]
     boot = None
     if bootstrap > 0 and any(v.bootstrap for v in views):
         boot = Bootstrap(round(bootstrap * steps), _colour_latents(model, gen), noise, seed)
     layout = BatchLayout(roles, guidance_halves(den))
     with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
-        fused = FusedDenoiser(session.denoiser(den, times), views, canvas_hw=canvas_hw,
+        if controllers:  # they learn the step from the session's wrapper (one call a step)
+            inner = session.denoiser(den, times)
+        fused = FusedDenoiser(inner, views, canvas_hw=canvas_hw,
                               times=times, bootstrap=boot, sync=sync,
                               views_per_call=views_per_call)
         latents = sample(fused, x, times, step=step, progress=progress,

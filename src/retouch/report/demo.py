@@ -256,7 +256,7 @@ def _fusion_section(model: PipelineModel) -> Section:
             f"{name}: one background on every tile {bool(s['background_one'])}, one fill style "
             f"{bool(s['style_one'])}; {s['adherence']:.2f} of the tiles hold a {color} {shape}"),
             ok=bool(s["coherence"])))
-    layout, picks = _layout(rng, "1,1,1,1", size, (1, 3))
+    layout, picks = _layout(rng, "1,1,1", size, (1, 3))
     for method in ("multidiffusion", "regional"):
         image = regions(model, layout, method=method, stride=stride, steps=20, cfg=5.0,
                         seed=DEMO_SEED)
