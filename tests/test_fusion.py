@@ -423,3 +423,19 @@ def test_shared_anchor_attention_leaves_the_anchor_window_as_it_was():
     c = panorama(model, PROMPT, width=32, stride=4, steps=2, share_anchor=True, output="latent")
     d = panorama(model, PROMPT, width=32, stride=4, steps=2, output="latent")
     assert not torch.allclose(c, d, atol=1e-4)
+
+
+def test_a_panorama_edit_with_identical_prompts_changes_nothing_and_a_swap_edits():
+    from retouch.recipes.fusion import panorama_edit
+
+    model = tiny_model("sd1")
+    plain = panorama(model, PROMPT, width=32, stride=4, steps=3, output="latent")
+    same = panorama_edit(model, PROMPT, PROMPT, width=32, stride=4, steps=3, output="latent")
+    torch.testing.assert_close(same[0:1], plain, rtol=0, atol=1e-4)  # the source is as alone
+    torch.testing.assert_close(same[1:2], same[0:1], rtol=0, atol=1e-5)
+    swap = panorama_edit(model, PROMPT, "a blue square", width=32, stride=4, steps=3,
+                         output="latent")
+    torch.testing.assert_close(swap[0:1], plain, rtol=0, atol=1e-4)
+    assert not torch.allclose(swap[1], swap[0], atol=1e-3)
+    with pytest.raises(ValueError, match="local blending"):
+        panorama_edit(model, PROMPT, "a blue square", width=32, p2p={"blend_words": "changed"})

@@ -10,6 +10,8 @@
 * :func:`grid_views`: several views of one prompt tiled into one canvas and denoised as one
   image, so the model's self-attention couples them (Zero123++'s grid, without its fine-tuning).
 
+* :func:`panorama_edit`: a panorama and its Prompt-to-Prompt edit, window by window.
+
 Every function runs any sampler (SyncDiffusion: ddim or ddpm) and takes attention
 ``controllers``, which see the windows as the rows of one model call (role ``"view"``).
 
@@ -39,9 +41,10 @@ from ..fusion import (
 )
 from ..fusion.views import check_canvas
 from ..samplers import get_step, sample, start_latents
+from .editors import p2p_editor
 
-__all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "regions",
-           "sync_diffusion"]
+__all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "panorama_edit",
+           "regions", "sync_diffusion"]
 
 #: SyncDiffusion's distances by name (``vae``: the default, needs no download).
 DISTANCES = ("vae", "vae-stats", "lpips")
@@ -78,7 +81,7 @@ def _window(model) -> tuple[int, int]:
 
 def fuse(
     model,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[str]],
     views: Sequence[View],
     canvas_hw: tuple[int, int],
     *,
@@ -96,15 +99,22 @@ def fuse(
     roles: Sequence[str] | None = None,
 ) -> np.ndarray | torch.Tensor:
     """The canvas (H, W, 3) uint8 fused from ``views`` (each under ``prompts[view.prompt]``),
-    or its latent (1, C, h, w) with ``output="latent"``; ``bootstrap`` is the share of the
-    first steps bootstrapped (views marked so). ``roles`` names each view's row in the
+    or its latent (1, C, h, w) with ``output="latent"``. ``prompts`` may be one prompt list per
+    canvas: then B canvases from the same start noise, (B, H, W, 3), the model rows view-major
+    (row ``v * B + b``: view ``v`` of canvas ``b``). ``bootstrap`` is the share of the first
+    steps bootstrapped (views marked so). ``roles`` names each model row's role in the
     controllers' batch layout (default ``"view"`` for all)."""
-    roles = ("view",) * len(views) if roles is None else tuple(roles)
-    if len(roles) != len(views):
-        raise ValueError(f"{len(roles)} roles for {len(views)} views; give one per view")
+    sets = ([prompt_list(p) for p in prompts] if prompts and not isinstance(prompts, str)
+            and not isinstance(prompts[0], str) else [prompt_list(prompts)])
+    batch = len(sets)
+    if any(len(p) != len(sets[0]) for p in sets):
+        raise ValueError("every canvas needs as many prompts (one per view prompt index)")
+    roles = ("view",) * (len(views) * batch) if roles is None else tuple(roles)
+    if len(roles) != len(views) * batch:
+        raise ValueError(f"{len(roles)} roles for {len(views) * batch} model rows; give one per "
+                         "view and canvas")
     if output not in ("image", "latent"):
         raise ValueError(f"unknown output {output!r}; valid: image, latent")
-    prompts = prompt_list(prompts)
     count("steps", steps)
     finite("cfg", cfg)
     count("seed", seed, minimum=0)
@@ -121,16 +131,18 @@ def fuse(
     times = model.time_grid(steps)
     gen = torch.Generator().manual_seed(seed)
     shape = (1, model.unet.config.in_channels, *canvas_hw)
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen).expand(batch, *shape[1:]).contiguous()
     x = start_latents(model.schedule, float(times[0]), noise).to(model.device)
-    unique = sorted(set(prompts[v.prompt] for v in views), key=prompts.index)
-    cond = model.encode(unique)[[unique.index(prompts[v.prompt]) for v in views]]
-    den = model.denoiser(cond, cfg=cfg, negative=[negative] * len(views))
+    texts = [sets[b][v.prompt] for v in views for b in range(batch)]
+    unique = list(dict.fromkeys(texts))
+    cond = model.encode(unique)[[unique.index(p) for p in texts]]
+    den = model.denoiser(cond, cfg=cfg, negative=[negative] * len(texts))
     inner = den
     if views_per_call is not None:
-        inner = [model.denoiser(cond[k:k + views_per_call], cfg=cfg,
-                                negative=[negative] * len(views[k:k + views_per_call]))
-                 for k in range(0, len(views), views_per_call)]
+        rows = views_per_call * batch
+        inner = [model.denoiser(cond[k:k + rows], cfg=cfg,
+                                negative=[negative] * len(texts[k:k + rows]))
+                 for k in range(0, len(texts), rows)]
     boot = None
     if bootstrap > 0 and any(v.bootstrap for v in views):
         boot = Bootstrap(round(bootstrap * steps), _colour_latents(model, gen), noise, seed)
@@ -143,7 +155,10 @@ def fuse(
                               views_per_call=views_per_call)
         latents = sample(fused, x, times, step=step, progress=progress,
                          generator=torch.Generator().manual_seed(seed + 1))
-    return latents if output == "latent" else model.decode(latents)[0]
+    if output == "latent":
+        return latents
+    images = model.decode(latents)
+    return images if batch > 1 else images[0]
 
 
 def _colour_latents(model, gen: torch.Generator, n: int = 8) -> torch.Tensor:
@@ -179,6 +194,27 @@ def panorama(model, prompt: str, *, width: int, height: int | None = None,
         options["roles"] = roles
         options["controllers"] = [*options.get("controllers", ()), SharedAttention()]
     return fuse(model, [prompt], views, canvas, sync=sync, **options)
+
+
+def panorama_edit(model, source: str, target: str, *, width: int, height: int | None = None,
+                  stride: int | None = None, p2p: dict | None = None,
+                  **options) -> np.ndarray:
+    """A panorama of ``source`` and its Prompt-to-Prompt edit to ``target`` (2, H, W, 3): both
+    canvases from one noise, each target window's attention controlled by its source window
+    (``p2p``: options of :func:`~retouch.recipes.editors.p2p_editor`; local blending, which
+    works on whole latents, is not available on windows)."""
+    p2p = dict(p2p or {})
+    if "blend_words" in p2p or "blend_positions" in p2p:
+        raise ValueError("local blending works on whole latents, not on a panorama's windows: "
+                         "leave blend_words and blend_positions out")
+    height = model.image_size if height is None else height
+    canvas = canvas_latent_hw(model, width, height)
+    views = _window_views(model, canvas, stride)
+    controllers = [*options.pop("controllers", ()), *p2p_editor(model.tokenizer, source,
+                                                                target, **p2p)]
+    roles = [role for _ in views for role in ("source", "target")]
+    return fuse(model, [[source], [target]], views, canvas, controllers=controllers,
+                roles=roles, **options)
 
 
 #: Region-generation methods.
