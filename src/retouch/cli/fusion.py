@@ -100,10 +100,11 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=whole(1), default=None,
                    help="window stride in latent pixels (default: a quarter window)")
     p.add_argument("--sync", action="store_true", help="SyncDiffusion toward the middle window")
-    p.add_argument("--sync-weight", type=number, default=None, help="gradient step weight")
+    p.add_argument("--sync-weight", type=number, default=None,
+                   help="gradient step weight (default: 2 for vae, 20 for lpips)")
     p.add_argument("--sync-steps", type=whole(0), default=None,
                    help="synchronise the first N steps")
-    p.add_argument("--distance", choices=DISTANCES, default=None,
+    p.add_argument("--distance", choices=tuple(DISTANCES), default=None,
                    help="SyncDiffusion's distance (default vae: needs no download)")
     p.add_argument("--share-anchor", action="store_true",
                    help="every window also attends to the middle window (shared attention)")

@@ -46,16 +46,20 @@ from .editors import p2p_editor
 __all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "panorama_edit",
            "regions", "sync_diffusion"]
 
-#: SyncDiffusion's distances by name (``vae``: the default, needs no download).
-DISTANCES = ("vae", "vae-stats", "lpips")
+#: SyncDiffusion's distances by name (``vae``: the default, needs no download) and the default
+#: weight of each: the paper's 20 for LPIPS; 2 for the VAE distances, chosen on ToyWorld
+#: panoramas (20 wrecks them: see :mod:`retouch.bench.fusion`); tune it for another model.
+DISTANCES = {"vae": 2.0, "vae-stats": 2.0, "lpips": 20.0}
 
 
 def sync_diffusion(model, *, distance: str = "vae", **options) -> SyncDiffusion:
-    """A :class:`SyncDiffusion` for ``model`` (its VAE decodes; ``distance`` by name);
-    ``options``: ``weight``, ``decay``, ``steps``, ``anchor``."""
+    """A :class:`SyncDiffusion` for ``model`` (its VAE decodes; ``distance`` by name, with its
+    default weight from :data:`DISTANCES`); ``options``: ``weight``, ``decay``, ``steps``,
+    ``anchor``."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown SyncDiffusion distance {distance!r}; valid: "
                          f"{', '.join(DISTANCES)}")
+    options.setdefault("weight", DISTANCES[distance])
     d = (lpips_distance(device=model.device) if distance == "lpips" else
          VAEFeatureDistance(model.vae, statistics=distance == "vae-stats"))
     return SyncDiffusion(model.decode_tensor, d, **options)
