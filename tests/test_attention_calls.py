@@ -125,7 +125,7 @@ class AddOutput(Controller):
     def select(self, site):
         return site.kind == "cross"
 
-    def output(self, call, attn, q):
+    def output(self, call, attn, q, out):
         return torch.full_like(q, self.value)
 
 
