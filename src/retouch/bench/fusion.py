@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fusion import RegionLayout, VAEFeatureDistance
+from ..fusion import RegionLayout, VAEFeatureDistance, window_boxes
 from ..models.pipeline import PipelineModel
 from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
 from ..recipes.generate import generate
@@ -59,7 +59,8 @@ from ..toyworld.checker import read
 from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 
-__all__ = ["run", "panorama_scores", "region_scores", "seam_ratio", "auc", "SYNC"]
+__all__ = ["run", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
+           "seam_ratio", "auc", "SYNC"]
 
 STEPS, CFG = 20, 5.0
 #: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
@@ -71,7 +72,7 @@ SYNC = dict(weight=2.0, decay=0.95, steps=4, distance="vae")
 SPLITS = {"1x2": "1,1", "2x1": "1;1", "1x3": "1,1,1", "2x2": "1,1,1;1,1,1"}
 
 
-def _prompt(rng: random.Random) -> tuple[str, str, str]:
+def bench_prompt(rng: random.Random) -> tuple[str, str, str]:
     size, color, shape = rng.choice(("small", "big")), rng.choice(tuple(COLORS)), rng.choice(
         SHAPES)
     return f"a {size} {color} {shape}", color, shape
@@ -108,10 +109,13 @@ def seam_ratio(image: np.ndarray, borders: list[int]) -> float | None:
 
 
 def _window_borders(width_latent: int, window: int, stride: int, factor: int) -> list[int]:
-    starts = list(range(0, width_latent - window + 1, stride))
-    if starts[-1] != width_latent - window:
-        starts.append(width_latent - window)
-    return sorted({x * factor for s in starts for x in (s, s + window)})
+    """Image columns where a panorama's windows begin or end."""
+    lefts = {left for _, left in window_boxes((window, width_latent), (window, window), stride)}
+    return sorted({x * factor for s in lefts for x in (s, s + window)})
+
+
+def _windows(width_latent: int, window: int, stride: int) -> int:
+    return len(window_boxes((window, width_latent), (window, window), stride))
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:
@@ -148,7 +152,7 @@ def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, flo
         "distance_pairs": len(labels), "distance_pairs_coherent": int(sum(labels))}
 
 
-def _layout(rng: random.Random, split: str, size: int, grid: tuple[int, int]):
+def bench_layout(rng: random.Random, split: str, size: int, grid: tuple[int, int]):
     rows, cols = grid
     background = rng.choice(tuple(BACKGROUNDS))
     visible = [(c, s) for c in COLORS for s in SHAPES if not (c == background == "black")]
@@ -177,7 +181,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     widths = (4,) if quick else (4, 8)
     steps = 8 if quick else STEPS
     rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
-    prompts = [_prompt(rng) for _ in range(cases)]
+    prompts = [bench_prompt(rng) for _ in range(cases)]
     cost = []
     for k in (1, 2, 4) if quick else (1, 2, 4, 8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -185,7 +189,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         panorama(tw, prompts[0][0], width=k * size, stride=stride, steps=steps, cfg=CFG, seed=0)
         secs = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        windows = len(range(0, k * window - window + 1, stride))
+        windows = _windows(k * window, window, stride)
         cost.append({"width": f"{k}x", "windows": windows, "seconds": secs,
                      "seconds_per_window": secs / windows, "nfe": 2 * steps,
                      "rows_per_step": 2 * windows, "peak_rss_growth_mb": (after - before) / 1024})
@@ -224,7 +228,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         means[name]["seam_ratio"] = float(np.mean(valid)) if valid else None
         means[name]["seconds_per_panorama"] = seconds[name] / n
     for name, kw in methods.items():
-        views = {k: len(range(0, k * window - window + 1, kw["stride"])) for k in widths}
+        views = {k: _windows(k * window, window, kw["stride"]) for k in widths}
         means[name].update({f"windows_{k}x": v for k, v in views.items()})
         sync_steps = SYNC["steps"] if kw.get("sync") else 0
         # a synchronised step adds a forward and a backward pass (both CFG halves)
@@ -239,7 +243,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     for split_name, split in SPLITS.items():
         grid_rc = tuple(int(n) for n in split_name.split("x"))
         for c in range(region_cases):
-            layout, picks = _layout(rng, split, size, grid_rc)
+            layout, picks = bench_layout(rng, split, size, grid_rc)
             for method in region_tally:
                 t0 = time.perf_counter()
                 image = regions(tw, layout, method=method, stride=stride, steps=steps, cfg=CFG,

@@ -238,11 +238,11 @@ def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
 
 
 def _fusion_section(model: PipelineModel) -> Section:
-    from ..bench.fusion import SYNC, _layout, _prompt, panorama_scores, region_scores
+    from ..bench.fusion import SYNC, bench_layout, bench_prompt, panorama_scores, region_scores
     from ..recipes.fusion import panorama, regions, sync_diffusion
 
     rng = random.Random(DEMO_SEED)
-    prompt, color, shape = _prompt(rng)
+    prompt, color, shape = bench_prompt(rng)
     size, stride = model.image_size, model.unet.config.sample_size // 2
     figures = []
     sync_options = {k: v for k, v in SYNC.items() if k != "distance"}
@@ -256,7 +256,7 @@ def _fusion_section(model: PipelineModel) -> Section:
             f"{name}: one background on every tile {bool(s['background_one'])}, one fill style "
             f"{bool(s['style_one'])}; {s['adherence']:.2f} of the tiles hold a {color} {shape}"),
             ok=bool(s["coherence"])))
-    layout, picks = _layout(rng, "1,1,1", size, (1, 3))
+    layout, picks = bench_layout(rng, "1,1,1", size, (1, 3))
     for method in ("multidiffusion", "regional"):
         image = regions(model, layout, method=method, stride=stride, steps=20, cfg=5.0,
                         seed=DEMO_SEED)
