@@ -15,7 +15,7 @@ Epstein et al. 2023 (Diffusion Self-Guidance, eq. 3); Bansal et al. 2023 (univer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -29,14 +29,17 @@ class LossGuidance:
     """``x0~ = x0_hat - w (sigma^2 / alpha) grad_x E(x0_hat, x_t, t)`` around ``inner``.
 
     ``energy(x0_hat, x, t) -> scalar`` (a sum over the batch); ``scale`` is ``w`` or a function
-    ``w(t)`` (0 outside the window it should act in). The inner denoiser runs with gradients,
-    so use it under ``torch.no_grad()`` freely: this wrapper re-enables them for its call.
+    ``w(t)`` (0 outside the window it should act in). ``rows``: the latent rows the guidance
+    moves (default all; the others keep ``x0_hat``, e.g. an edit's source row). The inner
+    denoiser runs with gradients, so use it under ``torch.no_grad()`` freely: this wrapper
+    re-enables them for its call. A non-finite guided estimate raises FloatingPointError.
     """
 
     def __init__(self, inner, energy: Callable[[Tensor, Tensor, float], Tensor], *,
-                 scale: float | Callable[[float], float]):
+                 scale: float | Callable[[float], float], rows: Sequence[int] | None = None):
         self.inner, self.schedule, self.energy = inner, inner.schedule, energy
         self.scale = scale if callable(scale) else (lambda t, w=float(scale): w)
+        self.rows = None if rows is None else list(rows)  # latent rows moved (None: all)
 
     @property
     def halves(self):
@@ -55,7 +58,15 @@ class LossGuidance:
             if energy.ndim != 0:
                 raise ValueError(f"the energy must be a scalar, got shape {tuple(energy.shape)}")
             (grad,) = torch.autograd.grad(energy, [x_in])
+        if self.rows is not None:
+            keep = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+            keep[self.rows] = False
+            grad = grad.masked_fill(keep.view(-1, *[1] * (grad.ndim - 1)), 0.0)
         guided = x0.detach() - w * (sigma**2 / alpha) * grad
+        if not torch.isfinite(guided).all():
+            raise FloatingPointError(
+                f"loss guidance at t={t:g} gave a non-finite estimate (energy "
+                f"{float(energy):.4g}, weight {w:g}): lower the guidance weights")
         if isinstance(pred, Prediction):  # keep the noise the inner guidance renoises with
             return Prediction(x0=guided, eps=pred.eps.detach())
         return guided

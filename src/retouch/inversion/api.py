@@ -244,6 +244,7 @@ def reconstruct(
     *,
     target: Tensor | str | list[str] | None = None,
     callbacks: Sequence[Callable[[StepContext], Tensor | None]] = (),
+    guide: Callable[[Any], Any] | None = None,
     progress: bool = True,
 ) -> Tensor:
     """The latents the inversion's sampler lands on: (B, ...), or (2B, ...) = [source; target]
@@ -251,6 +252,8 @@ def reconstruct(
 
     Refuses an inversion made with another model. ``callbacks`` are run after the method's own
     per-step corrections (BDIA's loop starts at step 1, so its ``ctx.i`` is ``k - 1``).
+    ``guide`` wraps the method's guided denoiser (e.g. in a
+    :class:`~retouch.guidance.LossGuidance`: self-guidance on an inverted image).
     """
     inv = inversion
     inv.check_finite()
@@ -263,5 +266,7 @@ def reconstruct(
     copies = 1 if target is None else 2
     with torch.no_grad():
         den = _denoiser(inv, factory, target)
+        if guide is not None:
+            den = guide(den)
         return _method(inv.method).replay(inv, den, copies=copies, callbacks=list(callbacks),
                                           progress=progress)

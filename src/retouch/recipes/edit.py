@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from .editors import EDITORS, check_editor
 
 __all__ = [
     "EditResult",
+    "EditPlugin",
     "EDITORS",
     "edit",
     "edit_inverted",
@@ -59,6 +61,16 @@ __all__ = [
 ]
 
 ROLES = ("source", "target")  # latent rows of an edit
+
+
+class EditPlugin(Protocol):
+    """What a technique adds to an edit beside its editor: controllers installed with the
+    editor's, and a wrapper of the guided denoiser for rows [source, target] (e.g. a
+    :class:`~retouch.guidance.LossGuidance`), given the sampling grid."""
+
+    controllers: Sequence[Controller]
+
+    def wrap(self, denoiser, times: Tensor): ...
 
 
 @dataclass
@@ -99,6 +111,7 @@ def edit_generated(
     source_trajectory: Sequence[Tensor] | None = None,
     callbacks: Sequence[Callable[[StepContext], Tensor | None]] = (),
     denoiser=None,
+    plugin: EditPlugin | None = None,
     progress: bool = False,
     **editor_options,
 ) -> EditResult:
@@ -110,13 +123,14 @@ def edit_generated(
     ``maps=True`` also stores the cross-attention maps (``result.store``). Inversion hooks:
     ``start`` (1 or 2 rows), ``source_trajectory`` (``steps + 1`` latents on the time grid,
     pinning the source row), ``callbacks`` (run first each step), ``denoiser`` (for rows
-    [source, target], replacing ``model.denoiser``).
+    [source, target], replacing ``model.denoiser``). ``plugin``: more controllers and a wrapper
+    of the guided denoiser (:class:`EditPlugin`, e.g. self-guidance).
     """
     count("steps", steps)
     finite("cfg", cfg)
     step = get_step(sampler)
     controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
-                                      editor_options)
+                                      editor_options, plugin)
     times = model.time_grid(steps)
     if source_trajectory is not None:
         if len(source_trajectory) != len(times):
@@ -127,6 +141,8 @@ def edit_generated(
     x = _start_latents(model, start, seed, times)
     den = denoiser if denoiser is not None else model.denoiser(
         [source_prompt, target_prompt], cfg=cfg, negative=negative)
+    if plugin is not None:
+        den = plugin.wrap(den, times)
     layout = BatchLayout(ROLES, guidance_halves(den))
     # One noise per step shared by both rows, so stochastic samplers keep the branches paired.
     gen = torch.Generator().manual_seed(seed + 1)
@@ -141,12 +157,15 @@ def edit_generated(
     return _result(model, latents, controllers, store)
 
 
-def _controllers(model, source: str, target: str, editor: str, maps: bool, options):
-    """The editor's controllers (an AttentionStore first if ``maps``) and the store."""
+def _controllers(model, source: str, target: str, editor: str, maps: bool, options,
+                 plugin: EditPlugin | None = None):
+    """The editor's controllers (an AttentionStore first if ``maps``, the plugin's last) and
+    the store."""
     check_editor(editor, options)
     controllers = EDITORS[editor](model.tokenizer, source, target, **options)
     store = AttentionStore() if maps else None
-    return ([] if store is None else [store]) + controllers, store
+    extra = [] if plugin is None else list(plugin.controllers)
+    return ([] if store is None else [store]) + controllers + extra, store
 
 
 def _result(model, latents: Tensor, controllers, store) -> EditResult:
@@ -196,13 +215,15 @@ def edit_inverted(
     *,
     editor: str = "p2p",
     maps: bool = False,
+    plugin: EditPlugin | None = None,
     progress: bool = False,
     **editor_options,
 ) -> EditResult:
     """Edit the image of ``inversion`` (one image, made from ``model`` with its source prompt)
     towards ``target_prompt``: its reconstruction is the source row (see the module doc).
 
-    Steps and guidance are the inversion's. ``editor_options`` go to the editor.
+    Steps and guidance are the inversion's. ``editor_options`` go to the editor; ``plugin``
+    as in :func:`edit_generated`.
     """
     source = inversion.prompt
     if not isinstance(source, str) or inversion.batch != 1:
@@ -210,12 +231,13 @@ def edit_inverted(
                          "model with its source prompt (invert(model, image, prompt, ...))")
     model.check_prompt(target_prompt)
     controllers, store = _controllers(model, source, target_prompt, editor, maps,
-                                      editor_options)
+                                      editor_options, plugin)
     check_loop(inversion.method, controllers, len(inversion.times) - 1)
-    return _run_inverted(model, inversion, target_prompt, controllers, store, progress)
+    return _run_inverted(model, inversion, target_prompt, controllers, store, progress, plugin)
 
 
-def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -> EditResult:
+def _run_inverted(model, inv, target: str, controllers, store, progress: bool,
+                  plugin: EditPlugin | None = None) -> EditResult:
     from ..inversion import DenoiserFactory, fingerprint_of, reconstruct
 
     # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call.
@@ -232,6 +254,8 @@ def _run_inverted(model, inv, target: str, controllers, store, progress: bool) -
         )
         latents = reconstruct(inv, factory, target=model.encode([target]),
                               callbacks=[session.callback] if stepwise else (),
+                              guide=None if plugin is None else (
+                                  lambda den: plugin.wrap(den, inv.times)),
                               progress=progress)
     return _result(model, latents, controllers, store)
 
@@ -249,6 +273,7 @@ def edit(
     seed: int = 0,
     inversion_options: Mapping | None = None,
     maps: bool = False,
+    plugin: EditPlugin | None = None,
     progress: bool = False,
     **editor_options,
 ) -> EditResult:
@@ -270,11 +295,11 @@ def edit(
         options.setdefault("seed", seed)
     config = method_config(inversion, options)
     controllers, store = _controllers(model, source_prompt, target_prompt, editor, maps,
-                                      editor_options)
+                                      editor_options, plugin)
     check_loop(inversion, controllers, steps)
     inv = invert(model, image, source_prompt, method=inversion, steps=steps, cfg=cfg,
                  config=config, progress=progress)
-    return _run_inverted(model, inv, target_prompt, controllers, store, progress)
+    return _run_inverted(model, inv, target_prompt, controllers, store, progress, plugin)
 
 
 def sdedit(

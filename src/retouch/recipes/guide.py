@@ -1,0 +1,327 @@
+"""Self-guidance: move, resize and restyle objects by guiding the model's own attention.
+
+An edit runs two rows, as every edit in :mod:`.edit` does: the source (the generation, or an
+inverted image's reconstruction) and the target, guided. At each guided step the target row's
+properties (:mod:`retouch.attention.properties`, read by a
+:class:`~retouch.attention.properties.PropertyRecorder` in the same model call as the source's)
+are pulled towards the source's, edited, by the gradient of an energy ``g``:
+
+    ``g = w_centroid |centroid(k) - (centroid_src(k) + d)|_1``            (move k by d)
+    ``  + w_size |size(k) - f^2 size_src(k)|``                          (resize k by f)
+    ``  + w_shape mean_i |T(shape_i,src(k)) - shape_i(k)|_1``             (T: the move / resize)
+    ``  + w_keep mean_{o held} mean_i |shape_i,src(o) - shape_i(o)|_1``   (others stay put)
+    ``  + w_appearance mean_o |appearance_src(o') - appearance(o)|_1``   (o' = o, or the object
+                                                                         whose look o takes)
+
+``i`` runs over the cross-attention sites, ``|.|_1`` is a mean over cells or channels. The
+guided estimate is Epstein et al.'s ``eps~ = eps_cfg + v sigma_t grad g`` (a
+:class:`~retouch.guidance.LossGuidance` around whatever guidance the edit uses, moving the
+target row only), within a window of the steps. Any editor (Prompt-to-Prompt for a caption
+change in the same edit), any inversion and any sampler run with it: it is an
+:class:`~retouch.recipes.edit.EditPlugin`.
+
+References: Epstein et al. 2023 (Diffusion Self-Guidance, eqs. 3-9; the combined edit of their
+Fig. 5 "move while keeping the rest").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from ..attention import BatchLayout, in_window
+from ..attention.properties import (
+    PropertyRecorder,
+    appearance,
+    centroid,
+    scale_about,
+    shape,
+    size,
+    translate,
+)
+from ..attention.sites import Window, check_window
+from ..attention.tokens import word_positions
+from ..checks import finite
+from ..guidance import LossGuidance
+from .edit import ROLES, EditResult, edit, edit_generated
+
+__all__ = ["GuideWeights", "SelfGuidance", "guide", "guide_generated", "DEFAULT_STEPS"]
+
+#: Fraction of the steps self-guidance acts in (the layout is decided early; late steps refine).
+DEFAULT_STEPS: Window = (0.0, 0.6)
+
+
+@dataclass(frozen=True)
+class GuideWeights:
+    """Weights of the energy's terms (see the module doc); 0 switches a term off."""
+
+    centroid: float = 2.0  # moved object's centroid to its target (image fractions)
+    size: float = 2.0  # resized object's size to factor^2 x the source's
+    shape: float = 2.0  # edited object's shape to the source's, moved or scaled
+    keep: float = 1.0  # every other named object's shape held to the source's
+    appearance: float = 0.5  # every named object's appearance held (or taken from another)
+
+    def __post_init__(self):
+        for f in fields(self):
+            finite(f"the self-guidance weight {f.name}", getattr(self, f.name), low=0.0)
+
+    @property
+    def zero(self) -> bool:
+        return all(getattr(self, f.name) == 0 for f in fields(self))
+
+
+def _words(prompt: str) -> set[str]:
+    return set(re.findall(r"[\w'-]+", prompt.lower()))
+
+
+class SelfGuidance:
+    """A self-guidance edit: which objects move, resize or take another's look, which are held.
+
+    ``move``: word -> (dx, dy) in image fractions (x right, y down), each in (-1, 1);
+    ``resize``: word -> factor f > 0 (the object's side times f, its size times f^2);
+    ``restyle``: word -> another word whose source appearance it takes; ``keep``: words of
+    objects whose shape and appearance are held. ``steps``: the window (fractions of the steps)
+    in which it guides; ``resolutions``: the cross-attention sites read (default: every site of
+    the two finest resolutions with cross-attention); ``feature_module``: the module whose
+    activations make ``appearance`` (default: the UNet's last decoder block).
+    All is checked here, before any model is loaded.
+    """
+
+    def __init__(
+        self,
+        *,
+        move: Mapping[str, tuple[float, float]] | None = None,
+        resize: Mapping[str, float] | None = None,
+        restyle: Mapping[str, str] | None = None,
+        keep: Sequence[str] = (),
+        weights: GuideWeights | None = None,
+        steps: Window = DEFAULT_STEPS,
+        resolutions: Collection[int] | None = None,
+        feature_module: str | None = None,
+    ):
+        self.move = {w: _offset(w, d) for w, d in (move or {}).items()}
+        self.resize = {w: finite(f"the resize factor of {w!r}", f) for w, f in
+                       (resize or {}).items()}
+        for w, f in self.resize.items():
+            if f <= 0:
+                raise ValueError(f"the resize factor of {w!r} must be > 0 (1 keeps its size), "
+                                 f"got {f:g}")
+        self.restyle = dict(restyle or {})
+        self.keep = [w for w in dict.fromkeys(keep) if w not in self.edited]
+        self.weights = weights or GuideWeights()
+        self.steps = check_window(steps, "the self-guidance step window")
+        self.resolutions = None if resolutions is None else set(resolutions)
+        self.feature_module = feature_module
+        if not self.edited and not self.keep:
+            raise ValueError("self-guidance needs something to do: name a word to move, "
+                             "resize or restyle (or to keep)")
+
+    @property
+    def edited(self) -> list[str]:
+        """Words of the objects this edit changes, in a stable order."""
+        return list(dict.fromkeys([*self.move, *self.resize, *self.restyle]))
+
+    @property
+    def words(self) -> list[str]:
+        """Every word this edit names (edited, looks taken from, held)."""
+        return list(dict.fromkeys([*self.edited, *self.restyle.values(), *self.keep]))
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a word the prompt does not hold (naming the prompt's words)."""
+        have = _words(prompt)
+        for w in self.words:
+            if not set(_words(w)) <= have or not _words(w):
+                raise ValueError(f"self-guidance names {w!r}, which is not a word of the prompt "
+                                 f"{prompt!r}; name one of: {', '.join(sorted(have))}")
+
+    def bind(self, model, source: str, target: str) -> BoundGuidance:
+        """The :class:`~retouch.recipes.edit.EditPlugin` of this edit on ``model``."""
+        self.check_prompt(source)
+        return BoundGuidance(self, model, source, target)
+
+
+def _offset(word: str, d) -> tuple[float, float]:
+    if not isinstance(d, tuple | list) or len(d) != 2:
+        raise ValueError(f"the move of {word!r} must be (dx, dy) in image fractions, got {d!r}")
+    dx, dy = (finite(f"the move of {word!r}", v) for v in d)
+    if not (-1 < dx < 1 and -1 < dy < 1):
+        raise ValueError(f"the move of {word!r} ({dx:g}, {dy:g}) leaves the image: dx and dy "
+                         "are fractions of the image side, each in (-1, 1)")
+    return dx, dy
+
+
+def _positions(tokenizer, prompt: str, word: str, fallback: list[int] | None) -> list[int]:
+    try:
+        return word_positions(tokenizer, prompt, word)
+    except ValueError:
+        if fallback is None:
+            raise
+        return fallback  # a word swapped in the target prompt: the source word's positions
+
+
+class BoundGuidance:
+    """Self-guidance bound to a model and the edit's two prompts (an EditPlugin)."""
+
+    def __init__(self, spec: SelfGuidance, model, source: str, target: str):
+        self.spec = spec
+        unet = model.unet
+        cross = sorted({int(s) for s in _cross_resolutions(unet)}, reverse=True)
+        resolutions = spec.resolutions or set(cross[:2])
+        module = spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}"
+        self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
+        tok = model.tokenizer
+        self.positions = {}  # word -> (source positions, target positions)
+        for w in spec.words:
+            src = word_positions(tok, source, w)
+            self.positions[w] = (src, _positions(tok, target, w, src))
+        self.controllers = [] if spec.weights.zero else [self.recorder]
+        self.terms: dict[str, float] = {}  # the last guided call's energy terms
+        self.step: int | None = None  # the last guided call's step
+
+    def wrap(self, denoiser, times: Tensor):
+        if self.spec.weights.zero:
+            return denoiser
+        ts = {float(t): i for i, t in enumerate(times.tolist())}
+        n = len(ts) - 1
+
+        def scale(t: float) -> float:
+            i = ts.get(float(t))
+            self.step = i
+            return 1.0 if i is not None and in_window(i, n, self.spec.steps) else 0.0
+
+        target = BatchLayout(ROLES).latent_rows("target")
+        return LossGuidance(denoiser, self.energy, scale=scale, rows=target)
+
+    def energy(self, x0: Tensor, x: Tensor, t: float) -> Tensor:
+        """``g`` of the module doc from the maps the model call just recorded."""
+        maps, feats = self.recorder.take()
+        if not maps:
+            raise RuntimeError("self-guidance recorded no attention maps: the model did not "
+                               "run through the edit's attention control")
+        src, tgt = (BatchLayout(ROLES).latent_rows(r)[0] for r in ROLES)
+        spec, w = self.spec, self.spec.weights
+
+        def word_maps(word: str) -> tuple[list[Tensor], list[Tensor]]:
+            ps, pt = self.positions[word]
+            return ([m[src, ..., ps].sum(-1).detach() for m in maps],
+                    [m[tgt, ..., pt].sum(-1) for m in maps])
+
+        terms: dict[str, Tensor] = {}
+
+        def add(name: str, weight: float, value: Tensor) -> None:
+            if weight:
+                terms[name] = terms.get(name, 0) + weight * value
+
+        for word, d in spec.move.items():
+            a_src, a_tgt = word_maps(word)
+            add("centroid", w.centroid, _mean([
+                (centroid(b) - centroid(a) - torch.tensor(d).to(a)).abs().sum()
+                for a, b in zip(a_src, a_tgt)]))
+            add("shape", w.shape, _mean([(translate(shape(a), d) - shape(b)).abs().mean()
+                                         for a, b in zip(a_src, a_tgt)]))
+        for word, f in spec.resize.items():
+            a_src, a_tgt = word_maps(word)
+            add("size", w.size, _mean([(size(b) - f * f * size(a)).abs()
+                                       for a, b in zip(a_src, a_tgt)]))
+            add("shape", w.shape, _mean([
+                (scale_about(shape(a), f, tuple(centroid(a).tolist())) - shape(b)).abs().mean()
+                for a, b in zip(a_src, a_tgt)]))
+        if spec.keep:
+            add("keep", w.keep, _mean([
+                _mean([(shape(a) - shape(b)).abs().mean() for a, b in zip(*word_maps(o))])
+                for o in spec.keep]))
+        if w.appearance:
+            if feats is None:
+                raise RuntimeError("self-guidance recorded no activations for appearance")
+            looks = []
+            for o in [*spec.edited, *spec.keep]:
+                donor = spec.restyle.get(o, o)
+                a_src, _ = word_maps(donor)
+                _, a_tgt = word_maps(o)
+                want = appearance(_site_shape(a_src, feats)[None], feats[src:src + 1].detach())
+                have = appearance(_site_shape(a_tgt, feats)[None], feats[tgt:tgt + 1])
+                looks.append((want - have).abs().mean())
+            add("appearance", w.appearance, _mean(looks))
+        self.terms = {k: float(v.detach()) for k, v in terms.items()}
+        total = sum(terms.values()) if terms else x.sum() * 0.0
+        if not math.isfinite(float(total.detach())):
+            raise FloatingPointError(
+                f"self-guidance energy is not finite at step {self.step} (terms "
+                f"{self.terms}): lower the weights or check the prompt's words")
+        return total
+
+
+def _mean(values: Sequence[Tensor]) -> Tensor:
+    return torch.stack(list(values)).mean()
+
+
+def _site_shape(maps: list[Tensor], feats: Tensor) -> Tensor:
+    """The mean over sites of the shapes, resized to the activations' grid: (H, W)."""
+    hw = feats.shape[-2:]
+    resized = [torch.nn.functional.interpolate(shape(m)[None, None], size=hw, mode="bilinear",
+                                               align_corners=False)[0, 0] for m in maps]
+    return torch.stack(resized).mean(0)
+
+
+def _cross_resolutions(unet) -> list[int]:
+    from ..attention import find_sites
+
+    return [s.resolution for s in find_sites(unet).values() if s.kind == "cross"]
+
+
+def guide_generated(
+    model,
+    prompt: str,
+    guidance: SelfGuidance,
+    *,
+    target_prompt: str | None = None,
+    editor: str = "none",
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    sampler: str = "ddim",
+    progress: bool = False,
+    **editor_options,
+) -> EditResult:
+    """Generate ``prompt``'s image (``result.source``) and its self-guided edit
+    (``result.edited``) from the same noise; ``target_prompt`` and ``editor`` (any of
+    :data:`retouch.recipes.edit.EDITORS`) compose a caption edit into the same run."""
+    target = prompt if target_prompt is None else target_prompt
+    model.check_prompt(prompt)
+    plugin = guidance.bind(model, prompt, target)
+    return edit_generated(model, prompt, target, editor=editor, steps=steps, cfg=cfg,
+                          seed=seed, sampler=sampler, plugin=plugin, progress=progress,
+                          **editor_options)
+
+
+def guide(
+    model,
+    image,
+    prompt: str,
+    guidance: SelfGuidance,
+    *,
+    target_prompt: str | None = None,
+    inversion: str = "bdia",
+    editor: str = "none",
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    inversion_options: Mapping | None = None,
+    progress: bool = False,
+    **editor_options,
+) -> EditResult:
+    """Self-guided edit of a real ``image`` captioned ``prompt``: inverted with ``inversion``
+    (any of :data:`retouch.inversion.METHODS`), its reconstruction the source row, the target
+    row guided (see the module doc); ``target_prompt`` / ``editor`` as in
+    :func:`guide_generated`."""
+    target = prompt if target_prompt is None else target_prompt
+    model.check_prompt(prompt)
+    plugin = guidance.bind(model, prompt, target)
+    return edit(model, image, prompt, target, inversion=inversion, editor=editor, steps=steps,
+                cfg=cfg, seed=seed, inversion_options=inversion_options, plugin=plugin,
+                progress=progress, **editor_options)
