@@ -150,7 +150,7 @@ def test_the_energy_falls_along_its_gradient():
                 xv = xv.detach().requires_grad_(True)
                 e = bound.energy(inner(xv, t), xv, t)
                 (g,) = torch.autograd.grad(e, [xv])
-            return float(e), g
+            return float(e.detach()), g
 
         e0, g = energy_at(x)
         g[0] = 0  # the target row only, as the guidance moves it
@@ -202,3 +202,74 @@ def test_a_word_not_in_the_prompt_is_refused():
     with pytest.raises(ValueError, match="'triangle', which is not a word of the prompt"):
         sg.check_prompt("a red square")
     sg.check_prompt("a red triangle on the left")  # no error
+
+
+# --- the CLI on a (barely trained) ToyWorld pipeline, and the bench's move / resize cases ----
+
+
+def test_guide_cli_writes_the_edit(tiny_toy_pipeline, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from retouch.cli import main
+    from retouch.toyworld.editbench import make_cases
+
+    case = make_cases(1, seed=5, edit_types=("position",))[0]
+    src = tmp_path / "src.png"
+    Image.fromarray(case.source_image).save(src)
+    word = case.source.objects[0].shape
+    out = tmp_path / "g"
+    assert main(["guide", str(src), "--source", case.source_prompt, "--move", f"{word}:0.2,0",
+                 "--resize", f"{word}:1.2", "--steps", "4", "--weight", "centroid=5",
+                 "--model", str(tiny_toy_pipeline), "--out", str(out)]) == 0
+    for name in ("input.png", "edited.png", "source_reconstruction.png", "guide.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "guide.json").read_text())
+    assert report["move"] == {word: [0.2, 0.0]} and report["weights"]["centroid"] == 5.0
+    assert report["inversion"] == "bdia" and report["keep"] == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--move", "star:0.1,0"], "'star', which is not a word of the prompt"),
+    (["--move", "{w}:1.5,0"], "leaves the image"),
+    (["--move", "{w}:0.1"], "the move is DX,DY"),
+    (["--resize", "{w}:-2"], "must be > 0"),
+    (["--resize", "{w}:x"], "'x' is not a number"),
+    (["--move", "{w}:0.1,0", "--weight", "centroid=nan"], "must be a finite number"),
+    (["--move", "{w}:0.1,0", "--weight", "nosuch=1"], "--weight wants NAME=W"),
+    (["--move", "{w}:0.1,0", "--window", "0.7,0.2"], "step window"),
+    (["--move", "{w}:0.1,0", "--editor", "p2p"], "--target caption"),
+])
+def test_guide_cli_refuses_bad_input_before_the_model_loads(args, message, tmp_path, capsys,
+                                                             monkeypatch):
+    from retouch.cli import main
+    from retouch.models.pipeline import PipelineModel
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(PipelineModel, "load", no_load)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    args = [a.replace("{w}", "circle") for a in args]
+    code = main(["guide", str(image), "--source", "a red circle", *args,
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_toybench_moves_and_resizes_carry_their_exact_offset_and_factor():
+    from retouch.toyworld.editbench import make_cases
+
+    for case in make_cases(10, seed=3, edit_types=("position", "size")):
+        k = case.object_index
+        (x0, y0), (x1, y1) = case.source.objects[k].center, case.target.objects[k].center
+        assert case.offset == pytest.approx((x1 - x0, y1 - y0))
+        ratio = case.target.objects[k].radius / case.source.objects[k].radius
+        assert case.factor == pytest.approx(ratio)
+        if case.edit_type == "position":
+            assert abs(case.offset[0]) > 0.2 and case.factor == pytest.approx(1.0)
+        else:
+            assert case.offset == pytest.approx((0.0, 0.0)) and case.factor != pytest.approx(1.0)

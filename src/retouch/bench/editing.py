@@ -17,16 +17,21 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
   S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
   self-attention layer finer than the coarsest level;
+* ``selfguide`` with BDIA (position and size edits): self-guidance
+  (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
+  case's exact offset or resized by its exact factor (the renderer's ground truth), every other
+  object's shape and every object's look held (:data:`SELFGUIDE`);
 * ``none``: re-generation from the inverted noise with the target caption (no control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
 * reference rows: ``reconstruction`` (Direct Inversion's source row: no edit at all) and
   ``ceiling`` (the rendered target through the VAE: the best any method can score).
 
 Columns (means over cases): ``success`` / ``preserved`` (the checker reads the target attribute
-/ everything else as in the target scene), ``bg_psnr`` / ``bg_ssim`` (against the source
-render outside the edit mask), ``gt_psnr`` (against the rendered target, whole image), ``n``
-cases; ``seconds``: median per case (inversion + edit; a shared inversion is charged to each
-method; a median, as the machine may be busy with other work).
+/ everything else as in the target scene), ``identity`` (moves and resizes: the object where the
+target puts it has the source object's colour, shape and style), ``bg_psnr`` / ``bg_ssim``
+(against the source render outside the edit mask), ``gt_psnr`` (against the rendered target,
+whole image), ``n`` cases; ``seconds``: median per case (inversion + edit; a shared inversion is
+charged to each method; a median, as the machine may be busy with other work).
 
 ``overhead``: one ToyWorld UNet forward (2 rows x CFG) with retouch's processor and no
 controller, and with an :class:`~retouch.attention.AttentionStore`, over diffusers' own
@@ -48,6 +53,7 @@ import numpy as np
 import torch
 
 from ..metrics import psnr, ssim
+from ..recipes.guide import SelfGuidance
 from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
@@ -62,10 +68,13 @@ SEED = 2024  # ToyBench case seed
 SDEDIT_STRENGTH = 0.6  # fraction of the grid SDEdit noises to
 BLEND = dict(blend_words="changed", blend_threshold=0.3, blend_start=0.2, blend_dilation=1)
 MASACTRL_START = 0.08  # MasaCtrl's S as a fraction of the steps (paper: 4 of 50)
+#: Self-guidance settings (weights and step window), chosen on ToyBench cases of another seed.
+SELFGUIDE = dict(weights=dict(centroid=1000.0, size=1000.0, shape=300.0, keep=300.0,
+                              appearance=100.0), steps=(0.0, 0.6))
 REPEATS = {True: 7, False: 15}  # overhead: interleaved repeats (median)
-COLUMNS = ("method", "inversion", "edit_type", "success", "preserved", "bg_psnr", "bg_ssim",
-           "gt_psnr", "n", "seconds")
-METRICS = ("success", "preserved", "bg_psnr", "bg_ssim", "gt_psnr")
+COLUMNS = ("method", "inversion", "edit_type", "success", "preserved", "identity", "bg_psnr",
+           "bg_ssim", "gt_psnr", "n", "seconds")
+METRICS = ("success", "preserved", "identity", "bg_psnr", "bg_ssim", "gt_psnr")
 REFERENCES = ("reconstruction", "ceiling")  # rows that are not edits
 FLOOR_MARGIN = 0.1  # success within this of the unedited reconstruction's is "at the floor"
 
@@ -95,6 +104,7 @@ def methods(quick: bool) -> list[Method]:
         Method("p2p", "edict", "p2p", quick=False),  # its loop takes no callbacks: no blending
         Method("p2p", "null_text", "p2p", BLEND, quick=False),
         Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
+        Method("selfguide", "bdia", "selfguide", SELFGUIDE, edit_types=("position", "size")),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
     ]
@@ -140,7 +150,12 @@ def edit_case(
         options = dict(m.options)
         if m.editor == "masactrl":
             options = {**_masactrl_options(model.unet, steps), **options}
-        res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
+        if m.editor == "selfguide":
+            plugin = selfguide_spec(case, **options).bind(model, case.source_prompt,
+                                                          case.target_prompt)
+            res = edit_inverted(model, inv, case.target_prompt, editor="none", plugin=plugin)
+        else:
+            res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
         out[m.label] = (res.edited, inv_seconds + time.perf_counter() - t0)
         if m.inversion == "direct" and "reconstruction" not in out:
             out["reconstruction"] = (res.source, float("nan"))
@@ -150,10 +165,33 @@ def edit_case(
     return out
 
 
+def object_word(case: EditCase) -> str:
+    """The caption word naming the edited object: its shape, or its colour when another
+    object has that shape."""
+    scene, k = case.source, case.object_index
+    shapes = [o.shape for o in scene.objects]
+    return scene.objects[k].shape if shapes.count(scene.objects[k].shape) == 1 else (
+        scene.objects[k].color)
+
+
+def selfguide_spec(case: EditCase, *, weights: dict, steps) -> SelfGuidance:
+    """The self-guidance edit of a move or resize case: the edited object moved by the case's
+    exact offset or scaled by its exact factor, the other objects held."""
+    from ..recipes.guide import GuideWeights
+
+    word = object_word(case)
+    keep = [o.shape for i, o in enumerate(case.source.objects)
+            if i != case.object_index and o.shape != word]
+    edit = ({"move": {word: case.offset}} if case.edit_type == "position"
+            else {"resize": {word: case.factor}})
+    return SelfGuidance(**edit, keep=keep, weights=GuideWeights(**weights), steps=steps)
+
+
 def score_case(image: np.ndarray, case: EditCase) -> dict[str, float]:
     """The checker's ``success`` / ``preserved`` and the masked fidelities of one edit."""
     keep = ~case.edit_mask
     return {
+        "identity": float("nan"),  # for moves and resizes only
         **{k: float(v) for k, v in checker_score(image, case).items()},
         "bg_psnr": psnr(image, case.source_image, keep=keep),
         "bg_ssim": ssim(image, case.source_image, keep=keep),
@@ -297,6 +335,14 @@ def headline(rows: list[dict]) -> dict:
         figures[f"p2p_{name}_success"] = None if p2p is None else p2p["success"]
         figures[f"p2p_{name}_gain_db"] = (None if p2p is None or none is None
                                           else p2p["bg_psnr"] - none["bg_psnr"])
+    for edit_type in ("position", "size"):
+        sg = _get(rows, "selfguide", "bdia", edit_type)
+        figures[f"selfguide_{edit_type}_success"] = None if sg is None else sg["success"]
+    moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide", "bdia")
+             and r["edit_type"] in ("position", "size")]
+    figures["selfguide_preserved"] = (float(np.average([r["preserved"] for r in moved],
+                                                       weights=[r["n"] for r in moved]))
+                                      if moved else None)
     return figures
 
 

@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .edit import register as register_edit
     from .fusion import register as register_fusion
+    from .guide import register as register_guide
     from .invert import register as register_invert
     from .style_aligned import register as register_style_aligned
     from .transfer import register as register_transfer
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_invert(sub)
     register_edit(sub)
+    register_guide(sub)
     register_video(sub)
     register_transfer(sub)
     register_style_aligned(sub)

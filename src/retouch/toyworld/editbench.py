@@ -64,6 +64,24 @@ class EditCase:
         return (getattr(self.source.objects[k], self.edit_type),
                 getattr(self.target.objects[k], self.edit_type))
 
+    @property
+    def offset(self) -> tuple[float, float]:
+        """How far the edited object moves, (dx, dy) in image fractions (a move-by-offset: the
+        renderer draws the exact target; (0, 0) for edits that do not move it)."""
+        if self.object_index is None:
+            return (0.0, 0.0)
+        (x0, y0), (x1, y1) = (s.objects[self.object_index].center
+                              for s in (self.source, self.target))
+        return (x1 - x0, y1 - y0)
+
+    @property
+    def factor(self) -> float:
+        """How much the edited object's side scales (a resize-by-factor; 1 for other edits)."""
+        if self.object_index is None:
+            return 1.0
+        k = self.object_index
+        return self.target.objects[k].radius / self.source.objects[k].radius
+
     @cached_property
     def source_image(self) -> np.ndarray:
         return render(self.source).image
@@ -118,7 +136,9 @@ def make_cases(n: int, *, seed: int = 2024, edit_types: tuple[str, ...] = EDIT_T
 
 
 def score_edit(image: np.ndarray, case: EditCase) -> dict[str, bool]:
-    """``success`` and ``preserved`` of an edited image (see the module doc)."""
+    """``success`` and ``preserved`` of an edited image (see the module doc), and for a move
+    or a resize ``identity``: the object read where the target puts it has the source
+    object's colour, shape and style (it was moved or resized, not replaced)."""
     reading = checker.read(image)
     centers = [o.center for o in case.target.objects]
     matched = checker.match_objects(reading.objects, centers)
@@ -128,6 +148,11 @@ def score_edit(image: np.ndarray, case: EditCase) -> dict[str, bool]:
         m = matched[case.object_index]
         want = getattr(case.target.objects[case.object_index], case.edit_type)
         success = m is not None and getattr(m, case.edit_type) == want
+    scores = {"success": bool(success)}
+    if case.edit_type in ("position", "size"):
+        m, src = matched[case.object_index], case.source.objects[case.object_index]
+        scores["identity"] = bool(m is not None and (m.color, m.shape, m.style)
+                                  == (src.color, src.shape, case.source.style))
     preserved = len(reading.objects) == len(case.target.objects)
     if case.edit_type != "background":
         preserved &= reading.background == case.target.background
@@ -136,4 +161,4 @@ def score_edit(image: np.ndarray, case: EditCase) -> dict[str, bool]:
             if k == case.object_index and attr == case.edit_type:
                 continue
             preserved &= m is not None and getattr(m, attr) == getattr(obj, attr)
-    return {"success": bool(success), "preserved": bool(preserved)}
+    return {**scores, "preserved": bool(preserved)}
