@@ -17,10 +17,11 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
   S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
   self-attention layer finer than the coarsest level;
-* ``selfguide`` with BDIA (position and size edits): self-guidance
+* ``selfguide`` with edit-friendly DDPM inversion (position and size edits): self-guidance
   (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
   case's exact offset or resized by its exact factor (the renderer's ground truth), every other
-  object's shape and every object's look held (:data:`SELFGUIDE`);
+  object's shape and every object's look held (:data:`SELFGUIDE`); ``none`` with the same
+  inversion beside it is the same edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
 * reference rows: ``reconstruction`` (Direct Inversion's source row: no edit at all) and
@@ -69,8 +70,9 @@ SDEDIT_STRENGTH = 0.6  # fraction of the grid SDEdit noises to
 BLEND = dict(blend_words="changed", blend_threshold=0.3, blend_start=0.2, blend_dilation=1)
 MASACTRL_START = 0.08  # MasaCtrl's S as a fraction of the steps (paper: 4 of 50)
 #: Self-guidance settings (weights and step window), chosen on ToyBench cases of another seed.
-SELFGUIDE = dict(weights=dict(centroid=1000.0, size=1000.0, shape=300.0, keep=300.0,
-                              appearance=100.0), steps=(0.0, 0.6))
+SELFGUIDE_INVERSION = "ddpm_edit_friendly"  # the inversion of the selfguide rows and demo
+SELFGUIDE = dict(weights=dict(centroid=300.0, size=300.0, shape=100.0, keep=100.0,
+                              appearance=30.0), steps=(0.0, 0.6))
 REPEATS = {True: 7, False: 15}  # overhead: interleaved repeats (median)
 COLUMNS = ("method", "inversion", "edit_type", "success", "preserved", "identity", "bg_psnr",
            "bg_ssim", "gt_psnr", "n", "seconds")
@@ -104,7 +106,9 @@ def methods(quick: bool) -> list[Method]:
         Method("p2p", "edict", "p2p", quick=False),  # its loop takes no callbacks: no blending
         Method("p2p", "null_text", "p2p", BLEND, quick=False),
         Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
-        Method("selfguide", "bdia", "selfguide", SELFGUIDE, edit_types=("position", "size")),
+        Method("selfguide", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
+               edit_types=("position", "size")),
+        Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size")),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
     ]
@@ -268,11 +272,12 @@ def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
 
 
 def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None = None,
-        steps: int | None = None) -> dict:
+        steps: int | None = None, edit_types: Sequence[str] | None = None) -> dict:
     """Run the benchmark; writes ``editing.{json,md,png}`` in ``out`` and returns the JSON.
 
     ``model``: a diffusers folder (default: the shipped ToyWorld model); ``cases`` and
-    ``steps`` override the mode's (:data:`CASES`, :data:`STEPS`); ``quick`` picks the methods.
+    ``steps`` override the mode's (:data:`CASES`, :data:`STEPS`); ``quick`` picks the methods;
+    ``edit_types``: the cases cycle through these only (default :data:`EDIT_TYPES`).
     """
     from tqdm.auto import tqdm
 
@@ -282,8 +287,13 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     pm = PipelineModel.load(model)
     if (cases is not None and cases < 1) or (steps is not None and steps < 2):
         raise ValueError(f"need cases >= 1 and steps >= 2, got cases={cases}, steps={steps}")
+    types = tuple(edit_types or EDIT_TYPES)
+    unknown = sorted(set(types) - set(EDIT_TYPES))
+    if unknown or not types:
+        raise ValueError(f"unknown edit type(s) {', '.join(unknown) or '(none)'}; valid: "
+                         f"{', '.join(EDIT_TYPES)}")
     steps, chosen = steps or STEPS[quick], methods(quick)
-    cases = make_cases(cases or CASES[quick], seed=SEED)
+    cases = make_cases(cases or CASES[quick], seed=SEED, edit_types=types)
     records, examples = [], {}
     for case in tqdm(cases, desc="bench editing", leave=False):
         edits = edit_case(pm, case, chosen, steps=steps)
@@ -298,7 +308,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     order = [(m.name, m.inversion) for m in chosen] + [("reconstruction", "direct")]
     rows = aggregate(records, order)
     overhead = processor_overhead(pm, repeats=REPEATS[quick])
-    settings = {"cases": len(cases), "steps": steps, "cfg": CFG, "seed": SEED,
+    settings = {"cases": len(cases), "edit_types": list(types), "steps": steps, "cfg": CFG,
+                "seed": SEED, "selfguide": SELFGUIDE,
                 "sdedit_strength": SDEDIT_STRENGTH, "blend": BLEND,
                 "masactrl": _masactrl_options(pm.unet, steps),
                 "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
@@ -336,9 +347,10 @@ def headline(rows: list[dict]) -> dict:
         figures[f"p2p_{name}_gain_db"] = (None if p2p is None or none is None
                                           else p2p["bg_psnr"] - none["bg_psnr"])
     for edit_type in ("position", "size"):
-        sg = _get(rows, "selfguide", "bdia", edit_type)
+        sg = _get(rows, "selfguide", SELFGUIDE_INVERSION, edit_type)
         figures[f"selfguide_{edit_type}_success"] = None if sg is None else sg["success"]
-    moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide", "bdia")
+    moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
+                                                                  SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]
     figures["selfguide_preserved"] = (float(np.average([r["preserved"] for r in moved],
                                                        weights=[r["n"] for r in moved]))
@@ -400,7 +412,13 @@ def _markdown(result: dict, *, quick: bool) -> str:
         f"{BLEND['blend_start']:.0%} of the steps, 3x3 max-pool) except with EDICT (its loop "
         f"takes no callbacks). MasaCtrl (position and size only): S = "
         f"{st['masactrl']['start_step']}, L = {st['masactrl']['start_layer']}. SDEdit: strength "
-        f"{st['sdedit_strength']}. `seconds`: median per case, inversion + edit."
+        f"{st['sdedit_strength']}. Self-guidance (position and size only, "
+        f"{SELFGUIDE_INVERSION} inversion, towards the target caption): the object moved by "
+        f"the case's exact offset or scaled by its exact factor, others held; weights "
+        f"{st['selfguide']['weights']}, steps {st['selfguide']['steps']}; `none` with the same "
+        f"inversion is that edit without guidance. Edit types: "
+        f"{', '.join(st.get('edit_types', EDIT_TYPES))}. `seconds`: median per case, "
+        "inversion + edit."
         + (" EDICT and null-text inversion run in the full benchmark only (cost)."
            if quick else ""),
         "",

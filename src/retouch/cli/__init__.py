@@ -88,10 +88,12 @@ def _cmd_bench(args) -> None:
     module = importlib.import_module(BENCHMARKS[args.name])
     out = check_output_dir(args.out, ())
     t0 = time.time()
+    types = None if args.types is None else tuple(args.types.split(","))
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
-                               ("steps", args.steps)) if v is not None}
+                               ("steps", args.steps), ("edit_types", types)) if v is not None}
     accepted = inspect.signature(module.run).parameters
-    refused = [f"--{k}" for k in extra if k not in accepted]
+    flag = {"edit_types": "types"}
+    refused = [f"--{flag.get(k, k)}" for k in extra if k not in accepted]
     if refused:
         raise ValueError(f"retouch bench {args.name} does not take {', '.join(refused)}")
     module.run(quick=args.quick, out=out, **extra)
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", type=whole(1), default=None,
                    help="editing: ToyBench cases (they cycle through the edit types)")
     b.add_argument("--steps", type=whole(2), default=None, help="editing: sampling steps")
+    b.add_argument("--types", default=None, metavar="T1,T2",
+                   help="editing: only these edit types (color, shape, size, background, "
+                        "position)")
     b.set_defaults(func=_cmd_bench)
 
     from .edit import register as register_edit
