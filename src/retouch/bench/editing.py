@@ -20,8 +20,9 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``selfguide`` with edit-friendly DDPM inversion (position and size edits): self-guidance
   (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
   case's exact offset or resized by its exact factor (the renderer's ground truth), every other
-  object's shape and every object's look held (:data:`SELFGUIDE`); ``none`` with the same
-  inversion beside it is the same edit without guidance;
+  object's shape and every object's look held (:data:`SELFGUIDE`); ``selfguide (caption
+  kept)`` the same with the source caption (the paper's setting: guidance alone must move the
+  object); ``none`` with the same inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
 * reference rows: ``reconstruction`` (Direct Inversion's source row: no edit at all) and
@@ -108,6 +109,8 @@ def methods(quick: bool) -> list[Method]:
         Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
         Method("selfguide", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("position", "size")),
+        Method("selfguide (caption kept)", SELFGUIDE_INVERSION, "selfguide",
+               {**SELFGUIDE, "caption_kept": True}, edit_types=("position", "size")),
         Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size")),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
@@ -155,9 +158,11 @@ def edit_case(
         if m.editor == "masactrl":
             options = {**_masactrl_options(model.unet, steps), **options}
         if m.editor == "selfguide":
-            plugin = selfguide_spec(case, **options).bind(model, case.source_prompt,
-                                                          case.target_prompt)
-            res = edit_inverted(model, inv, case.target_prompt, editor="none", plugin=plugin)
+            # "caption kept": the paper's setting, where guidance alone must move the object
+            target = case.source_prompt if options.pop("caption_kept", False) else (
+                case.target_prompt)
+            plugin = selfguide_spec(case, **options).bind(model, case.source_prompt, target)
+            res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:
             res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
         out[m.label] = (res.edited, inv_seconds + time.perf_counter() - t0)
