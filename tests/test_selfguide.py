@@ -189,6 +189,7 @@ def test_a_non_finite_guided_step_is_named():
      "weight centroid"),
     ({"move": {"square": (0.1, 0.0)}, "weights": {"size": -1.0}}, "weight size"),
     ({"move": {"square": (0.1, 0.0)}, "steps": (0.5, 0.2)}, "step window"),
+    ({"move": {"square": (0.1, 0.0)}, "steps": (0.3, 0.3)}, "holds no step"),
     ({}, "something to do"),
 ])
 def test_bad_input_is_refused_before_any_model(kwargs, message):
@@ -227,7 +228,12 @@ def test_guide_cli_writes_the_edit(tiny_toy_pipeline, tmp_path):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "guide.json").read_text())
     assert report["move"] == {word: [0.2, 0.0]} and report["weights"]["centroid"] == 5.0
-    assert report["inversion"] == "bdia" and report["keep"] == []
+    assert report["inversion"] == "ddpm_edit_friendly" and report["keep"] == []
+    target = case.target_prompt  # the caption naming the new position, in the same run
+    assert main(["guide", str(src), "--source", case.source_prompt, "--target", target,
+                 "--move", f"{word}:{case.offset[0]:.3f},0", "--steps", "4",
+                 "--model", str(tiny_toy_pipeline), "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "guide.json").read_text())["target"] == target
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -4,12 +4,14 @@ self-guidance.
 ``retouch guide IMAGE --source P [--move WORD:DX,DY] [--resize WORD:S] [--restyle WORD:OTHER]
 [--keep WORD] [--target P --editor E] [--inversion M] [--weight NAME=W] [--window A,B]
 [--steps N] [--cfg S] [--model DIR] --out DIR`` inverts IMAGE under its caption P (default
-bdia, an exact inversion, so that an edit that asks for nothing gives the image back), then
-guides the edit's attention: WORD's object moves by DX, DY (fractions of the image side, x right,
-y down), scales its side by S, or takes OTHER's look, while the objects named by ``--keep``
-hold their shape and look (on a ToyWorld model every other shape word of the caption is held
-unless ``--keep`` is given). ``--target`` with ``--editor`` (p2p, ...) composes a caption edit
-into the same run. Writes ``DIR/input.png``, ``DIR/edited.png``,
+edit-friendly DDPM, exact: an edit that asks for nothing gives the image back), then guides the
+edit's attention: WORD's object moves by DX, DY (fractions of the image side, x right, y down),
+scales its side by S, or takes OTHER's look, while the objects named by ``--keep`` hold their
+shape and look (on a ToyWorld model every other shape word of the caption is held unless
+``--keep`` is given). ``--target`` (with ``--editor none``, the default, or p2p, ...) edits the
+caption in the same run: on ToyWorld, whose captions name positions and sizes, give the new
+position or size there too -- guidance against the caption's own words barely moves anything
+(``benchmarks/editing-selfguide``). Writes ``DIR/input.png``, ``DIR/edited.png``,
 ``DIR/source_reconstruction.png`` and ``DIR/guide.json``.
 
 Input rules: words must be words of the source caption, moves in (-1, 1), factors > 0, weights
@@ -140,7 +142,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="hold WORD's object (default on ToyWorld: every other shape word)")
     p.add_argument("--target", default=None, help="a caption edit to compose (with --editor)")
     p.add_argument("--editor", default="none", choices=tuple(EDITORS))
-    p.add_argument("--inversion", default="bdia", choices=METHODS)
+    p.add_argument("--inversion", default="ddpm_edit_friendly", choices=METHODS)
     p.add_argument("--weight", action="append", metavar="NAME=W",
                    help="energy weight: centroid, size, shape, keep, appearance")
     p.add_argument("--window", default=None, metavar="A,B",

@@ -116,6 +116,9 @@ class SelfGuidance:
         self.keep = [w for w in dict.fromkeys(keep) if w not in self.edited]
         self.weights = weights or GuideWeights()
         self.steps = check_window(steps, "the self-guidance step window")
+        if self.steps[0] >= self.steps[1]:
+            raise ValueError(f"the self-guidance step window {steps!r} holds no step: give "
+                             "(start, end) with start < end, e.g. (0, 0.6)")
         self.resolutions = None if resolutions is None else set(resolutions)
         self.feature_module = feature_module
         if not self.edited and not self.keep:
@@ -300,7 +303,7 @@ def guide(
     guidance: SelfGuidance,
     *,
     target_prompt: str | None = None,
-    inversion: str = "bdia",
+    inversion: str = "ddpm_edit_friendly",
     editor: str = "none",
     steps: int = 25,
     cfg: float = 5.0,
