@@ -66,7 +66,7 @@ class LossGuidance:
         if not torch.isfinite(guided).all():
             raise FloatingPointError(
                 f"loss guidance at t={t:g} gave a non-finite estimate (energy "
-                f"{float(energy):.4g}, weight {w:g}): lower the guidance weights")
+                f"{float(energy.detach()):.4g}, weight {w:g}): lower the guidance weights")
         if isinstance(pred, Prediction):  # keep the noise the inner guidance renoises with
             return Prediction(x0=guided, eps=pred.eps.detach())
         return guided
