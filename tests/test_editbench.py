@@ -11,8 +11,12 @@ def test_ground_truth_is_a_perfect_edit_and_the_source_is_not():
     assert {c.edit_type for c in cases} == set(EDIT_TYPES)
     for case in cases:
         assert case.source_prompt != case.target_prompt
-        assert score_edit(case.target_image, case) == {"success": True, "preserved": True}
+        moved = case.edit_type in ("position", "size")
+        perfect = {"success": True, "preserved": True, **({"identity": True} if moved else {})}
+        assert score_edit(case.target_image, case) == perfect
         assert score_edit(case.source_image, case)["success"] is False
+        if case.edit_type == "position":  # the object left where the target wants it
+            assert score_edit(case.source_image, case)["identity"] is False
         # outside the edit mask the source and the target are identical
         keep = ~case.edit_mask
         assert np.array_equal(case.source_image[keep], case.target_image[keep])

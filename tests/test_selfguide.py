@@ -3,6 +3,7 @@ zero weights reproducing the unguided edit exactly, composition, and bad input."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from retouch.attention.properties import (
     scale_about,
     shape,
     size,
+    transform,
     translate,
 )
 from retouch.guidance import LossGuidance
@@ -70,9 +72,13 @@ def test_translate_by_whole_cells_and_scale_by_one():
     torch.testing.assert_close(moved, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(scale_about(a, 1.0, (0.3, 0.6)), a, rtol=0, atol=1e-6)
     blob = torch.zeros(16, 16)
-    blob[6:10, 6:10] = 1.0
-    assert size(scale_about(blob, 2.0, (0.5, 0.5))).item() == pytest.approx(
-        4 * size(blob).item(), rel=0.05)
+    blob[4:8, 9:13] = 1.0  # off centre: x in [9, 13), y in [4, 8) cells
+    c = tuple(centroid(blob).tolist())
+    grown = scale_about(blob, 2.0, c)
+    assert size(grown).item() == pytest.approx(4 * size(blob).item(), rel=0.05)
+    torch.testing.assert_close(centroid(grown), centroid(blob), rtol=0, atol=1e-5)
+    torch.testing.assert_close(transform(blob, offset=(0.25, 0.125), factor=2.0, center=c),
+                               translate(grown, (0.25, 0.125)))
 
 
 def test_recorder_keeps_maps_with_gradients_only_in_guided_calls():
@@ -119,11 +125,11 @@ def test_zero_weights_reproduce_the_unguided_real_image_edit_exactly():
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_guidance_moves_the_target_row_only(kind):
     m = tiny_model(kind)
-    sg = SelfGuidance(move={"square": (0.25, 0.0)}, keep=["red"], steps=1.0,
+    prompt = "a red square on a blue circle"
+    sg = SelfGuidance(move={"square": (0.25, 0.0)}, keep=["circle"], steps=1.0,
                       weights=GuideWeights(centroid=50, shape=50, keep=10, appearance=5))
-    guided = guide_generated(m, "a red square", sg, steps=STEPS, cfg=3.0, seed=1)
-    plain = edit_generated(m, "a red square", "a red square", editor="none", steps=STEPS,
-                           cfg=3.0, seed=1)
+    guided = guide_generated(m, prompt, sg, steps=STEPS, cfg=3.0, seed=1)
+    plain = edit_generated(m, prompt, prompt, editor="none", steps=STEPS, cfg=3.0, seed=1)
     # The source is generated as alone (to round-off: a guided call materialises the
     # attention probabilities where SDPA ran before).
     torch.testing.assert_close(guided.latents[0], plain.latents[0], rtol=0, atol=1e-4)
@@ -157,6 +163,31 @@ def test_the_energy_falls_along_its_gradient():
         e1, _ = energy_at(x - 1e-3 * g / g.norm())
     assert e1 < e0
     assert set(bound.terms) == {"centroid", "size", "shape", "appearance"}
+
+
+def _hand_maps(shift: int) -> list[torch.Tensor]:
+    """Cross maps (2 rows, 8x8, 16 tokens): the token of "square" (position 3 in "a red
+    square") a 2x2 blob at columns 1-2 in the source row and ``shift`` cells right in the
+    target row; everything else on the start token."""
+    m = torch.zeros(2, 8, 8, 16)
+    m[..., 0] = 1.0
+    for row, col in ((0, 1), (1, 1 + shift)):
+        m[row, 3:5, col:col + 2, 3], m[row, 3:5, col:col + 2, 0] = 1.0, 0.0
+    return [m]
+
+
+def test_the_energy_is_zero_at_the_asked_move_and_not_at_its_opposite():
+    m = tiny_model("sd1")
+    sg = SelfGuidance(move={"square": (2 / 8, 0.0)},
+                      weights=GuideWeights(centroid=1, shape=1, keep=0, appearance=0))
+    bound = sg.bind(m, "a red square", "a red square")
+    assert bound.positions["square"] == ([3], [3])
+    energies = {}
+    for shift in (2, -1, 0):
+        bound.recorder.maps, bound.recorder.features = _hand_maps(shift), None
+        energies[shift] = float(bound.energy(None, torch.zeros(2, 4, 8, 8), 0.0))
+    assert energies[2] == pytest.approx(0.0, abs=1e-6)
+    assert energies[-1] > energies[0] > 0.1
 
 
 def test_composes_with_prompt_to_prompt_and_an_inversion():
@@ -196,6 +227,26 @@ def test_bad_input_is_refused_before_any_model(kwargs, message):
     with pytest.raises(ValueError, match=message):
         weights = kwargs.pop("weights", None)
         SelfGuidance(**kwargs, weights=None if weights is None else GuideWeights(**weights))
+
+
+def test_a_word_naming_two_objects_or_missing_from_a_longer_target_is_refused():
+    m = tiny_model("sd1")
+    sg = SelfGuidance(move={"square": (0.1, 0.0)})
+    with pytest.raises(ValueError, match="occurs 2 times"):
+        sg.bind(m, "a red square on a square", "a red square on a square")
+    with pytest.raises(ValueError, match="lacks, and the two prompts have different token"):
+        sg.bind(m, "a red square", "a big red circle")
+    assert sg.bind(m, "a red square", "a red circle").positions["square"] == ([3], [3])
+    with pytest.raises(ValueError, match="resolutions \\[3\\]; this model has"):
+        SelfGuidance(move={"square": (0.1, 0.0)}, resolutions={3}).bind(
+            m, "a red square", "a red square")
+
+
+def test_a_window_without_a_step_of_the_grid_is_refused():
+    m = tiny_model("sd1")
+    sg = SelfGuidance(move={"square": (0.1, 0.0)}, steps=(0.5, 0.55))
+    with pytest.raises(ValueError, match="holds none of the 4 steps"):
+        guide_generated(m, "a red square", sg, steps=STEPS, cfg=3.0)
 
 
 def test_a_word_not_in_the_prompt_is_refused():
@@ -268,13 +319,20 @@ def test_guide_cli_refuses_bad_input_before_the_model_loads(args, message, tmp_p
 
 def test_toybench_moves_and_resizes_carry_their_exact_offset_and_factor():
     from retouch.toyworld.editbench import make_cases
+    from retouch.toyworld.render import render
+
+    def moments(mask):  # bounding-box centre (x, y) in image fractions, sqrt(area)
+        ys, xs = np.nonzero(mask > 0.5)
+        side = mask.shape[0]
+        box = np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / (2 * side)
+        return box, np.sqrt(len(xs))
 
     for case in make_cases(10, seed=3, edit_types=("position", "size")):
         k = case.object_index
-        (x0, y0), (x1, y1) = case.source.objects[k].center, case.target.objects[k].center
-        assert case.offset == pytest.approx((x1 - x0, y1 - y0))
-        ratio = case.target.objects[k].radius / case.source.objects[k].radius
-        assert case.factor == pytest.approx(ratio)
+        (c0, s0), (c1, s1) = (moments(render(sc, 128).masks[k])
+                              for sc in (case.source, case.target))
+        assert case.offset == pytest.approx(tuple(c1 - c0), abs=0.02)  # the renderer agrees
+        assert case.factor == pytest.approx(s1 / s0, rel=0.05)
         if case.edit_type == "position":
             assert abs(case.offset[0]) > 0.2 and case.factor == pytest.approx(1.0)
         else:

@@ -30,11 +30,12 @@ from torch import Tensor
 from retouch.attention.control import AttnCall, Controller, StepInfo
 from retouch.attention.sites import Site
 
-__all__ = ["centroid", "size", "shape", "appearance", "translate", "scale_about",
+__all__ = ["centroid", "size", "shape", "appearance", "transform", "translate", "scale_about",
            "PropertyRecorder", "SHAPE_THRESHOLD", "SHAPE_SHARPNESS"]
 
 SHAPE_THRESHOLD = 0.5  # tau: where the soft threshold of a [0, 1]-normalised map sits
 SHAPE_SHARPNESS = 10.0  # s: slope of the sigmoid (the unofficial reference code's value)
+TINY = 1e-12  # floor of denominators (a map with no mass, a flat map)
 
 
 def _grid(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,7 +49,7 @@ def _grid(a: Tensor) -> tuple[Tensor, Tensor]:
 def centroid(a: Tensor) -> Tensor:
     """Attention-weighted mean position (x, y) in image fractions: (..., h, w) -> (..., 2)."""
     xs, ys = _grid(a)
-    mass = a.sum((-2, -1)).clamp_min(1e-12)
+    mass = a.sum((-2, -1)).clamp_min(TINY)
     x = (a.sum(-2) * xs).sum(-1) / mass
     y = (a.sum(-1) * ys).sum(-1) / mass
     return torch.stack([x, y], -1)
@@ -65,7 +66,7 @@ def shape(a: Tensor, *, threshold: float = SHAPE_THRESHOLD,
     [0, 1] by its min and max: (..., h, w) -> (..., h, w)."""
     lo = a.amin((-2, -1), keepdim=True)
     hi = a.amax((-2, -1), keepdim=True)
-    norm = (a - lo) / (hi - lo).clamp_min(1e-12)
+    norm = (a - lo) / (hi - lo).clamp_min(TINY)
     return torch.sigmoid(sharpness * (norm - threshold))
 
 
@@ -78,7 +79,7 @@ def appearance(weights: Tensor, features: Tensor) -> Tensor:
         weights = F.interpolate(weights[:, None], size=features.shape[-2:], mode="bilinear",
                                 align_corners=False)[:, 0]
     w = weights.to(features.dtype)[:, None]  # (B, 1, H, W)
-    return (w * features).sum((-2, -1)) / w.sum((-2, -1)).clamp_min(1e-12)
+    return (w * features).sum((-2, -1)) / w.sum((-2, -1)).clamp_min(TINY)
 
 
 def _warp(a: Tensor, theta: Tensor) -> Tensor:
@@ -90,6 +91,17 @@ def _warp(a: Tensor, theta: Tensor) -> Tensor:
                          align_corners=False)
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(*lead, h, w)
+
+
+def transform(a: Tensor, *, offset: tuple[float, float] = (0.0, 0.0), factor: float = 1.0,
+              center: tuple[float, float] = (0.5, 0.5)) -> Tensor:
+    """Maps (..., h, w) scaled by ``factor`` about ``center``, then moved by ``offset`` (image
+    fractions; bilinear, zeros where nothing maps): the edit ``T`` of a self-guidance shape."""
+    if factor != 1.0:
+        a = scale_about(a, factor, center)
+    if offset != (0.0, 0.0):
+        a = translate(a, offset)
+    return a
 
 
 def translate(a: Tensor, offset: tuple[float, float]) -> Tensor:

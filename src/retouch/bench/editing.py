@@ -55,10 +55,10 @@ import numpy as np
 import torch
 
 from ..metrics import psnr, ssim
-from ..recipes.guide import SelfGuidance
 from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .selfguide import SELFGUIDE, SELFGUIDE_INVERSION, selfguide_spec
 
 __all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
            "processor_overhead", "COLUMNS"]
@@ -70,10 +70,6 @@ SEED = 2024  # ToyBench case seed
 SDEDIT_STRENGTH = 0.6  # fraction of the grid SDEdit noises to
 BLEND = dict(blend_words="changed", blend_threshold=0.3, blend_start=0.2, blend_dilation=1)
 MASACTRL_START = 0.08  # MasaCtrl's S as a fraction of the steps (paper: 4 of 50)
-#: Self-guidance settings (weights and step window), chosen on ToyBench cases of another seed.
-SELFGUIDE_INVERSION = "ddpm_edit_friendly"  # the inversion of the selfguide rows and demo
-SELFGUIDE = dict(weights=dict(centroid=300.0, size=300.0, shape=100.0, keep=100.0,
-                              appearance=30.0), steps=(0.0, 0.6))
 REPEATS = {True: 7, False: 15}  # overhead: interleaved repeats (median)
 COLUMNS = ("method", "inversion", "edit_type", "success", "preserved", "identity", "bg_psnr",
            "bg_ssim", "gt_psnr", "n", "seconds")
@@ -172,28 +168,6 @@ def edit_case(
         ceiling = model.decode(model.encode_image(case.target_image))[0]
     out["ceiling"] = (ceiling, float("nan"))
     return out
-
-
-def object_word(case: EditCase) -> str:
-    """The caption word naming the edited object: its shape, or its colour when another
-    object has that shape."""
-    scene, k = case.source, case.object_index
-    shapes = [o.shape for o in scene.objects]
-    return scene.objects[k].shape if shapes.count(scene.objects[k].shape) == 1 else (
-        scene.objects[k].color)
-
-
-def selfguide_spec(case: EditCase, *, weights: dict, steps) -> SelfGuidance:
-    """The self-guidance edit of a move or resize case: the edited object moved by the case's
-    exact offset or scaled by its exact factor, the other objects held."""
-    from ..recipes.guide import GuideWeights
-
-    word = object_word(case)
-    keep = [o.shape for i, o in enumerate(case.source.objects)
-            if i != case.object_index and o.shape != word]
-    edit = ({"move": {word: case.offset}} if case.edit_type == "position"
-            else {"resize": {word: case.factor}})
-    return SelfGuidance(**edit, keep=keep, weights=GuideWeights(**weights), steps=steps)
 
 
 def score_case(image: np.ndarray, case: EditCase) -> dict[str, float]:
@@ -344,7 +318,10 @@ def _sheet(examples: dict, labels: list[str]) -> tuple[list[np.ndarray], list[st
 
 def headline(rows: list[dict]) -> dict:
     """P2P (Direct Inversion, exact) on colour and shape edits: success, and the dB it keeps
-    outside the edit over regenerating without control (``none``) at the same step count."""
+    outside the edit over regenerating without control (``none``) at the same step count.
+    Self-guidance on moves and resizes: success per type, the share of cases with everything
+    else preserved, and per type the dB it keeps outside the edit over the same inversion's
+    ``none`` row (``selfguide_{type}_gain_db``)."""
     figures = {}
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
@@ -353,7 +330,10 @@ def headline(rows: list[dict]) -> dict:
                                           else p2p["bg_psnr"] - none["bg_psnr"])
     for edit_type in ("position", "size"):
         sg = _get(rows, "selfguide", SELFGUIDE_INVERSION, edit_type)
+        none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
         figures[f"selfguide_{edit_type}_success"] = None if sg is None else sg["success"]
+        figures[f"selfguide_{edit_type}_gain_db"] = (None if sg is None or none is None
+                                                     else sg["bg_psnr"] - none["bg_psnr"])
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]

@@ -39,8 +39,18 @@ def _pairs(values: list[str] | None, flag: str, parse) -> dict:
         word, sep, rest = item.partition(":")
         if not sep or not word or not rest:
             raise ValueError(f"{flag} wants WORD:VALUE, got {item!r}")
+        if word in out:
+            raise ValueError(f"{flag} names {word!r} twice; give one {flag} per word")
         out[word] = parse(rest, f"{flag} {item}")
     return out
+
+
+def _window(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"--window is START,END (fractions of the steps, e.g. 0,0.6), got "
+                         f"{text!r}")
+    return tuple(_float(p, f"--window {text}") for p in parts)
 
 
 def _offset(text: str, name: str) -> tuple[float, float]:
@@ -76,12 +86,13 @@ def guidance_from_args(args: argparse.Namespace, toyworld: bool = False):
         weights[key] = _float(value, f"--weight {item}")
     window = DEFAULT_STEPS
     if args.window is not None:
-        window = _offset(args.window, "--window")
+        window = _window(args.window)
     edited = {*move, *resize, *restyle}
     keep = args.keep
-    if keep is None:
-        keep = [w for w in args.source.lower().split()
-                if toyworld and w in SHAPES and w not in edited]
+    if keep is None:  # the other objects, by their shape words (those naming one object)
+        words = args.source.lower().split()
+        keep = [w for w in words if toyworld and w in SHAPES and w not in edited
+                and words.count(w) == 1]
     spec = SelfGuidance(move=move, resize=resize, restyle=restyle, keep=keep,
                         weights=GuideWeights(**weights), steps=window)
     spec.check_prompt(args.source)

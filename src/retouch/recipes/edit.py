@@ -159,13 +159,15 @@ def edit_generated(
 
 def _controllers(model, source: str, target: str, editor: str, maps: bool, options,
                  plugin: EditPlugin | None = None):
-    """The editor's controllers (an AttentionStore first if ``maps``, the plugin's last) and
-    the store."""
+    """The editor's controllers, after the plugin's and an AttentionStore (if ``maps``), and
+    the store. Readers come first: they see each row's own maps, before an editor rewrites
+    them (Prompt-to-Prompt holds the target's cross-attention to the source's in its
+    window)."""
     check_editor(editor, options)
     controllers = EDITORS[editor](model.tokenizer, source, target, **options)
     store = AttentionStore() if maps else None
     extra = [] if plugin is None else list(plugin.controllers)
-    return ([] if store is None else [store]) + controllers + extra, store
+    return ([] if store is None else [store]) + extra + controllers, store
 
 
 def _result(model, latents: Tensor, controllers, store) -> EditResult:

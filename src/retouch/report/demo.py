@@ -182,7 +182,8 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
 
 
 def _selfguide_section(model: PipelineModel, n: int = 4) -> Section:
-    from ..bench.editing import SELFGUIDE, SELFGUIDE_INVERSION, selfguide_spec
+    from ..bench.editing import CFG, STEPS
+    from ..bench.selfguide import SELFGUIDE, SELFGUIDE_INVERSION, selfguide_spec
     from ..inversion import invert
     from ..recipes.edit import edit_inverted
     from ..toyworld.editbench import make_cases, score_edit
@@ -190,7 +191,7 @@ def _selfguide_section(model: PipelineModel, n: int = 4) -> Section:
     figures, wins, plain_wins = [], 0, 0
     for case in make_cases(n, seed=DEMO_SEED, edit_types=("position", "size")):
         inv = invert(model, case.source_image, case.source_prompt, method=SELFGUIDE_INVERSION,
-                     steps=25, cfg=5.0, progress=False)
+                     steps=STEPS[False], cfg=CFG, progress=False)
         plugin = selfguide_spec(case, **SELFGUIDE).bind(model, case.source_prompt,
                                                         case.target_prompt)
         guided = edit_inverted(model, inv, case.target_prompt, editor="none", plugin=plugin)
@@ -211,7 +212,8 @@ def _selfguide_section(model: PipelineModel, n: int = 4) -> Section:
         "Real images (renders) whose object moves or resizes: the caption names the new "
         "position or size, and self-guidance pulls the object's cross-attention centroid, "
         "size and shape to the renderer's exact offset or factor while holding every object's "
-        f"look ({SELFGUIDE_INVERSION} inversion, 25 steps, CFG 5, the bench's settings). Each "
+        f"look ({SELFGUIDE_INVERSION} inversion, {STEPS[False]} steps, CFG {CFG:g}, the bench's "
+        "settings). Each "
         "row: source | renderer's ground truth | the caption alone | with self-guidance. The "
         f"checker judged {wins} of {len(figures)} right with everything else kept (caption "
         f"alone: {plain_wins})."
