@@ -16,7 +16,7 @@ word's tokens, averaged over heads; shape ``(..., h, w)``), Epstein et al. defin
 model call only and with gradients, the conditional half's cross-attention maps at its sites and
 one module's activations.
 
-References: Epstein et al. 2023 (Diffusion Self-Guidance, Sec. 3.2, eqs. 4-7).
+References: Epstein et al. 2023 (Diffusion Self-Guidance, the properties of its Sec. 3).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ target row only), within a window of the steps. Any editor (Prompt-to-Prompt for
 change in the same edit), any inversion and any sampler run with it: it is an
 :class:`~retouch.recipes.edit.EditPlugin`.
 
-References: Epstein et al. 2023 (Diffusion Self-Guidance, eqs. 3-9; the combined edit of their
-Fig. 5 "move while keeping the rest").
+References: Epstein et al. 2023 (Diffusion Self-Guidance: the guided noise estimate, the
+properties and the combined edit that moves one object while holding the others' shapes and
+every appearance).
 """
 
 from __future__ import annotations
