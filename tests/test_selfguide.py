@@ -254,6 +254,8 @@ def test_a_word_not_in_the_prompt_is_refused():
     with pytest.raises(ValueError, match="'triangle', which is not a word of the prompt"):
         sg.check_prompt("a red square")
     sg.check_prompt("a red triangle on the left")  # no error
+    with pytest.raises(ValueError, match="'triangle', which occurs 2 times"):
+        sg.check_prompt("a red triangle on the left and a blue triangle on the right")
 
 
 # --- the CLI on a (barely trained) ToyWorld pipeline, and the bench's move / resize cases ----

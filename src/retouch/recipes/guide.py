@@ -83,8 +83,13 @@ class GuideWeights:
         return all(getattr(self, f.name) == 0 for f in fields(self))
 
 
+def _tokens(prompt: str) -> list[str]:
+    """The prompt's words, lower case, in order."""
+    return re.findall(r"[\w'-]+", prompt.lower())
+
+
 def _words(prompt: str) -> set[str]:
-    return set(re.findall(r"[\w'-]+", prompt.lower()))
+    return set(_tokens(prompt))
 
 
 class SelfGuidance:
@@ -144,12 +149,18 @@ class SelfGuidance:
         return list(dict.fromkeys([*self.edited, *self.restyle.values(), *self.keep]))
 
     def check_prompt(self, prompt: str) -> None:
-        """Refuse a word the prompt does not hold (naming the prompt's words)."""
+        """Refuse a word the prompt does not hold (naming the prompt's words), or holds more
+        than once (it would name two objects)."""
         have = _words(prompt)
+        tokens = _tokens(prompt)
         for w in self.words:
             if not set(_words(w)) <= have or not _words(w):
                 raise ValueError(f"self-guidance names {w!r}, which is not a word of the prompt "
                                  f"{prompt!r}; name one of: {', '.join(sorted(have))}")
+            if tokens.count(w.lower()) > 1:
+                raise ValueError(f"self-guidance names {w!r}, which occurs "
+                                 f"{tokens.count(w.lower())} times in {prompt!r}: name the "
+                                 "object by a word or phrase that occurs once (e.g. its colour)")
 
     def bind(self, model, source: str, target: str) -> BoundGuidance:
         """The :class:`~retouch.recipes.edit.EditPlugin` of this edit on ``model``."""
