@@ -212,7 +212,8 @@ class BoundGuidance:
         if not resolutions or not resolutions <= have:
             raise ValueError(f"self-guidance reads cross-attention at resolutions "
                              f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
-        module = spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}"
+        module = None if not spec.weights.appearance else (
+            spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}")
         self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
         tok = model.tokenizer
         same_length = len(token_ids(tok, source)) == len(token_ids(tok, target))
