@@ -222,7 +222,8 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
             (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
         return edit
 
-    sd3 = _copy_with(tiny_toy_pipeline, tmp_path, "sd3", set_class("StableDiffusion3Pipeline"))
+    img2img = _copy_with(tiny_toy_pipeline, tmp_path, "img2img",
+                         set_class("StableDiffusionXLImg2ImgPipeline"))
     odd = _copy_with(tiny_toy_pipeline, tmp_path, "odd", set_class("MyPipeline"))
     bad_toy = _copy_with(tiny_toy_pipeline, tmp_path, "badtoy",
                          lambda f: (f / "toyworld.json").write_text("{oops"))
@@ -230,14 +231,16 @@ def test_unsupported_and_broken_model_folders_are_refused_at_load(
                            lambda f: (f / "model_index.json").write_text("[1,"))
     out = tmp_path / "out"
     invert = ["invert", image, "--prompt", prompt, "--out", out, "--model"]
-    assert refused([*invert, sd3], "StableDiffusion3Pipeline folder (SD3)",
-            "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL)")
+    assert refused([*invert, img2img], "StableDiffusionXLImg2ImgPipeline folder (SDXL img2img)",
+            "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL), "
+            "StableDiffusion3Pipeline (SD3), FluxPipeline (Flux)")
     assert refused([*invert, odd], "unknown class 'MyPipeline'")
     assert refused([*invert, bad_toy],
                    "toyworld.json (ToyWorld model description) is not valid JSON")
     assert refused([*invert, bad_index], "model_index.json (pipeline index) is not valid JSON")
     assert refused([*invert, image], "is a file; pass the diffusers folder")
-    assert refused(["generate", prompt, "--out", out / "g.png", "--model", sd3], "(SD3)")
+    assert refused(["generate", prompt, "--out", out / "g.png", "--model", img2img],
+                   "(SDXL img2img)")
     assert not out.exists()
 
 

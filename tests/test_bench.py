@@ -15,7 +15,14 @@ def test_samplers_bench_writes_headline_and_versions(tmp_path):
     doc = json.loads((tmp_path / "samplers.json").read_text())
     assert list(doc)[0] == "headline"
     assert set(doc["headline"]) == {"best_retouch_rmse_10_nfe", "best_diffusers_rmse_10_nfe",
-                                    "retouch_beats_diffusers_10_nfe"}
+                                    "retouch_beats_diffusers_10_nfe", "rf_solver_error_ratio",
+                                    "fireflow_error_ratio"}
+    # Each ratio is the solver's error over Euler's at the NFE it used, on the flow rows.
+    for name in ("rf_solver", "fireflow"):
+        row = next(r for r in doc["flow_rows"] if r["sampler"] == name and r["nfe_budget"] == 10)
+        euler = next(r for r in doc["flow_rows"] if r["sampler"] == "euler"
+                     and r["nfe"] == row["nfe"])
+        assert doc["headline"][f"{name}_error_ratio"] == pytest.approx(row["rmse"] / euler["rmse"])
     assert doc["headline"]["best_retouch_rmse_10_nfe"] == min(
         r["rmse"] for r in doc["rows"] if r["impl"] == "retouch" and r["nfe_budget"] == 10)
     import torch

@@ -2,6 +2,7 @@
 (every inversion x every editor), SDEdit, the edit CLI and the editing bench's plumbing."""
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ def run(kind="sd1", source="a red square", target="a blue square", **kw):
     ("p2p", {}),
     ("masactrl", {"start_step": 1, "start_layer": 3}),
     ("pnp", {}),
+    ("rf_solver", {"share_steps": 1.0, "places": ("down", "mid", "up")}),
 ])
 def test_identical_prompts_give_the_source(editor, options):
     r = run(source="a red square", target="a red square", editor=editor, **options)
@@ -134,7 +136,8 @@ def test_every_inversion_runs_every_editor_or_refuses(method):
     inv = invert(m, m.encode_image(tiny_image()).double(), "a red square", method=method,
                  steps=EDIT_STEPS, cfg=3.0, progress=False)
     runs = {"none": {}, "p2p": {}, "p2p+blend": {"blend_words": "changed"},
-            "masactrl": MASACTRL, "pnp": {}}
+            "masactrl": MASACTRL, "pnp": {},
+            "rf_solver": {"share_steps": 0.5}}  # bdia replays from step 1: past the default
     assert set(EDITORS) == {k.split("+")[0] for k in runs}
     sources = []
     for name, options in runs.items():
@@ -226,6 +229,14 @@ def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["edit", *common, "--editor", "sdedit", "--strength", "0.5",
                  "--out", str(tmp_path / "sd")]) == 0
     assert (tmp_path / "sd" / "edited.png").exists()
+    assert main(["edit", *common, "--editor", "flowedit", "--out", str(tmp_path / "fe")]) == 0
+    report = json.loads((tmp_path / "fe" / "edit.json").read_text())
+    assert report["strength"] == 0.85 and report["inversion"] is None
+    assert main(["edit", *common, "--editor", "flowedit", "--blend", "changed",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--editor flowedit inverts nothing" in capsys.readouterr().err
+    assert main(["edit", *common, "--inversion", "fireflow", "--editor", "rf_solver",
+                 "--out", str(tmp_path / "rf")]) == 0
 
 
 def test_bench_plumbing_on_two_cases(tiny_toy_pipeline):

@@ -33,7 +33,7 @@ from retouch.attention.maps import (
     save_heatmaps,
     token_heatmaps,
 )
-from retouch.attention.mutual import MutualSelfAttention, PlugAndPlay
+from retouch.attention.mutual import MutualSelfAttention, PlugAndPlay, SharedValues
 from retouch.attention.p2p import (
     CrossAttentionInjection,
     Reweight,
@@ -70,6 +70,7 @@ __all__ = [
     "MapRecorder",
     "MutualSelfAttention",
     "PlugAndPlay",
+    "SharedValues",
     "Reweight",
     "SelfAttentionInjection",
     "SharedAttention",

@@ -39,6 +39,8 @@ from torch import Tensor
 from retouch.attention.sites import BatchLayout, Site, describe_sites, find_sites
 
 __all__ = [
+    "JOINT_ATTENTION",
+    "require_unet",
     "Controller",
     "StepInfo",
     "AttnCall",
@@ -363,10 +365,26 @@ class AttentionSession:
             )
 
 
+#: Why attention control refuses the transformer families (their attention is joint).
+JOINT_ATTENTION = "attention control on SD3/Flux joint attention is not available yet (issue 19)"
+
+
+def require_unet(model, what: str) -> torch.nn.Module:
+    """The UNet of ``model`` (a pipeline model, a network, or a transformer model's ``unet``,
+    None) for ``what``; refuses SD3 / Flux, whose joint attention (one attention over text and
+    image tokens) the controllers do not address yet."""
+    net = getattr(model, "network", model)
+    # Both families' configs name the width of the text stream their joint attention mixes in.
+    if net is None or "joint_attention_dim" in (getattr(net, "config", None) or {}):
+        raise ValueError(f"{what}: {JOINT_ATTENTION}; use an SD 1.x / 2.x or SDXL model")
+    return net
+
+
 class ControlledDenoiser:
     """``denoiser(x, t)`` that sets the session's step from ``t``'s index on the time grid.
 
-    Heun's second evaluation at ``t_{i+1}`` is reported as step ``i + 1``.
+    Heun's second evaluation at ``t_{i+1}`` is reported as step ``i + 1``; an evaluation between
+    two grid times (RF-Solver's and FireFlow's midpoints) as the step it lies in.
     """
 
     def __init__(self, inner, session: AttentionSession, times):
@@ -375,16 +393,25 @@ class ControlledDenoiser:
         self.session = session
         ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
         self.num_steps = len(ts) - 1
+        self.times = ts
         self.index = {t: i for i, t in enumerate(ts)}  # grid time -> step index
+
+    def step_of(self, t: float) -> int:
+        """The step index of model time ``t``: its grid index, or the step it lies inside."""
+        step = self.index.get(float(t))
+        if step is not None:
+            return step
+        for i, (a, b) in enumerate(zip(self.times[:-1], self.times[1:], strict=True)):
+            if min(a, b) < t < max(a, b):
+                return i
+        raise ValueError(f"time {t} is not on this session's time grid")
 
     @property
     def halves(self):
         return getattr(self.inner, "halves", ("cond",))
 
     def __call__(self, x: Tensor, t: float, **kw) -> Tensor:
-        step = self.index.get(float(t))
-        if step is None:
-            raise ValueError(f"time {t} is not on this session's time grid")
+        step = self.step_of(float(t))
         with self.session.at_step(step, float(t), num_steps=self.num_steps,
                                   latent_hw=x.shape[-2:]):
             return self.inner(x, t, **kw)
@@ -402,8 +429,10 @@ def attention_control(
 
     The previous processors (and forward hooks of feature controllers) are restored on exit,
     errors included. On a normal exit, a controller that never acted raises RuntimeError.
-    Raises ValueError at entry if a controller selects no site (naming the model's sites).
+    Raises ValueError at entry if a controller selects no site (naming the model's sites), or
+    if ``unet`` is an SD3 / Flux transformer (or such a model's ``unet``, None).
     """
+    unet = require_unet(unet, "attention controllers")
     session = AttentionSession(unet, controllers, layout=layout)
     previous = dict(unet.attn_processors)
     handles = []

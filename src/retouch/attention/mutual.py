@@ -1,4 +1,5 @@
-"""Self-attention controllers that let the target read the source: MasaCtrl and Plug-and-Play.
+"""Self-attention controllers that let the target read the source: MasaCtrl, Plug-and-Play and
+RF-Solver's feature sharing.
 
 * MasaCtrl, :class:`MutualSelfAttention`: after step ``S`` and from layer ``L`` on, the target's
   self-attention queries read the source's keys and values,
@@ -9,12 +10,18 @@
   target's), and during the first ``tau_f`` the residual features of one decoder block are the
   source's (``f*_t <- f_t``), injected through a scoped forward hook.
 
-Both rewrite queries/keys/values, so attention still runs through SDPA (no maps materialised).
+* RF-Solver's feature sharing, :class:`SharedValues`: during the first steps the target's
+  self-attention values are the source's (``V* <- V``; queries and keys stay the target's), in
+  the later layers of the network (the reference edits Flux's last single-stream blocks; on a
+  UNet, the decoder's self-attention).
+
+All rewrite queries/keys/values, so attention still runs through SDPA (no maps materialised).
 
 References: Cao et al. 2023, "MasaCtrl: Tuning-free mutual self-attention control", Sec. 3.2-3.3
 (S = 4, L = 10 of SD1.x's 16 layers); Tumanyan et al. 2023, "Plug-and-Play Diffusion Features",
 Sec. 4 (f^4 injection, tau_f = 0.8, self-attention of decoder layers 4-11, tau_A = 0.5);
-TencentARC/MasaCtrl; MichalGeyer/pnp-diffusers.
+Wang et al. 2024, "Taming Rectified Flow for Inversion and Editing", Sec. 3.3 (feature
+sharing); TencentARC/MasaCtrl; MichalGeyer/pnp-diffusers; wangjiangshan0725/RF-Solver-Edit.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ import torch
 from torch import Tensor
 
 from retouch.attention.control import AttnCall, Controller, StepInfo
-from retouch.attention.sites import Site, Window, in_window
+from retouch.attention.sites import Site, Window, check_window, in_window
 
-__all__ = ["MutualSelfAttention", "PlugAndPlay"]
+__all__ = ["MutualSelfAttention", "PlugAndPlay", "SharedValues"]
 
 
 class MutualSelfAttention(Controller):
@@ -129,3 +136,39 @@ class PlugAndPlay(Controller):
             return out.index_copy(0, tgt, out[src])
 
         return {self.feature_module: inject}
+
+
+class SharedValues(Controller):
+    """RF-Solver feature sharing: the target's self-attention values are the source's during
+    ``steps`` (fractions of the steps; a non-empty window covers at least one step), at
+    self-attention sites in ``places``. Each CFG half's
+    target reads the same half's source, so identical prompts reproduce the source."""
+
+    def __init__(
+        self,
+        *,
+        steps: Window = 0.2,
+        places: Collection[str] = ("up",),
+        source: str = "source",
+        target: str = "target",
+    ):
+        self.steps = steps  # the injection window (the paper: the first few of 25-30 steps)
+        self.places = tuple(places)  # "down", "mid", "up": where values are shared
+        self.source, self.target = source, target
+
+    def select(self, site: Site) -> bool:
+        return site.kind == "self" and site.place in self.places
+
+    def missing_sites_message(self) -> str:
+        return f"feature sharing replaces self-attention values in {', '.join(self.places)}"
+
+    def active(self, call: AttnCall) -> bool:
+        # A non-empty window shares at least one step, however few steps there are.
+        a, b = check_window(self.steps)
+        first = int(a * call.num_steps)
+        last = max(int(b * call.num_steps), first + 1) if b > a else first
+        return first <= call.step < last
+
+    def qkv(self, call: AttnCall, q: Tensor, k: Tensor, v: Tensor):
+        src, tgt = call.pair_rows(self.source, self.target, call.layout.halves, v.device)
+        return q, k, v.index_copy(0, tgt, v[src])

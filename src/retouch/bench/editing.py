@@ -25,6 +25,13 @@ steps quick, 25 full). Methods (:func:`methods`):
   object); ``none`` with the same inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
+* flow methods, run on any model in the flow view (:mod:`retouch.samplers.flow`): ``flowedit``
+  (inversion-free, :mod:`retouch.recipes.flowedit`, strength 0.85 as the paper's Flux setting,
+  chosen on ToyBench seed 7 over 0.66, its SD3 one; one noise draw a step, both velocities at
+  CFG 5: a lower source guidance, as the paper's, lowered preservation there); ``p2p`` with
+  the ``rf_solver`` inversion (P2P as above on RF-Solver's second-order trajectory) and
+  ``rf_solver`` with it (RF-Solver's own edit: the source's self-attention values shared during
+  the first 20 % of the steps);
 * reference rows: ``reconstruction`` (Direct Inversion's source row: no edit at all) and
   ``ceiling`` (the rendered target through the VAE: the best any method can score).
 
@@ -68,6 +75,7 @@ STEPS = {True: 10, False: 25}  # DDIM steps, by quick
 CFG = 5.0  # guidance of inversion reconstruction and edit (ToyWorld's generation default)
 SEED = 2024  # ToyBench case seed
 SDEDIT_STRENGTH = 0.6  # fraction of the grid SDEdit noises to
+FLOWEDIT_STRENGTH = 0.85  # fraction of the grid FlowEdit runs (paper, Flux: 24 of 28 steps)
 BLEND = dict(blend_words="changed", blend_threshold=0.3, blend_start=0.2, blend_dilation=1)
 MASACTRL_START = 0.08  # MasaCtrl's S as a fraction of the steps (paper: 4 of 50)
 REPEATS = {True: 7, False: 15}  # overhead: interleaved repeats (median)
@@ -83,8 +91,8 @@ class Method:
     """One benchmarked editing method."""
 
     name: str  # row "method"
-    inversion: str  # inversion method, or "-" (SDEdit inverts nothing)
-    editor: str  # retouch.recipes.editors.EDITORS name, or "sdedit"
+    inversion: str  # inversion method, or "-" (SDEdit and FlowEdit invert nothing)
+    editor: str  # retouch.recipes.editors.EDITORS name, "sdedit" or "flowedit"
     options: dict = field(default_factory=dict)  # editor options
     edit_types: tuple[str, ...] = EDIT_TYPES  # the cases it runs on
     quick: bool = True  # part of --quick
@@ -110,6 +118,9 @@ def methods(quick: bool) -> list[Method]:
         Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size")),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
+        Method("flowedit", "-", "flowedit", {"strength": FLOWEDIT_STRENGTH}),
+        Method("p2p", "rf_solver", "p2p", BLEND),
+        Method("rf_solver", "rf_solver", "rf_solver"),
     ]
     return [m for m in every if m.quick or not quick]
 
@@ -132,6 +143,7 @@ def edit_case(
     ``"ceiling"`` (the rendered target through the VAE)."""
     from ..inversion import invert
     from ..recipes.edit import edit_inverted, sdedit
+    from ..recipes.flowedit import flowedit
 
     out: dict[str, tuple[np.ndarray, float]] = {}
     inversions: dict[str, tuple[object, float]] = {}
@@ -142,6 +154,11 @@ def edit_case(
         if m.editor == "sdedit":
             res = sdedit(model, case.source_image, case.target_prompt, steps=steps, cfg=cfg,
                          seed=SEED, **m.options)
+            out[m.label] = (res.edited, time.perf_counter() - t0)
+            continue
+        if m.editor == "flowedit":
+            res = flowedit(model, case.source_image, case.source_prompt, case.target_prompt,
+                           steps=steps, cfg=cfg, seed=SEED, **m.options)
             out[m.label] = (res.edited, time.perf_counter() - t0)
             continue
         if m.inversion not in inversions:
@@ -251,18 +268,29 @@ def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
 
 
 def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None = None,
-        steps: int | None = None, edit_types: Sequence[str] | None = None) -> dict:
+        steps: int | None = None, edit_types: Sequence[str] | None = None,
+        method_names: Sequence[str] | None = None) -> dict:
     """Run the benchmark; writes ``editing.{json,md,png}`` in ``out`` and returns the JSON.
 
     ``model``: a diffusers folder (default: the shipped ToyWorld model); ``cases`` and
     ``steps`` override the mode's (:data:`CASES`, :data:`STEPS`); ``quick`` picks the methods;
-    ``edit_types``: the cases cycle through these only (default :data:`EDIT_TYPES`).
+    ``edit_types``: the cases cycle through these only (default :data:`EDIT_TYPES`);
+    ``method_names``: only these rows, each a method name (every inversion of it) or a
+    ``method/inversion`` label (default: all of the mode's).
     """
     from tqdm.auto import tqdm
 
     from ..models.pipeline import PipelineModel
 
     out = Path(out)
+    chosen = methods(quick)
+    if method_names is not None:
+        known = {m.name for m in chosen} | {m.label for m in chosen}
+        unknown = sorted(set(method_names) - known)
+        if unknown or not method_names:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'} for this "
+                             f"mode; valid: {', '.join(m.label for m in chosen)}")
+        chosen = [m for m in chosen if m.name in method_names or m.label in method_names]
     pm = PipelineModel.load(model)
     if (cases is not None and cases < 1) or (steps is not None and steps < 2):
         raise ValueError(f"need cases >= 1 and steps >= 2, got cases={cases}, steps={steps}")
@@ -271,7 +299,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     if unknown or not types:
         raise ValueError(f"unknown edit type(s) {', '.join(unknown) or '(none)'}; valid: "
                          f"{', '.join(EDIT_TYPES)}")
-    steps, chosen = steps or STEPS[quick], methods(quick)
+    steps = steps or STEPS[quick]
     cases = make_cases(cases or CASES[quick], seed=SEED, edit_types=types)
     records, examples = [], {}
     for case in tqdm(cases, desc="bench editing", leave=False):
@@ -289,7 +317,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     overhead = processor_overhead(pm, repeats=REPEATS[quick])
     settings = {"cases": len(cases), "edit_types": list(types), "steps": steps, "cfg": CFG,
                 "seed": SEED, "selfguide": SELFGUIDE,
-                "sdedit_strength": SDEDIT_STRENGTH, "blend": BLEND,
+                "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
+                "blend": BLEND,
                 "masactrl": _masactrl_options(pm.unet, steps),
                 "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
     result = {"headline": headline(rows), "rows": rows, "overhead": overhead,

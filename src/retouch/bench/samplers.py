@@ -16,6 +16,12 @@ diffusers' Euler and Heun work on ``x / alpha``; they start from ``x_T / alpha(9
 point; their pipelines' ``init_noise_sigma`` approximates it) and end mapped back by ``alpha(0)``.
 diffusers' Heun always appends a step to clean; it is driven over the grid and stopped after
 the correction that lands on ``t = 0``.
+
+**Flow form** (``flow_rows``): the same mixture under rectified flow (``alpha = 1 - t``,
+``sigma = t``), every solver from pure noise ``t = 1`` to clean ``t = 0`` on a uniform grid,
+scored against the reference ODE solution at ``t = 0``. RF-Solver costs 2 calls per step and
+FireFlow ``steps + 1``; each is compared with Euler run at the very NFE it used
+(``*_error_ratio`` = its error / Euler's).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from retouch.bench.common import (
     write_result,
 )
 from retouch.denoiser import CountedDenoiser
-from retouch.grids import discrete_grid, log_snr_grid
+from retouch.grids import discrete_grid, log_snr_grid, uniform_grid
 from retouch.samplers import get_step, sample
 from retouch.schedules import Schedule, get_schedule
 
@@ -44,10 +50,15 @@ NFES = (5, 10, 20, 50)  # NFE budgets
 T_START, T_END = 999.0, 0.0  # shared grid endpoints (model time)
 RETOUCH_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
 DIFFUSERS_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "unipc")
+FLOW_SAMPLERS = ("euler", "heun", "rf_solver", "fireflow", "dpmpp_2m")
 
 
 def _steps(sampler: str, budget: int) -> int:
-    return max(1, budget // 2) if sampler == "heun" else budget
+    if sampler in ("heun", "rf_solver"):  # 2 calls per step
+        return max(1, budget // 2)
+    if sampler == "fireflow":  # one call per step and one more on the first
+        return max(1, budget - 1)
+    return budget
 
 
 def _grid(schedule: Schedule, grid: str, steps: int) -> torch.Tensor:
@@ -107,6 +118,67 @@ def _run_diffusers(den: GMMDenoiser, x_t: torch.Tensor, sampler: str, budget: in
     return (x * alpha_0 if ve else x), calls
 
 
+def _flow_rows(gmm: GaussianMixture, x_t: torch.Tensor) -> dict:
+    """Every flow solver at every budget, Euler at each NFE another one used, orders and the
+    error ratios to Euler at equal NFE (see the module doc)."""
+    schedule = get_schedule("rectified_flow")
+    den = GMMDenoiser(gmm, schedule)
+    ref = reference_solution(gmm, schedule, x_t, 1.0, 0.0)
+
+    def run_one(sampler: str, steps: int) -> tuple[int, float]:
+        counted = CountedDenoiser(den)
+        x = sample(counted, x_t, uniform_grid(schedule, steps), step=get_step(sampler),
+                   progress=False)
+        return counted.calls, float((x - ref).pow(2).mean().sqrt())
+
+    rows, euler = [], {}
+    for sampler in FLOW_SAMPLERS:
+        for budget in NFES:
+            calls, err = run_one(sampler, _steps(sampler, budget))
+            rows.append({"sampler": sampler, "nfe_budget": budget, "nfe": calls, "rmse": err})
+    for r in rows:
+        if r["nfe"] not in euler:
+            euler[r["nfe"]] = run_one("euler", r["nfe"])[1]
+    ratios = {
+        s: {str(r["nfe"]): r["rmse"] / euler[r["nfe"]] for r in rows if r["sampler"] == s}
+        for s in ("rf_solver", "fireflow", "heun", "dpmpp_2m")
+    }
+    by = {}
+    for r in rows:
+        by.setdefault(r["sampler"], {})[r["nfe_budget"]] = (r["nfe"], r["rmse"])
+    ratio_10 = {s: next(r["rmse"] / euler[r["nfe"]] for r in rows
+                        if r["sampler"] == s and r["nfe_budget"] == 10)
+                for s in ("rf_solver", "fireflow")}
+    return {"rows": rows, "orders": {s: _order(v) for s, v in by.items()}, "ratios": ratios,
+            "ratio_10": ratio_10, "euler": euler}
+
+
+def _flow_markdown(flow: dict) -> str:
+    table = []
+    for sampler in FLOW_SAMPLERS:
+        cells = {"sampler": sampler}
+        for r in flow["rows"]:
+            if r["sampler"] == sampler:
+                note = "" if r["nfe"] == r["nfe_budget"] else f" ({r['nfe']})"
+                ratio = ("" if sampler == "euler"
+                         else f", ×{r['rmse'] / flow['euler'][r['nfe']]:.3g} Euler")
+                cells[f"NFE {r['nfe_budget']}"] = f"{r['rmse']:.3g}{note}{ratio}"
+        cells["order 10→20"] = flow["orders"][sampler]
+        table.append(cells)
+    cols = ["sampler", *[f"NFE {b}" for b in NFES], "order 10→20"]
+    r10 = flow["ratio_10"]
+    return (
+        "\n## Flow form: RF-Solver and FireFlow\n\n"
+        "The same mixture and start samples under rectified flow (alpha = 1 - t, sigma = t), "
+        "every solver from t = 1 to clean t = 0 on a uniform grid. A number in parentheses is "
+        "the actual NFE (RF-Solver and Heun: 2 calls per step, Heun 1 on its last step; "
+        "FireFlow: steps + 1); ×r is the error divided by Euler's at that same NFE.\n\n"
+        + write_markdown_table(table, cols)
+        + f"\nAt 10 NFE: RF-Solver's error is {r10['rf_solver']:.3g} × Euler's, FireFlow's "
+        f"{r10['fireflow']:.3g} × (`rf_solver_error_ratio`, `fireflow_error_ratio`).\n"
+    )
+
+
 def _order(by_nfe: dict[int, tuple[int, float]], a: int = 10, b: int = 20) -> float | None:
     if a not in by_nfe or b not in by_nfe:
         return None
@@ -161,13 +233,19 @@ def _run(*, quick: bool, out: Path) -> dict:
             )
     summary = _summarise(rows)
     t = summary["targets"]
+    flow = _flow_rows(gmm, x_t)
     doc = {
         "headline": {
             "best_retouch_rmse_10_nfe": t["best_retouch_10"]["rmse"],
             "best_diffusers_rmse_10_nfe": t["best_diffusers_10"]["rmse"],
             "retouch_beats_diffusers_10_nfe": t["retouch_best_le_diffusers_best"],
+            "rf_solver_error_ratio": flow["ratio_10"]["rf_solver"],
+            "fireflow_error_ratio": flow["ratio_10"]["fireflow"],
         },
         "rows": rows,
+        "flow_rows": flow["rows"],
+        "flow_orders": flow["orders"],
+        "flow_error_ratios": flow["ratios"],
         "orders_10_20": summary["orders"],
         "targets": summary["targets"],
         "setup": {
@@ -180,7 +258,7 @@ def _run(*, quick: bool, out: Path) -> dict:
         },
     }
     write_result(out / "samplers.json", doc)
-    atomic_write_text(out / "samplers.md", _markdown(rows, summary, n))
+    atomic_write_text(out / "samplers.md", _markdown(rows, summary, n) + _flow_markdown(flow))
     series = {}
     for r in rows:
         series.setdefault((r["impl"], r["sampler"]), []).append((r["nfe"], r["rmse"]))

@@ -89,10 +89,12 @@ def _cmd_bench(args) -> None:
     out = check_output_dir(args.out, ())
     t0 = time.time()
     types = None if args.types is None else tuple(args.types.split(","))
+    names = None if args.methods is None else tuple(args.methods.split(","))
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
-                               ("steps", args.steps), ("edit_types", types)) if v is not None}
+                               ("steps", args.steps), ("edit_types", types),
+                               ("method_names", names)) if v is not None}
     accepted = inspect.signature(module.run).parameters
-    flag = {"edit_types": "types"}
+    flag = {"edit_types": "types", "method_names": "methods"}
     refused = [f"--{flag.get(k, k)}" for k in extra if k not in accepted]
     if refused:
         raise ValueError(f"retouch bench {args.name} does not take {', '.join(refused)}")
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--types", default=None, metavar="T1,T2",
                    help="editing: only these edit types (color, shape, size, background, "
                         "position)")
+    b.add_argument("--methods", default=None, metavar="M1,M2",
+                   help="editing: only these rows, by method or method/inversion "
+                        "(e.g. flowedit,p2p/rf_solver,none/direct)")
     b.set_defaults(func=_cmd_bench)
 
     from .edit import register as register_edit

@@ -2,13 +2,15 @@
 
 ``retouch edit IMAGE --source P --target P [--inversion M] [--editor E] [--steps N] [--cfg S]
 [--model DIR] --out DIR`` inverts IMAGE under the source caption P (``--inversion``, default
-direct) and edits it towards the target caption with ``--editor`` (p2p, masactrl, pnp, none;
-default p2p), or runs the SDEdit baseline (``--editor sdedit --strength S``, no inversion).
-Writes ``DIR/input.png`` (the image as the model sees it), ``DIR/edited.png``,
+direct) and edits it towards the target caption with ``--editor`` (p2p, masactrl, pnp,
+rf_solver, none; default p2p), or edits without inverting: the SDEdit baseline (``--editor
+sdedit --strength S``) or FlowEdit (``--editor flowedit --strength S``). Writes
+``DIR/input.png`` (the image as the model sees it), ``DIR/edited.png``,
 ``DIR/source_reconstruction.png`` (the source branch: the inversion's reconstruction; for
-SDEdit the VAE round trip), the attention masks the edit used -- ``DIR/mask_local_blend.png``
-(Prompt-to-Prompt local blending, white = may change) and ``DIR/attention.png`` (the edited
-words' cross-attention in the source and target branches) -- and ``DIR/edit.json``.
+SDEdit and FlowEdit the VAE round trip), the attention masks the edit used --
+``DIR/mask_local_blend.png`` (Prompt-to-Prompt local blending, white = may change) and
+``DIR/attention.png`` (the edited words' cross-attention in the source and target branches)
+-- and ``DIR/edit.json``.
 
 ``--blend changed`` turns on local blending on the words that differ between the captions
 (``--blend SRC:TGT`` names them); ``--option KEY=VALUE`` passes any editor option (values are
@@ -34,7 +36,10 @@ from retouch.images import read_image
 OUTPUTS = ("input.png", "edited.png", "source_reconstruction.png", "mask_local_blend.png",
            "attention.png", "edit.json")
 
-__all__ = ["register", "run_edit", "parse_options"]
+#: Editors that edit the image without inverting it, with their default ``--strength``.
+DIRECT_EDITORS = {"sdedit": 0.6, "flowedit": 0.85}
+
+__all__ = ["register", "run_edit", "parse_options", "DIRECT_EDITORS"]
 
 
 def parse_options(pairs: list[str] | None) -> dict:
@@ -93,17 +98,20 @@ def run_edit(args: argparse.Namespace) -> None:
     from retouch.models.pipeline import PipelineModel
     from retouch.recipes.edit import edit, sdedit
     from retouch.recipes.editors import check_editor
+    from retouch.recipes.flowedit import flowedit
 
     options = parse_options(args.option)
-    if args.editor == "sdedit":
+    direct = args.editor in DIRECT_EDITORS  # edits the image without inverting it
+    if direct:
         if args.inversion is not None or args.blend is not None or options:
-            raise ValueError("--editor sdedit inverts nothing and has no editor options: drop "
-                             "--inversion, --blend and --option (use --strength)")
+            raise ValueError(f"--editor {args.editor} inverts nothing and has no editor "
+                             "options: drop --inversion, --blend and --option (use --strength)")
     elif args.strength is not None:
-        raise ValueError("--strength is SDEdit's; use it with --editor sdedit")
+        raise ValueError("--strength is SDEdit's and FlowEdit's; use it with --editor sdedit "
+                         "or --editor flowedit")
     if args.blend is not None and args.editor != "p2p":
         raise ValueError("--blend is Prompt-to-Prompt's local blending; use it with --editor p2p")
-    if args.editor != "sdedit":
+    if not direct:
         check_editor(args.editor, {**_blend(args.blend), **options})
     out = check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
     if not Path(args.image).is_file():
@@ -113,9 +121,11 @@ def run_edit(args: argparse.Namespace) -> None:
     model.check_prompt(args.target)
     image = read_image(args.image, model.image_size)
     common = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
+    strength = DIRECT_EDITORS.get(args.editor) if args.strength is None else args.strength
     if args.editor == "sdedit":
-        strength = 0.6 if args.strength is None else args.strength
         result = sdedit(model, image, args.target, strength=strength, **common)
+    elif args.editor == "flowedit":
+        result = flowedit(model, image, args.source, args.target, strength=strength, **common)
     else:
         result = edit(model, image, args.source, args.target, editor=args.editor,
                       inversion=args.inversion or "direct", maps=True, **common,
@@ -125,9 +135,9 @@ def run_edit(args: argparse.Namespace) -> None:
     save_image(result.source, out / "source_reconstruction.png")
     masks = _save_masks(result, model, args.source, args.target, out)
     report = {"source": args.source, "target": args.target, "editor": args.editor,
-              "inversion": None if args.editor == "sdedit" else args.inversion or "direct",
+              "inversion": None if direct else args.inversion or "direct",
               "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-              "strength": strength if args.editor == "sdedit" else None,
+              "strength": strength,
               "options": {**_blend(args.blend), **options}, "masks": [p.name for p in masks]}
     atomic_write_text(out / "edit.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'edited.png'}, {out / 'source_reconstruction.png'}"
@@ -146,12 +156,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="caption of the image (source prompt)")
     p.add_argument("--target", required=True, help="caption of the edited image")
     p.add_argument("--inversion", default=None, choices=METHODS, help="default direct")
-    p.add_argument("--editor", default="p2p", choices=(*EDITORS, "sdedit"))
+    p.add_argument("--editor", default="p2p", choices=(*EDITORS, *DIRECT_EDITORS))
     p.add_argument("--steps", type=whole(1), default=25)
     p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=whole(0), default=0, help="SDEdit / edit-friendly noise seed")
+    p.add_argument("--seed", type=whole(0), default=0,
+                   help="SDEdit / FlowEdit / edit-friendly noise seed")
     p.add_argument("--strength", type=fraction, default=None,
-                   help="SDEdit strength in [0, 1] (default 0.6)")
+                   help="SDEdit / FlowEdit strength in [0, 1] (default 0.6 / 0.85)")
     p.add_argument("--blend", default=None, metavar="changed|SRC:TGT",
                    help="P2P local blending on these words")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="editor option")

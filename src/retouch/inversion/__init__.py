@@ -15,11 +15,17 @@ method                   exact       network calls (invert)  stores
 ``direct``               source row  N                       pivot trajectory x*_k
 ``ddpm_edit_friendly``   yes         N                       per-step noise maps z_k
 ``renoise``              no          N (1 + K)               trajectory
+``rf_solver``            no          2N                      trajectory (2nd-order midpoint)
+``fireflow``             no          N + 1                   trajectory (2nd order, reused v)
 =======================  ==========  ======================  ====================================
 
-Reconstruction costs N calls (EDICT 2N, BDIA N - 1); with CFG the unconditional and
-conditional rows go through the network as one batched call, counted once.
-``ddim`` and ``bdia`` work for rectified-flow schedules too; the others need VP (alpha > 0).
+Reconstruction costs N calls (EDICT 2N, BDIA N - 1, RF-Solver 2N, FireFlow N + 1); with CFG
+the unconditional and conditional rows go through the network as one batched call, counted
+once.
+Every method but ``edict`` runs on rectified-flow models too (tested on a tiny SD3 and Flux;
+``rf_solver`` and ``fireflow`` are written in the flow view and serve VP models as well);
+``edict``'s eps-held steps need alpha > 0, which a flow grid's pure-noise start lacks, so it is
+refused there before any work.
 In an edit (:func:`reconstruct` with a target) BDIA's target rows take the source row's
 backward correction (:class:`BDIAStep`): with their own, a target that leaves the inverted
 trajectory runs a leapfrog scheme that never damps the change and diverges.
@@ -37,6 +43,7 @@ from retouch.inversion.api import (
 from retouch.inversion.core import DenoiserFactory, default_grid, model_fingerprint
 from retouch.inversion.ddim import DDIMConfig, DirectConfig, NegativePromptConfig, ReNoiseConfig
 from retouch.inversion.exact import BDIAConfig, BDIAStep, EDICTConfig, EditFriendlyConfig
+from retouch.inversion.flow import FireFlowConfig, RFSolverConfig
 from retouch.inversion.null_text import NullTextConfig
 from retouch.inversion.result import Inversion, load_inversion
 
@@ -61,4 +68,6 @@ __all__ = [
     "DirectConfig",
     "EditFriendlyConfig",
     "ReNoiseConfig",
+    "RFSolverConfig",
+    "FireFlowConfig",
 ]

@@ -55,6 +55,14 @@ from retouch.inversion.exact import (
     replay_edict,
     replay_edit_friendly,
 )
+from retouch.inversion.flow import (
+    FireFlowConfig,
+    RFSolverConfig,
+    invert_fireflow,
+    invert_rf_solver,
+    replay_fireflow,
+    replay_rf_solver,
+)
 from retouch.inversion.null_text import NullTextConfig, invert_null_text
 from retouch.inversion.result import Inversion
 from retouch.samplers import StepContext, check_grid
@@ -80,9 +88,13 @@ _REGISTRY = {
     "ddpm_edit_friendly": _Method(invert_ddpm_edit_friendly, EditFriendlyConfig,
                                   replay_edit_friendly),
     "renoise": _Method(invert_renoise, ReNoiseConfig),
+    "rf_solver": _Method(invert_rf_solver, RFSolverConfig, replay_rf_solver),
+    "fireflow": _Method(invert_fireflow, FireFlowConfig, replay_fireflow),
 }
 #: Inversion methods by name.
 METHODS = tuple(_REGISTRY)
+#: Methods that tune or replace the unconditional branch of classifier-free guidance.
+NEGATIVE_BRANCH = ("null_text", "negative_prompt")
 
 
 def _method(name: str) -> _Method:
@@ -132,6 +144,7 @@ def as_factory(model: Any, prompt: str | list[str] | None = None) -> DenoiserFac
             cond=model.encode(prompts),
             uncond=model.encode_negative([""]),
             time_grid=model.time_grid,
+            embed_guidance=model.embed_guidance,
         )
     if callable(model) and hasattr(model, "schedule"):
         if prompt is not None:
@@ -171,6 +184,11 @@ def invert(
     """
     entry = _method(method)
     options = method_config(method, config)
+    if method in NEGATIVE_BRANCH and getattr(model, "embed_guidance", None) is not None:
+        raise ValueError(f"{method} works on the unconditional branch of classifier-free "
+                         "guidance, which this guidance-distilled model (it reads cfg as an "
+                         "input, as FLUX.1-dev) does not have: use rf_solver, fireflow, ddim, "
+                         "bdia, direct or ddpm_edit_friendly")
     finite("cfg", cfg)
     if steps is not None:
         count("steps", steps)
@@ -223,6 +241,8 @@ def _denoiser(inv: Inversion, factory: DenoiserFactory, target: Any):
         if isinstance(target, Tensor) and not isinstance(cond, Tensor):  # bare embeddings
             target = with_embeds(rows(factory.cond, target.shape[0]), target)
         cond = stack([cond, rows(target, b)])
+    if factory.embed_guidance is not None:  # guidance-distilled: cfg is an input, one branch
+        return factory.denoiser(cfg=inv.cfg, cond=cond)
     if inv.cfg == 1.0:
         return factory.branch(cond)
     like = embeds_of(cond)

@@ -125,6 +125,7 @@ class DenoiserFactory:
         uncond: Any = None,
         fingerprint: str | None = None,
         time_grid: Callable[[int], Tensor] | None = None,
+        embed_guidance: Callable[[Any, float], Any] | None = None,
     ):
         if (cond is None) != (uncond is None):
             raise ValueError("give both cond and uncond conditionings, or neither")
@@ -134,6 +135,8 @@ class DenoiserFactory:
         self.uncond = uncond  # null-text conditioning ∅
         self.fingerprint = fingerprint or model_fingerprint(inner)  # identifies the network
         self._time_grid = time_grid  # the model's own sampling grid for N steps, if it has one
+        # A guidance-distilled model's (cond, w) -> cond reading scale w: no negative branch
+        self.embed_guidance = embed_guidance
 
     @property
     def conditional(self) -> bool:
@@ -165,9 +168,15 @@ class DenoiserFactory:
     def denoiser(self, *, cfg: float, cond: Any = None, uncond: Any = None) -> Denoiser:
         """CFG ``x0 = x0(∅) + w (x0(c) - x0(∅))`` in one batched call; ``cfg = 1`` is ``x0(c)``.
 
-        ``cond`` / ``uncond`` default to the factory's conditionings.
+        ``cond`` / ``uncond`` default to the factory's conditionings. A guidance-distilled
+        model (``embed_guidance``) reads ``w`` as an input instead: one call, no ``uncond``.
         """
         cond = self.cond if cond is None else cond
+        if self.embed_guidance is not None:
+            if uncond is not None:
+                raise ValueError("this model is guidance-distilled (it reads cfg as an input): it "
+                                 "has no unconditional branch to condition")
+            return self.branch(self.embed_guidance(cond, cfg))
         if cfg == 1.0:
             return self.branch(cond)
         self.require_conditional(f"classifier-free guidance (cfg={cfg:g})")
@@ -196,7 +205,8 @@ def _tensor_digest(h: Any, name: str, p: Tensor) -> None:
 def model_fingerprint(model: Any) -> str:
     """A short hash naming a network: its config, its schedule and three of its weight tensors.
 
-    Understands :class:`~retouch.models.UNetDenoiser` (or a bare ``torch.nn.Module``) and
+    Understands :class:`~retouch.models.UNetDenoiser`, :class:`~retouch.models.TransformerDenoiser`
+    (or a bare ``torch.nn.Module``) and
     :class:`~retouch.analytic.GMMDenoiser`; anything else is named by its class only.
     Weights are hashed as float32, so the same model loaded in another dtype matches.
     """
@@ -205,7 +215,7 @@ def model_fingerprint(model: Any) -> str:
     if schedule is not None:
         h.update(f"{type(schedule).__name__}:{schedule.name}".encode())
     h.update(str(getattr(model, "prediction_type", "")).encode())
-    net = getattr(model, "unet", model)
+    net = getattr(model, "unet", None) or getattr(model, "transformer", model)
     if isinstance(net, torch.nn.Module):
         config = getattr(net, "config", None)
         h.update(json.dumps(dict(config) if config else {}, sort_keys=True, default=str).encode())

@@ -158,6 +158,11 @@ def invert_edict(
     """EDICT inversion from ``x = y = x_N``; stores the x-chain and ``y_0``."""
     if not 0 < config.p <= 1:
         raise ValueError(f"edict needs 0 < p <= 1, got {config.p}")
+    noise = [float(t) for t in times if factory.schedule.coeffs(float(t))[0] == 0]
+    if noise:
+        raise ValueError(f"edict's eps-held steps need alpha(t) > 0, and this grid starts at pure "
+                         f"noise (t={noise[0]:g}, as a rectified-flow model's does): use bdia or "
+                         "ddpm_edit_friendly (exact) or rf_solver instead")
     calls0 = factory.calls
     den = factory.denoiser(cfg=cfg)
     ts = [float(t) for t in times]

@@ -1,4 +1,4 @@
-"""Load Stable-Diffusion-family pipelines from local diffusers folders, safely and offline.
+"""Load Stable Diffusion, SD3 and Flux pipelines from local diffusers folders, safely and offline.
 
 Only safetensors weights are loaded: a component whose weights exist only as a pickle
 (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) is refused, since unpickling can run arbitrary code.
@@ -22,15 +22,16 @@ from ..files import read_json
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: Pipeline classes (``_class_name`` in model_index.json) retouch runs today.
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "SD 1.x / 2.x",
-                       "StableDiffusionXLPipeline": "SDXL"}
+                       "StableDiffusionXLPipeline": "SDXL",
+                       "StableDiffusion3Pipeline": "SD3",
+                       "FluxPipeline": "Flux"}
 #: Families retouch recognises but has no adapter for yet, by pipeline class.
 UNSUPPORTED_FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "SDXL img2img",
-    "StableDiffusion3Pipeline": "SD3",
-    "FluxPipeline": "Flux",
     "StableDiffusionInpaintPipeline": "SD inpainting (9-channel UNet)",
 }
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transformer")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                     "transformer")
 
 
 class ModelFolderError(ValueError):

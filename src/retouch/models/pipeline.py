@@ -27,13 +27,16 @@ __all__ = ["PipelineModel", "ImageLike"]
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image | list
 
-
 class PipelineModel:
     """Prompt/image encoding, decoding and denoisers for an SD1.x/SD2-style pipeline."""
 
+    #: Whether the family denoises with a UNet; transformer families (SD3, Flux) keep
+    #: ``unet = None`` and give their network as :attr:`network`.
+    has_unet = True
+
     def __init__(self, pipe, *, folder: str | Path | None = None):
         self.pipe = pipe
-        self.unet = pipe.unet
+        self.unet = pipe.unet if self.has_unet else None
         self.vae = pipe.vae
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
@@ -42,21 +45,33 @@ class PipelineModel:
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         # ToyWorld folders carry their vocabulary; prompts outside it are refused.
         self.vocabulary = toyworld_vocabulary(self.folder) if self.folder else None
+        #: For a guidance-distilled model, ``(cond, w) -> cond`` making the network read the
+        #: guidance scale ``w`` (no negative branch); None where ``cfg`` is classifier-free
+        #: guidance.
+        self.embed_guidance = None
 
     @classmethod
     def load(cls, model: str | Path | None = None, **kw) -> PipelineModel:
         """Load a local diffusers folder (default: the shipped ToyWorld model) with the
         adapter of its family (``_class_name`` in ``model_index.json``)."""
+        from .flux import FluxModel
+        from .sd3 import SD3Model
         from .sdxl import SDXLModel
 
         folder = Path(model) if model is not None else toyworld_model_dir()
         pipe = load_pipeline(folder, **kw)  # the class model_index.json's _class_name names
-        adapters = {"StableDiffusionPipeline": cls, "StableDiffusionXLPipeline": SDXLModel}
+        adapters = {"StableDiffusionPipeline": cls, "StableDiffusionXLPipeline": SDXLModel,
+                    "StableDiffusion3Pipeline": SD3Model, "FluxPipeline": FluxModel}
         return adapters[type(pipe).__name__](pipe, folder=folder)
 
     @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the UNet here, the transformer for SD3 / Flux."""
+        return self.unet
+
+    @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.network.device
 
     @property
     def image_size(self) -> int:
@@ -216,10 +231,14 @@ class PipelineModel:
 
     # --- denoising -----------------------------------------------------------------------
 
-    def unet_denoiser(self, cond: Conditioning | None = None) -> UNetDenoiser:
-        """The UNet as a conditional denoiser ``x0_hat(x, t, cond=...)`` (no guidance)."""
+    def network_denoiser(self, cond: Conditioning | None = None):
+        """The network as a conditional denoiser ``x0_hat(x, t, cond=...)`` (no guidance)."""
         return UNetDenoiser(self.unet, self.schedule, prediction_type=self.prediction_type,
                             cond=cond)
+
+    def unet_denoiser(self, cond: Conditioning | None = None):
+        """:meth:`network_denoiser` under the name callers written for UNets use."""
+        return self.network_denoiser(cond)
 
     def denoiser(
         self,
@@ -230,14 +249,14 @@ class PipelineModel:
     ):
         """The denoiser ``x0_hat(x, t)`` for ``prompts`` (or their conditioning) with CFG ``cfg``.
 
-        ``cfg == 1`` gives the conditional denoiser alone (one UNet call per step).
+        ``cfg == 1`` gives the conditional denoiser alone (one network call per step).
         """
         finite("cfg", cfg)
         cond = self._conditioning(prompts, self.encode)
         if cfg == 1.0:
-            return self.unet_denoiser(cond)
+            return self.network_denoiser(cond)
         uncond = self._conditioning(negative, self.encode_negative)
-        return CFGDenoiser(self.unet_denoiser(), cond=cond, uncond=uncond, scale=cfg)
+        return CFGDenoiser(self.network_denoiser(), cond=cond, uncond=uncond, scale=cfg)
 
     def _conditioning(self, given, encode) -> Conditioning:
         if isinstance(given, Conditioning):
@@ -267,3 +286,4 @@ class PipelineModel:
             steps_offset=config.get("steps_offset", 0),
             final=final,
         )
+

@@ -45,6 +45,7 @@ from ..attention import (
     attention_control,
     guidance_halves,
 )
+from ..attention.control import require_unet
 from ..checks import count, finite
 from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
 from ..samplers.callbacks import pin_row
@@ -164,6 +165,7 @@ def _controllers(model, source: str, target: str, editor: str, maps: bool, optio
     them (Prompt-to-Prompt holds the target's cross-attention to the source's in its
     window)."""
     check_editor(editor, options)
+    require_unet(model, "editing through attention (every editor but flowedit and sdedit)")
     controllers = EDITORS[editor](model.tokenizer, source, target, **options)
     store = AttentionStore() if maps else None
     extra = [] if plugin is None else list(plugin.controllers)

@@ -4,10 +4,11 @@ the source row, built by name from the two prompts.
 ``EDITORS[name](tokenizer, source, target, **options)`` returns a list of controllers for
 :func:`retouch.recipes.edit.edit` and its siblings: ``"none"`` (the baseline), ``"p2p"``
 (Prompt-to-Prompt word swap / refinement / re-weighting / local blending), ``"masactrl"``
-(mutual self-attention), ``"pnp"`` (Plug-and-Play feature and self-attention injection).
+(mutual self-attention), ``"pnp"`` (Plug-and-Play feature and self-attention injection),
+``"rf_solver"`` (RF-Solver's feature sharing: the source's self-attention values).
 
 References: Hertz et al. 2022 (Prompt-to-Prompt); Cao et al. 2023 (MasaCtrl); Tumanyan et al.
-2023 (Plug-and-Play).
+2023 (Plug-and-Play); Wang et al. 2024 (RF-Solver).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..attention import (
     MutualSelfAttention,
     PlugAndPlay,
     SelfAttentionInjection,
+    SharedValues,
     local_blend,
     refinement,
     reweight,
@@ -32,7 +34,7 @@ from ..attention.tokens import refinement_map, token_ids
 from ..checks import count, finite, note
 
 __all__ = ["EDITORS", "check_editor", "changed_tokens", "p2p_editor", "masactrl_editor",
-           "pnp_editor", "no_editor"]
+           "pnp_editor", "rf_solver_editor", "no_editor"]
 
 
 def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
@@ -128,6 +130,21 @@ def pnp_editor(
                         source_half=source_half)]
 
 
+def rf_solver_editor(
+    tokenizer, source: str, target: str, *, share_steps: Window = 0.2,
+    places: tuple[str, ...] = ("up",),
+) -> list[Controller]:
+    """RF-Solver's feature sharing: the target's self-attention values are the source's during
+    the first ``share_steps`` (fractions of the steps; pair it with the ``rf_solver`` or
+    ``fireflow`` inversion)."""
+    bad = sorted(set(places) - {"down", "mid", "up"}) if isinstance(places, tuple | list) else [
+        places]
+    if bad or not places:
+        raise ValueError(f"rf_solver option places must name some of down, mid, up; got "
+                         f"{places!r}")
+    return [SharedValues(steps=share_steps, places=tuple(places))]
+
+
 def no_editor(tokenizer, source: str, target: str) -> list[Controller]:
     """No control: both prompts from the same noise (the baseline edits are compared to)."""
     return []
@@ -139,6 +156,7 @@ EDITORS: dict[str, Callable[..., list[Controller]]] = {
     "p2p": p2p_editor,
     "masactrl": masactrl_editor,
     "pnp": pnp_editor,
+    "rf_solver": rf_solver_editor,
 }
 
 

@@ -1,15 +1,16 @@
 """Solver steps as plain functions over the denoiser contract, and the one sampling loop.
 
 Modules: :mod:`.state` (what the loop owns and shows), :mod:`.steps` (DDIM ... DPM-Solver++),
-:mod:`.unipc`, :mod:`.loop` (``sample``, ``get_step``).
+:mod:`.unipc`, :mod:`.flow` (RF-Solver, FireFlow), :mod:`.loop` (``sample``, ``get_step``).
 
 A step maps ``(denoiser, x, t, t_next, x0_hat, state) -> x_next``: ``x0_hat = denoiser(x, t)``
 was computed by the loop; ``state`` (:class:`SamplerState`, owned by the loop) holds the grid,
 the step index, the recent ``(t, x0_hat)`` history of multistep solvers and the noise source
 of stochastic ones. Steps are written on ``alpha``, ``sigma`` and ``lambda = log(alpha/sigma)``
 so one formula serves VP and rectified-flow schedules, and deterministic steps work with time
-running either way (``t_next > t`` is inversion). Only Heun calls the denoiser again (at
-``t_next``; its second call is not shown to callbacks).
+running either way (``t_next > t`` is inversion). Heun calls the denoiser again (at
+``t_next``) and RF-Solver / FireFlow (:mod:`.flow`) at the step's midpoint; these calls are not
+shown to callbacks. A step with a ``predict`` method supplies its own ``x0_hat`` (FireFlow).
 
 Settings that reproduce diffusers schedulers (parity-tested in ``tests/test_diffusers_parity.py``;
 grids from :func:`retouch.grids.discrete_grid`, ``final`` defaults to clean):
@@ -42,6 +43,7 @@ Lu et al. 2022 (DPM-Solver++); Zhao et al. 2023 (UniPC).
 
 from __future__ import annotations
 
+from retouch.samplers.flow import FireFlowStep, flow_view, rf_solver_step, time_at_tau
 from retouch.samplers.loop import SAMPLERS, check_grid, get_step, sample
 from retouch.samplers.state import HISTORY_LEN, SamplerState, Step, StepContext
 from retouch.samplers.steps import (
@@ -69,6 +71,10 @@ __all__ = [
     "heun_step",
     "dpmpp_2m_step",
     "dpmpp_3m_step",
+    "rf_solver_step",
+    "FireFlowStep",
+    "flow_view",
+    "time_at_tau",
     "get_step",
     "check_grid",
     "sample",

@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retouch.denoiser import Denoiser, Prediction
+from retouch.samplers.flow import FireFlowStep, rf_solver_step
 from retouch.samplers.state import HISTORY_LEN, SamplerState, Step, StepContext
 from retouch.samplers.steps import (
     ddim_step,
@@ -55,7 +56,8 @@ def sample(
 ) -> Tensor:
     """Run ``step`` along ``times`` from ``x`` at ``times[0]``; return ``x`` at ``times[-1]``.
 
-    Each step: ``x0_hat = denoiser(x, t_i)``, ``x = step(...)``, then every callback sees a
+    Each step: ``x0_hat = denoiser(x, t_i)`` (or ``step.predict(denoiser, x, t_i, state)`` when
+    the step has one), ``x = step(...)``, then every callback sees a
     :class:`StepContext` and may return a new ``x`` (or None). ``inverse=True`` runs time
     upwards (deterministic steps only). ``noises[i]`` (if given) is the noise a stochastic
     step injects at step i (edit-friendly DDPM); otherwise it is drawn from ``generator`` and
@@ -68,11 +70,14 @@ def sample(
     if not _finite(x):
         raise ValueError("the start latent holds NaN or Inf values; pass finite values")
     state = SamplerState(times=ts, generator=generator, noises=noises)
+    # A step may supply its own prediction at (x, t) (FireFlow reuses a velocity).
+    own = getattr(getattr(step, "func", step), "predict", None)
+    predict = own if own is not None else (lambda den, x, t, state: den(x, t))
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc="sampling", leave=False):
         t, t_next = ts[i], ts[i + 1]
         where = f"at step {i} (t={t:g} -> {t_next:g})"
         state.index, state.noise = i, None
-        x0_hat, state.renoise = _split(denoiser(x, t), step)
+        x0_hat, state.renoise = _split(predict(denoiser, x, t, state), step)
         if not _finite(x0_hat):
             raise FloatingPointError(f"the denoiser returned NaN or Inf {where}: check the model "
                                      "weights and the guidance scale")
@@ -127,6 +132,8 @@ SAMPLERS: dict[str, Callable[[], Step]] = {
     "dpmpp_2m": lambda: dpmpp_2m_step,
     "dpmpp_3m": lambda: dpmpp_3m_step,
     "unipc": _unipc,
+    "rf_solver": lambda: rf_solver_step,
+    "fireflow": FireFlowStep,
 }
 
 

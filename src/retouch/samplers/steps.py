@@ -8,6 +8,7 @@ import math
 from torch import Tensor
 
 from retouch.denoiser import Denoiser
+from retouch.samplers.flow import flow_view
 from retouch.samplers.state import (
     LOWER_ORDER_FINAL_STEPS,
     SamplerState,
@@ -84,12 +85,6 @@ def ddpm_step(
 ddim_step.renoises = ddpm_step.renoises = True  # they take a Prediction's own eps
 
 
-def _flow_view(denoiser: Denoiser, t: float) -> tuple[float, float]:
-    """``(c, tau)`` with ``z = x / c = (1 - tau) x0 + tau eps``: any schedule seen as a flow."""
-    alpha, sigma = denoiser.schedule.coeffs(t)
-    return alpha + sigma, sigma / (alpha + sigma)
-
-
 def euler_step(
     denoiser: Denoiser, x: Tensor, t: float, t_next: float, x0_hat: Tensor, state: SamplerState
 ) -> Tensor:
@@ -99,8 +94,8 @@ def euler_step(
     DDIM (eta = 0) and to k-diffusion's Euler on ``dy/ds = (y - x0)/s``, ``s = sigma/alpha``.
     References: Karras et al. 2022, Alg. 1 (first stage); Liu et al. 2023.
     """
-    c, tau = _flow_view(denoiser, t)
-    c_n, tau_n = _flow_view(denoiser, t_next)
+    c, tau = flow_view(denoiser.schedule, t)
+    c_n, tau_n = flow_view(denoiser.schedule, t_next)
     z = x / c
     return c_n * (z + (tau_n - tau) * (z - x0_hat) / tau)
 
@@ -115,8 +110,8 @@ def heun_step(
     differs from diffusers' Heun (which works on ``y = x/alpha``) at second order only.
     References: Karras et al. 2022, Alg. 1.
     """
-    c, tau = _flow_view(denoiser, t)
-    c_n, tau_n = _flow_view(denoiser, t_next)
+    c, tau = flow_view(denoiser.schedule, t)
+    c_n, tau_n = flow_view(denoiser.schedule, t_next)
     z = x / c
     d = (z - x0_hat) / tau
     z_euler = z + (tau_n - tau) * d

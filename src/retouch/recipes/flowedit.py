@@ -1,0 +1,98 @@
+"""FlowEdit: inversion-free editing by integrating the difference of two velocities.
+
+The edited latent ``Z`` starts at the image's latent ``X`` and moves along the flow ODE of the
+*difference* between the target and source velocities, each evaluated on a noisy copy of the
+image that shares its noise:
+
+    z_src = (1 - tau) X + tau n,   n ~ N(0, I) drawn afresh each step,
+    z_tar = Z + z_src - X,
+    Z <- Z + (tau' - tau) (v(z_tar | target) - v(z_src | source)),
+
+from ``tau`` at ``strength`` of the way up the grid down to clean. Nothing is inverted, so
+there is no inversion error to carry; where the two prompts agree the velocities cancel and the
+image stays. With identical prompts and guidance the edit is the image exactly.
+
+Written in the flow view (``z = x / (alpha + sigma)``, ``v = (z - x0_hat) / tau``), so it runs
+on rectified-flow models (SD3, Flux: the paper's setting) and on VP models alike.
+
+References: Kulikov et al. 2024, "FlowEdit: Inversion-Free Text-Based Editing Using Pre-Trained
+Flow Models", Alg. 1 (``n_max`` = strength x steps; ``n_min`` = 0, the paper's default for SD3
+and Flux, is the only value supported; ``n_avg`` = ``averages``); fallenshock/FlowEdit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..checks import count, finite
+from ..samplers import flow_view
+from .edit import EditResult
+
+__all__ = ["flowedit"]
+
+
+def _velocity(denoiser, z: Tensor, t: float) -> Tensor:
+    """``v = (z - x0_hat) / tau`` at flow point ``z`` (B, ...) and model time ``t``."""
+    c, tau = flow_view(denoiser.schedule, t)
+    return (z - denoiser(c * z, t)) / tau
+
+
+@torch.no_grad()
+def flowedit(
+    model,
+    image,
+    source_prompt: str,
+    target_prompt: str,
+    *,
+    steps: int = 25,
+    strength: float = 0.85,
+    cfg: float = 5.0,
+    source_cfg: float | None = None,
+    averages: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> EditResult:
+    """Edit ``image`` (or its latent, (1, C, h, w)) from ``source_prompt`` to ``target_prompt``.
+
+    ``strength``: the fraction of the ``steps``-step grid the edit runs (the paper: 33 of 50
+    for SD3, 24 of 28 for Flux; on ToyWorld 0.85 with equal guidance edited 0.80 of 15
+    colour, shape and background cases of ToyBench seed 7, against 0.67 at 0.66); ``cfg``
+    guides the target velocity, ``source_cfg`` (default ``cfg``) the source's (the paper's SD3
+    setting: 13.5 and 3.5); ``averages`` noise draws per step are averaged (``n_avg``).
+    Costs ``2 x averages`` guided calls per step run.
+    ``result.source`` is the VAE round trip of the image.
+    """
+    count("steps", steps)
+    count("averages", averages)
+    finite("strength", strength, low=0.0, high=1.0)
+    finite("cfg", cfg)
+    source_cfg = cfg if source_cfg is None else source_cfg
+    finite("source_cfg", source_cfg)
+    model.check_prompt(source_prompt)
+    model.check_prompt(target_prompt)
+    x0 = (model.check_latent(image).to(model.device) if isinstance(image, Tensor)
+          else model.encode_image(image))
+    if x0.shape[0] != 1:
+        raise ValueError(f"flowedit edits one image at a time, got {x0.shape[0]} latents")
+    run = min(int(steps * strength), steps)
+    times = [float(t) for t in model.time_grid(steps)][steps - run:]
+    src = model.denoiser([source_prompt], cfg=source_cfg)
+    tar = model.denoiser([target_prompt], cfg=cfg)
+    generator = torch.Generator().manual_seed(seed)
+    c_clean, _ = flow_view(model.schedule, times[-1])  # the grid's end; run + 1 times
+    x = x0 / c_clean  # the image in the flow view (c = 1 at a clean time)
+    edited = x.clone()
+    for t, t_next in tqdm(list(zip(times[:-1], times[1:], strict=True)), desc="flowedit",
+                          disable=not progress, leave=False):
+        _, tau = flow_view(model.schedule, t)
+        _, tau_n = flow_view(model.schedule, t_next)
+        noise = torch.randn((averages, *x.shape[1:]), generator=generator).to(x)
+        z_src = (1 - tau) * x + tau * noise
+        z_tar = z_src + (edited - x)  # exactly z_src while nothing is edited
+        delta = _velocity(tar, z_tar, t) - _velocity(src, z_src, t)
+        edited = edited + (tau_n - tau) * delta.mean(0, keepdim=True)
+    latents = torch.cat([x0, x0 + c_clean * (edited - x)])  # the image where nothing moved
+    images = model.decode(latents)
+    return EditResult(images[0], images[1], latents)

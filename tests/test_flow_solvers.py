@@ -1,0 +1,129 @@
+"""RF-Solver and FireFlow: sampling and inversion against the exact flow ODE of a Gaussian
+mixture, their network-call counts, and attention control on their midpoint calls."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
+from retouch.attention.control import ControlledDenoiser
+from retouch.denoiser import CountedDenoiser
+from retouch.grids import uniform_grid
+from retouch.inversion import invert, reconstruct
+from retouch.samplers import (
+    FireFlowStep,
+    SamplerState,
+    flow_view,
+    get_step,
+    sample,
+    time_at_tau,
+)
+from retouch.schedules import get_schedule
+
+
+@functools.cache
+def flow_problem():
+    schedule = get_schedule("rectified_flow")
+    gmm = GaussianMixture.random(dim=16, components=4)
+    x = torch.randn(32, gmm.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return GMMDenoiser(gmm, schedule), x, reference_solution(gmm, schedule, x, 1.0, 0.0)
+
+
+def rms(a: torch.Tensor) -> float:
+    return float(a.pow(2).mean().sqrt())
+
+
+def run(name: str, steps: int) -> tuple[int, float]:
+    den, x, ref = flow_problem()
+    counted = CountedDenoiser(den)
+    out = sample(counted, x, uniform_grid(den.schedule, steps), step=get_step(name),
+                 progress=False)
+    return counted.calls, rms(out - ref)
+
+
+@pytest.mark.parametrize("name", ["rf_solver", "fireflow"])
+def test_second_order_and_better_than_euler_at_equal_nfe(name):
+    (n10, e10), (n40, e40) = run(name, 10), run(name, 40)
+    order = math.log(e10 / e40) / math.log(n40 / n10)
+    assert order > 1.5, (e10, e40, order)  # Euler's is 1
+    for steps in (5, 10, 20):
+        calls, err = run(name, steps)
+        assert err < 0.5 * run("euler", calls)[1]
+
+
+def test_network_calls_per_step():
+    assert run("rf_solver", 7)[0] == 14  # a midpoint call per step
+    assert run("fireflow", 7)[0] == 8  # the midpoint velocity is reused: one more, on step 0
+
+
+def test_fireflow_predicts_the_reused_velocity():
+    den, x, _ = flow_problem()
+    step, state_times = FireFlowStep(), uniform_grid(den.schedule, 4).tolist()
+    state = SamplerState(times=state_times)
+    t, t_next = state_times[0], state_times[1]
+    x_next = step(den, x, t, t_next, step.predict(den, x, t, state), state)
+    reused_t, v_m = state.scratch["fireflow.velocity"]
+    assert reused_t == t_next
+    # Without a model call, predict's x0_hat implies exactly the stored velocity at (x', t').
+    counted = CountedDenoiser(den)
+    x0 = step.predict(counted, x_next, t_next, state)
+    assert counted.calls == 0
+    c, tau = flow_view(den.schedule, t_next)
+    torch.testing.assert_close((x_next / c - x0) / tau, v_m)
+    # A start that is not the last step's end asks the model.
+    step.predict(counted, x_next, state_times[2], state)
+    assert counted.calls == 1
+
+
+@pytest.mark.parametrize("method", ["rf_solver", "fireflow"])
+def test_flow_inversions_converge_at_second_order(method):
+    den, _, _ = flow_problem()
+    x0 = den.gmm.sample(8, generator=torch.Generator().manual_seed(3))
+    truth = reference_solution(den.gmm, den.schedule, x0, 0.0, 1.0)
+    errors, rec, euler = [], [], []
+    for n in (10, 40):
+        times = uniform_grid(den.schedule, n)
+        inv = invert(den, x0, method=method, times=times, progress=False)
+        assert inv.nfe == (2 * n if method == "rf_solver" else n + 1)
+        errors.append(rms(inv.latent - truth))
+        rec.append(rms(reconstruct(inv, den, progress=False) - x0))
+        euler.append(rms(invert(den, x0, method="ddim", times=times, progress=False).latent
+                         - truth))
+    assert errors[1] < errors[0] / 8 and rec[1] < rec[0] / 8, (errors, rec)  # order > 1.5
+    assert errors[0] < euler[0] / 3, (errors, euler)  # far better than Euler (ddim) inversion
+
+
+def test_time_at_tau_inverts_the_flow_view():
+    for name, t in (("rectified_flow", 0.3), ("scaled_linear", 420.0)):
+        schedule = get_schedule(name)
+        assert time_at_tau(schedule, flow_view(schedule, t)[1]) == pytest.approx(t, rel=1e-6)
+
+
+def test_midpoint_calls_are_reported_as_the_step_they_lie_in():
+    den, _, _ = flow_problem()
+    times = [1.0, 0.5, 0.0]
+    controlled = ControlledDenoiser(den, None, times)  # step_of needs no session
+    assert [controlled.step_of(t) for t in (1.0, 0.75, 0.5, 0.25)] == [0, 0, 1, 1]
+    inverse = ControlledDenoiser(den, None, [0.0, 0.5, 1.0])
+    assert inverse.step_of(0.25) == 0
+    with pytest.raises(ValueError, match="not on this session's time grid"):
+        controlled.step_of(1.5)
+
+
+def test_flowedit_identity_and_edit():
+    from retouch.recipes.flowedit import flowedit
+    from tiny_models import tiny_model
+
+    m = tiny_model("sd1")
+    z = torch.randn(m.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    same = flowedit(m, z, "a red square", "a red square", steps=6, cfg=3.0)
+    assert torch.equal(same.latents[1], same.latents[0])  # the velocities cancel exactly
+    edit = flowedit(m, z, "a red square", "a blue square", steps=6, cfg=3.0, averages=2)
+    assert torch.equal(edit.latents[0], z[0]) and edit.edited.shape == (16, 16, 3)
+    assert float((edit.latents[1] - z).abs().max()) > 1e-3
+    assert torch.equal(flowedit(m, z, "a red square", "a blue square", steps=6,
+                                strength=0.0).latents[1], z[0])
+    with pytest.raises(ValueError, match="strength"):
+        flowedit(m, z, "a red square", "a blue square", strength=1.5)
