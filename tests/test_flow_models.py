@@ -9,7 +9,7 @@ import diffusers
 import pytest
 import torch
 
-from retouch.attention.control import JOINT_ATTENTION, attention_control, require_unet
+from retouch.attention.control import FLUX_ATTENTION, attention_control, controlled_network
 from retouch.attention.sites import BatchLayout
 from retouch.checks import Note
 from retouch.inversion import METHODS, invert, reconstruct
@@ -198,19 +198,19 @@ def test_distilled_flux_has_no_negative_branch(pipes):
     assert den.cond.added["guidance"].tolist() == [5.0]
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_attention_control_refuses_transformer_models(pipes, kind):
-    model = adapter(pipes, kind)
-    refusal = re.escape(f"attention controllers: {JOINT_ATTENTION}")
+def test_attention_control_refuses_flux(pipes):
+    model = adapter(pipes, "flux")
+    refusal = re.escape(f"attention controllers: {FLUX_ATTENTION}")
     for target in (model.unet, model.network):
         with pytest.raises(ValueError, match=refusal), \
                 attention_control(target, [], layout=BatchLayout(("image",))):
             pass
     with pytest.raises(ValueError, match="issue 19"):
-        require_unet(model, "Prompt-to-Prompt")
+        controlled_network(model, "Prompt-to-Prompt")
+    assert controlled_network(adapter(pipes, "sd3"), "P2P") is pipes["sd3"].transformer
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["flux"])
 def test_editing_refuses_before_inverting_and_flowedit_runs(pipes, kind, monkeypatch):
     from retouch.recipes.edit import edit
     from retouch.recipes.flowedit import flowedit

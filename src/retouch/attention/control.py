@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retouch.attention.sites import BatchLayout, Site, describe_sites, find_sites
+from retouch.attention.sites import BatchLayout, Site, describe_sites, find_sites, site_views
 
 __all__ = [
-    "JOINT_ATTENTION",
-    "require_unet",
+    "FLUX_ATTENTION",
+    "controlled_network",
     "Controller",
     "StepInfo",
     "AttnCall",
@@ -286,17 +286,25 @@ class AttentionSession:
         self.info: StepInfo | None = None  # set by ControlledDenoiser around each model call
         self.calls = {id(c): 0 for c in self.controllers}  # calls each controller acted on
         self._selected = {}
+        views = [v for s in self.sites.values() for v in site_views(s)]
         for c in self.controllers:
-            chosen = c.bind(list(self.sites.values()))
+            chosen = c.bind(views)
             if not chosen and not c.hooks(unet):
                 raise ValueError(
                     f"{c.missing_sites_message()}; this model has "
                     f"{describe_sites(self.sites.values())}"
                 )
-            self._selected[id(c)] = {s.name for s in chosen}
+            self._selected[id(c)] = {(s.name, s.kind) for s in chosen}
+
+    def views_at(self, site: Site) -> list[tuple[Controller, Site]]:
+        """``(controller, view)`` for each view of ``site`` a controller selected (a joint
+        site has two, :func:`~retouch.attention.sites.site_views`)."""
+        return [(c, v) for c in self.controllers for v in site_views(site)
+                if (v.name, v.kind) in self._selected[id(c)]]
 
     def controllers_at(self, site: Site) -> list[Controller]:
-        return [c for c in self.controllers if site.name in self._selected[id(c)]]
+        return [c for c in self.controllers
+                if any((v.name, v.kind) in self._selected[id(c)] for v in site_views(site))]
 
     def record(self, controller: Controller) -> None:
         self.calls[id(controller)] += 1
@@ -365,18 +373,18 @@ class AttentionSession:
             )
 
 
-#: Why attention control refuses the transformer families (their attention is joint).
-JOINT_ATTENTION = "attention control on SD3/Flux joint attention is not available yet (issue 19)"
+#: Why attention control refuses Flux (double- and single-stream blocks, rotary positions).
+FLUX_ATTENTION = ("attention control on Flux's double- and single-stream attention is not "
+                  "available yet (issue 19)")
 
 
-def require_unet(model, what: str) -> torch.nn.Module:
-    """The UNet of ``model`` (a pipeline model, a network, or a transformer model's ``unet``,
-    None) for ``what``; refuses SD3 / Flux, whose joint attention (one attention over text and
-    image tokens) the controllers do not address yet."""
+def controlled_network(model, what: str) -> torch.nn.Module:
+    """The network whose attention ``what`` controls: a pipeline model's ``network`` (its UNet,
+    or SD3's transformer, whose joint attention :mod:`retouch.attention.joint` addresses), or
+    a network itself; refuses Flux and a missing network (None)."""
     net = getattr(model, "network", model)
-    # Both families' configs name the width of the text stream their joint attention mixes in.
-    if net is None or "joint_attention_dim" in (getattr(net, "config", None) or {}):
-        raise ValueError(f"{what}: {JOINT_ATTENTION}; use an SD 1.x / 2.x or SDXL model")
+    if net is None or hasattr(net, "single_transformer_blocks"):
+        raise ValueError(f"{what}: {FLUX_ATTENTION}; use an SD 1.x / 2.x, SDXL or SD3 model")
     return net
 
 
@@ -429,20 +437,24 @@ def attention_control(
 
     The previous processors (and forward hooks of feature controllers) are restored on exit,
     errors included. On a normal exit, a controller that never acted raises RuntimeError.
+    ``unet`` may be SD3's transformer (joint attention, :mod:`retouch.attention.joint`).
     Raises ValueError at entry if a controller selects no site (naming the model's sites), or
-    if ``unet`` is an SD3 / Flux transformer (or such a model's ``unet``, None).
+    for Flux (or a transformer model's ``unet``, None).
     """
-    unet = require_unet(unet, "attention controllers")
+    from retouch.attention.joint import JointControlProcessor
+
+    unet = controlled_network(unet, "attention controllers")
     session = AttentionSession(unet, controllers, layout=layout)
     previous = dict(unet.attn_processors)
     handles = []
     ok = False
     try:
-        unet.set_attn_processor({
-            key: ControlProcessor(site, session, previous[key])
-            if session.controllers_at(site) else previous[key]
-            for key, site in session.sites.items()
-        })
+        installed = dict(previous)
+        for key, site in session.sites.items():
+            if session.controllers_at(site):
+                kind = JointControlProcessor if site.kind == "joint" else ControlProcessor
+                installed[key] = kind(site, session, previous[key])
+        unet.set_attn_processor(installed)
         for c in session.controllers:
             for name, fn in c.hooks(unet).items():
                 try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "Site",
     "BatchLayout",
     "find_sites",
+    "site_views",
     "guidance_halves",
     "coarse_resolution",
     "describe_sites",
@@ -44,7 +45,7 @@ class Site:
     """One attention module of the UNet, as controllers see it."""
 
     name: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    kind: str  # "self" or "cross" (room for "joint" MMDiT and "temporal" attention)
+    kind: str  # "self", "cross" or "joint" (MMDiT: both at once, see site_views)
     place: str  # "down", "mid" or "up"
     block: int | None  # index in down_blocks / up_blocks (None for mid)
     factor: int  # spatial downsampling factor of the latent at this site (1, 2, 4, ...)
@@ -164,11 +165,14 @@ def _sample_size(unet: torch.nn.Module) -> int:
 
 
 def find_sites(unet: torch.nn.Module) -> dict[str, Site]:
-    """Sites of every attention processor of a ``UNet2DConditionModel``, keyed by processor name.
+    """Sites of every attention processor of a ``UNet2DConditionModel`` (or the joint attention
+    of an MMDiT transformer, :func:`transformer_sites`), keyed by processor name.
 
     Raises ValueError for processors outside ``down_blocks`` / ``mid_block`` / ``up_blocks``
     (not a UNet this layer knows how to place).
     """
+    if not hasattr(unet, "down_blocks") and hasattr(unet, "transformer_blocks"):
+        return transformer_sites(unet)
     down, mid, up = _downsample_counts(unet)
     size = _sample_size(unet)
     found = []
@@ -195,6 +199,47 @@ def find_sites(unet: torch.nn.Module) -> dict[str, Site]:
     return sites
 
 
+def transformer_sites(transformer: torch.nn.Module) -> dict[str, Site]:
+    """Sites of the joint attention of an SD3 (MMDiT) transformer, keyed by processor name.
+
+    Every ``transformer_blocks.i.attn`` (image and text tokens in one attention) is a ``"joint"``
+    site at the token grid (``sample_size / patch_size``). A transformer has no bottleneck: its
+    first half of blocks counts as ``"down"``, a middle block (odd count) as ``"mid"``, the
+    second half as ``"up"``, so controllers that pick decoder layers pick the later blocks.
+    Attention without a text stream (SD3.5's ``attn2``) is not a site. Flux (single-stream
+    blocks, rotary positions) is refused.
+    """
+    if hasattr(transformer, "single_transformer_blocks"):
+        raise ValueError("attention control on Flux's double- and single-stream blocks is not "
+                         "available yet (issue 19); SD3's joint attention is")
+    patch = int(transformer.config.patch_size)
+    size = _sample_size(transformer)
+    blocks = len(transformer.transformer_blocks)
+    sites, per_place = {}, {}
+    for key in transformer.attn_processors:
+        name = key.removesuffix(".processor")
+        parts = name.split(".")
+        module = transformer.get_submodule(name)
+        if parts[0] != "transformer_blocks" or parts[-1] != "attn" or getattr(
+                module, "add_q_proj", None) is None:
+            continue
+        i = int(parts[1])
+        place = "down" if 2 * i + 1 < blocks else "up" if 2 * i + 1 > blocks else "mid"
+        place_layer = per_place[place] = per_place.get(place, -1) + 1
+        sites[key] = Site(name, "joint", place, i, patch, _reduce(size, patch), i, place_layer)
+    if not sites:
+        raise ValueError("this transformer has no joint attention this layer can place")
+    return sites
+
+
+def site_views(site: Site) -> list[Site]:
+    """The sites controllers see at ``site``: itself, or a joint site's image ``"self"`` and
+    ``"cross"`` (image-to-text) views (:mod:`retouch.attention.joint`)."""
+    if site.kind != "joint":
+        return [site]
+    return [replace(site, kind="self"), replace(site, kind="cross")]
+
+
 def coarse_resolution(sites: Iterable[Site], kind: str = "cross") -> int:
     """The coarsest resolution of ``kind`` sites in the down/up blocks (SD1.x: 16 of 64).
 
@@ -208,7 +253,7 @@ def coarse_resolution(sites: Iterable[Site], kind: str = "cross") -> int:
 
 def describe_sites(sites: Iterable[Site]) -> str:
     """'cross-attention at resolutions 8, 4 (...); self-attention at ...' for error messages."""
-    sites = list(sites)
+    sites = [v for s in sites for v in site_views(s)]
     parts = []
     for kind in ("cross", "self"):
         res = sorted({s.resolution for s in sites if s.kind == kind}, reverse=True)

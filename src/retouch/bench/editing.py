@@ -350,7 +350,9 @@ def headline(rows: list[dict]) -> dict:
     outside the edit over regenerating without control (``none``) at the same step count.
     Self-guidance on moves and resizes: success per type, the share of cases with everything
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
-    ``none`` row (``selfguide_{type}_gain_db``)."""
+    ``none`` row (``selfguide_{type}_gain_db``). The flow editors (FlowEdit; RF-Solver's
+    feature sharing on its inversion) on colour edits: success and the dB kept outside the edit
+    over regeneration without control after Direct Inversion (``{editor}_colour_*``)."""
     figures = {}
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
@@ -363,6 +365,12 @@ def headline(rows: list[dict]) -> dict:
         figures[f"selfguide_{edit_type}_success"] = None if sg is None else sg["success"]
         figures[f"selfguide_{edit_type}_gain_db"] = (None if sg is None or none is None
                                                      else sg["bg_psnr"] - none["bg_psnr"])
+    none = _get(rows, "none", "direct", "color")
+    for method, inversion in (("flowedit", "-"), ("rf_solver", "rf_solver")):
+        row = _get(rows, method, inversion, "color")
+        figures[f"{method}_colour_success"] = None if row is None else row["success"]
+        figures[f"{method}_colour_gain_db"] = (None if row is None or none is None
+                                               else row["bg_psnr"] - none["bg_psnr"])
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]

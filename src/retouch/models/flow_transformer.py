@@ -1,8 +1,9 @@
 """What SD3 and Flux adapters share: a rectified-flow transformer behind a CLIP + T5 text stack.
 
 :class:`FlowTransformerModel` is a :class:`~retouch.models.pipeline.PipelineModel` whose
-network is ``pipe.transformer`` (``unet`` is None: attention control refuses these families,
-see :func:`~retouch.attention.control.require_unet`), whose schedule is a
+network is ``pipe.transformer`` (``unet`` is None; attention control addresses SD3's joint
+attention and refuses Flux, see :func:`~retouch.attention.control.controlled_network`), whose
+schedule is a
 :class:`~retouch.schedules.FlowSchedule` and whose denoiser is a
 :class:`~retouch.models.transformer.TransformerDenoiser`. Prompts are read by CLIP (at most
 ``tokenizer.model_max_length`` tokens) and T5 (at most ``max_sequence_length``): a prompt over
@@ -47,6 +48,7 @@ class FlowTransformerModel(PipelineModel):
     family = ""
     #: The family pipeline's ``max_shift`` default when the scheduler config has none.
     default_max_shift = 1.15
+    clip_token_positions = False  # CLIP and T5 tokens in one text sequence
     #: The family pipeline's default T5 length (``max_sequence_length``).
     default_max_sequence_length = 256
 

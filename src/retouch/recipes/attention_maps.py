@@ -77,7 +77,7 @@ def attention_maps(
     self_store = AttentionStore(kinds=("self",), resolutions=coarse, size=size)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(model.latent_shape(1), generator=gen).to(model.device)
-    with torch.no_grad(), attention_control(model.unet, [store, self_store],
+    with torch.no_grad(), attention_control(model.network, [store, self_store],
                                           layout=layout) as session:
         controlled = session.denoiser(den, times)
         if image is None:

@@ -68,7 +68,7 @@ def style_aligned(
         callbacks.append(pin_row(traj[:, 0]))
     den = model.denoiser(prompts, cfg=cfg)
     layout = BatchLayout(("reference",) + ("image",) * (len(prompts) - 1), guidance_halves(den))
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         latents = sample(session.denoiser(den, times), x, times, step=step, callbacks=callbacks,
                          progress=progress, generator=torch.Generator().manual_seed(seed + 1))
     return model.decode(latents)

@@ -45,7 +45,7 @@ from ..attention import (
     attention_control,
     guidance_halves,
 )
-from ..attention.control import require_unet
+from ..attention.control import controlled_network
 from ..checks import count, finite
 from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
 from ..samplers.callbacks import pin_row
@@ -152,7 +152,7 @@ def edit_generated(
     extra = [*callbacks]
     if source_trajectory is not None:
         extra.append(pin_row(source_trajectory))
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         latents = sample(session.denoiser(den, times), x, times, step=step, noises=noises,
                          callbacks=[*extra, session.callback], progress=progress)
     return _result(model, latents, controllers, store)
@@ -165,7 +165,12 @@ def _controllers(model, source: str, target: str, editor: str, maps: bool, optio
     them (Prompt-to-Prompt holds the target's cross-attention to the source's in its
     window)."""
     check_editor(editor, options)
-    require_unet(model, "editing through attention (every editor but flowedit and sdedit)")
+    controlled_network(model, "editing through attention (every editor but flowedit and sdedit)")
+    if editor == "p2p" and not model.clip_token_positions:
+        raise ValueError(f"Prompt-to-Prompt's token maps index CLIP token positions, and "
+                         f"{type(model).__name__} reads CLIP and T5 tokens in one sequence, which "
+                         "they do not cover yet (issue 19): use masactrl, pnp, rf_solver or "
+                         "flowedit")
     controllers = EDITORS[editor](model.tokenizer, source, target, **options)
     store = AttentionStore() if maps else None
     extra = [] if plugin is None else list(plugin.controllers)
@@ -249,7 +254,7 @@ def _run_inverted(model, inv, target: str, controllers, store, progress: bool,
     inner = model.unet_denoiser()
     stepwise = bool(stepwise_controllers(controllers))
     cond, uncond = inv.conditioning or (model.encode([inv.prompt]), model.encode_negative([""]))
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         factory = DenoiserFactory(
             session.denoiser(inner, inv.times),  # the controllers learn step and time here
             cond=cond,

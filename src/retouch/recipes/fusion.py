@@ -151,7 +151,7 @@ def fuse(
     if bootstrap > 0 and any(v.bootstrap for v in views):
         boot = Bootstrap(round(bootstrap * steps), _colour_latents(model, gen), noise, seed)
     layout = BatchLayout(roles, guidance_halves(den))
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         if controllers:  # they learn the step from the session's wrapper (one call a step)
             inner = session.denoiser(den, times)
         fused = FusedDenoiser(inner, views, canvas_hw=canvas_hw,

@@ -154,7 +154,7 @@ def appearance_transfer(
     den = model.denoiser(prompts, cfg=cfg)
     layout = BatchLayout(ROLES, guidance_halves(den))
     controllers = [ctrl] if cross_image else []
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         guided = session.denoiser(den, times)
         if cross_image:
             guided = _swap_guided(guided, ctrl, times, swap_guidance)

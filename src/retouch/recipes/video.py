@@ -123,7 +123,7 @@ def generate_clip(
         den = model.denoiser([prompts[i] for i in rows], cfg=cfg)
         controllers = [FrameAttention(s, **options) for s in schemes]
         layout = BatchLayout(("frame",) * len(rows), guidance_halves(den))
-        with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as s:
+        with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as s:
             latents = sample(s.denoiser(den, times), x[rows], times, step=step,
                              progress=progress, noises=[n[rows] for n in noises])
         for j, i in enumerate(rows):
@@ -191,7 +191,7 @@ def edit_clip(
                          ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
     cond, uncond = inv.conditioning or (model.encode(sources), model.encode_negative([""]))
     stepwise = bool(stepwise_controllers(controllers))
-    with torch.no_grad(), attention_control(model.unet, controllers, layout=layout) as session:
+    with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         factory = DenoiserFactory(session.denoiser(model.unet_denoiser(), inv.times), cond=cond,
                                   uncond=uncond, fingerprint=fingerprint_of(model))
         latents = reconstruct(inv, factory, target=model.encode(targets),

@@ -1,0 +1,103 @@
+"""Attention control on SD3's joint attention: sites and views, a controller that changes
+nothing changes nothing, cross-attention maps over the text tokens, and editors that reproduce
+the source with identical prompts."""
+
+import functools
+
+import pytest
+import torch
+
+from retouch.attention import AttentionStore, BatchLayout, Controller, attention_control
+from retouch.attention.sites import find_sites, site_views
+from retouch.models.sd3 import SD3Model
+from retouch.recipes.edit import edit_generated
+from retouch.samplers import sample
+from tiny_models import tiny_sd3_pipeline
+
+PROMPT = "a red square"
+
+
+@functools.cache
+def model() -> SD3Model:
+    return SD3Model(tiny_sd3_pipeline())
+
+
+def start(rows: int = 1) -> torch.Tensor:
+    noise = torch.randn(model().latent_shape(1), generator=torch.Generator().manual_seed(3))
+    return noise.expand(rows, *noise.shape[1:]).clone()
+
+
+class Idle(Controller):
+    """Acts at every view, reads the probabilities and rewrites q, k, v to themselves."""
+
+    uses_probs = True
+
+    def __init__(self):
+        self.seen = set()
+
+    def qkv(self, call, q, k, v):
+        self.seen.add((call.site.name, call.site.kind, q.shape[2], k.shape[2]))
+        return q, k, v
+
+
+def run(controllers, prompts=(PROMPT,), steps=4):
+    m = model()
+    den = m.denoiser(list(prompts), cfg=3.0)
+    times = m.time_grid(steps)
+    layout = BatchLayout(tuple(f"row{i}" for i in range(len(prompts))))
+    with torch.no_grad(), attention_control(m.network, controllers, layout=layout) as s:
+        return sample(s.denoiser(den, times), start(len(prompts)), times, progress=False)
+
+
+def test_sites_are_joint_with_self_and_cross_views():
+    sites = list(find_sites(model().network).values())
+    assert [(s.kind, s.place, s.resolution) for s in sites] == [("joint", "down", 4),
+                                                                ("joint", "up", 4)]
+    assert [v.kind for v in site_views(sites[0])] == ["self", "cross"]
+
+
+def test_a_controller_that_changes_nothing_changes_nothing():
+    m = model()
+    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(), m.time_grid(4), progress=False)
+    idle = Idle()
+    controlled = run([idle])
+    torch.testing.assert_close(controlled, plain, rtol=1e-5, atol=1e-5)
+    # Both views of both blocks: 16 image queries over 16 image keys and over the text tokens.
+    text = model().encode(PROMPT).embeds.shape[1]
+    assert {(kind, n, k) for _, kind, n, k in idle.seen} == {("self", 16, 16),
+                                                            ("cross", 16, text)}
+
+
+def test_cross_attention_maps_are_distributions_over_the_text():
+    store = AttentionStore(kinds=("cross", "self"), places=("down", "up"))
+    run([store])
+    cross, self_maps = store.cross(), store.self_attention()
+    text = model().encode(PROMPT).embeds.shape[1]
+    assert cross.shape == (1, 4, 4, text) and self_maps.shape == (1, 16, 16)
+    for maps in (cross.reshape(1, 16, text), self_maps):  # each view over its own keys
+        torch.testing.assert_close(maps.sum(-1), torch.ones(1, 16), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("editor", "options"), [
+    ("none", {}),
+    ("masactrl", {"start_step": 1, "start_layer": 0}),
+    ("rf_solver", {}),
+    ("pnp", {"feature_module": None, "first_layer": 0}),
+])
+def test_identical_prompts_give_the_source_on_sd3(editor, options):
+    r = edit_generated(model(), PROMPT, PROMPT, editor=editor, steps=4, cfg=3.0, **options)
+    torch.testing.assert_close(r.latents[1], r.latents[0], rtol=0, atol=1e-5)
+
+
+def test_an_edit_changes_the_target_and_keeps_the_source():
+    m = model()
+    r = edit_generated(m, PROMPT, "a blue square", editor="rf_solver", steps=4, cfg=3.0,
+                       start=start())
+    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(), m.time_grid(4), progress=False)
+    torch.testing.assert_close(r.latents[:1], plain, rtol=1e-5, atol=1e-5)  # source row intact
+    assert not torch.allclose(r.latents[1], r.latents[0])
+
+
+def test_prompt_to_prompt_is_refused_on_the_joint_text_sequence():
+    with pytest.raises(ValueError, match="CLIP and T5 tokens in one sequence"):
+        edit_generated(model(), PROMPT, "a blue square", editor="p2p", steps=4)
