@@ -79,7 +79,7 @@ def test_cross_attention_maps_are_distributions_over_the_text():
 
 
 @pytest.mark.parametrize(("editor", "options"), [
-    ("none", {}),
+    ("p2p", {"blend_words": "changed"}),
     ("masactrl", {"start_step": 1, "start_layer": 0}),
     ("rf_solver", {}),
     ("pnp", {"feature_module": None, "first_layer": 0}),
@@ -98,6 +98,31 @@ def test_an_edit_changes_the_target_and_keeps_the_source():
     assert not torch.allclose(r.latents[1], r.latents[0])
 
 
-def test_prompt_to_prompt_is_refused_on_the_joint_text_sequence():
-    with pytest.raises(ValueError, match="CLIP and T5 tokens in one sequence"):
-        edit_generated(model(), PROMPT, "a blue square", editor="p2p", steps=4)
+@pytest.mark.parametrize("target", ["a blue square", "a big red square"])
+def test_prompt_to_prompt_maps_both_text_segments(target):
+    from retouch.attention.tokens import refinement_map, word_positions
+
+    m = model()
+    seq = m.text_tokens
+    clip = m.tokenizer.model_max_length
+    assert seq.segments[1][1] == m.encode(PROMPT).embeds.shape[1] - clip
+    # "red" follows the start token and "a" in both segments (the tiny model's word tokenizer
+    # doubles as T5's, start token included).
+    assert word_positions(seq, PROMPT, "red") == [2, clip + 2]
+    mapper, mask = refinement_map(seq, PROMPT, target)
+    assert len(mapper) == m.encode(PROMPT).embeds.shape[1]
+    assert bool((mapper[clip:] >= clip).all())  # T5 tokens map within the T5 segment
+    # A swap (same length) or a refinement runs, keeps the source row, and changes the target.
+    r = edit_generated(m, PROMPT, target, editor="p2p", steps=4, cfg=3.0,
+                       blend_words="changed", start=start())
+    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(), m.time_grid(4), progress=False)
+    torch.testing.assert_close(r.latents[:1], plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(r.latents[1], r.latents[0]) and "local_blend" in r.masks
+
+
+def test_attention_maps_of_words_on_sd3():
+    from retouch.recipes.attention_maps import attention_maps
+
+    maps = attention_maps(model(), PROMPT, steps=4, cfg=3.0)
+    assert set(maps.heatmaps) >= {"red", "square"}
+    assert all(h.shape == (4, 4) for h in maps.heatmaps.values())

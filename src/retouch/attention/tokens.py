@@ -5,6 +5,11 @@ A token map for a target prompt of ``T`` encoder positions is ``(mapper, mask)``
 keeps its own where ``mask[j] = 0`` (new words). Word swap maps every position to itself;
 refinement aligns the two token sequences.
 
+Every function takes a tokenizer (the network reads its padded sequence: SD1/2, SDXL) or a
+:class:`TextSequence` of several tokenizers' sequences one after another (SD3: CLIP's 77
+positions, then T5's): maps are made segment by segment, and a word's positions are its
+positions in every segment that holds it.
+
 References: Hertz et al. 2022 (Prompt-to-Prompt, Sec. 3.2, word swap and prompt refinement
 with the alignment function M); Needleman & Wunsch 1970 (global alignment; with scores
 match 1, mismatch -1, gap 0 it is a longest common subsequence).
@@ -12,10 +17,15 @@ match 1, mismatch -1, gap 0 it is a longest common subsequence).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "TextSequence",
+    "prompt_positions",
     "sequence_length",
     "token_ids",
     "word_positions",
@@ -24,16 +34,47 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class TextSequence:
+    """The text tokens a network reads: segments ``(tokenizer, length)`` one after another, each
+    the tokenizer's sequence padded to ``length`` (a None tokenizer: positions holding no
+    prompt's tokens, e.g. SD3's zeros without T5)."""
+
+    segments: tuple[tuple[Any, int], ...]
+
+
+def _segments(tokenizer) -> list[tuple[Any, int, int]]:
+    """``(tokenizer, offset, length)`` of each segment of a tokenizer or TextSequence."""
+    if not isinstance(tokenizer, TextSequence):
+        return [(tokenizer, 0, int(tokenizer.model_max_length))]
+    out, offset = [], 0
+    for tok, length in tokenizer.segments:
+        out.append((tok, offset, int(length)))
+        offset += int(length)
+    return out
+
+
 def sequence_length(tokenizer) -> int:
-    """Encoder positions T (the tokenizer's ``model_max_length``, SD: 77)."""
-    return int(tokenizer.model_max_length)
+    """Encoder positions T (a tokenizer's ``model_max_length``, SD: 77; a TextSequence's sum)."""
+    return sum(length for _, _, length in _segments(tokenizer))
+
+
+def prompt_positions(tokenizer, prompt: str) -> list[int]:
+    """Encoder positions of ``prompt``'s own tokens (start and end tokens included, padding
+    not), in every segment."""
+    return [offset + i for tok, offset, length in _segments(tokenizer) if tok is not None
+            for i in range(min(len(_ids(tok, prompt, length)), length))]
 
 
 def token_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` with start/end tokens, unpadded, truncated to T."""
-    return list(
-        tokenizer(prompt, truncation=True, max_length=sequence_length(tokenizer)).input_ids
-    )
+    """Token ids of ``prompt`` with start/end tokens, unpadded, truncated to T (a TextSequence:
+    its first segment's)."""
+    tok, _, length = _segments(tokenizer)[0]
+    return _ids(tok, prompt, length)
+
+
+def _ids(tokenizer, prompt: str, length: int) -> list[int]:
+    return list(tokenizer(prompt, truncation=True, max_length=length).input_ids)
 
 
 def _word_ids(tokenizer, word: str) -> list[int]:
@@ -41,14 +82,19 @@ def _word_ids(tokenizer, word: str) -> list[int]:
 
 
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Encoder positions of every occurrence of ``word`` (one or more words) in ``prompt``.
+    """Encoder positions of every occurrence of ``word`` (one or more words) in ``prompt``, in
+    every segment.
 
     Raises ValueError naming the prompt if the word does not occur.
     """
-    ids, sub = token_ids(tokenizer, prompt), _word_ids(tokenizer, word)
-    n = len(sub)
-    pos = [i + j for i in range(len(ids) - n + 1) if n and ids[i : i + n] == sub
-           for j in range(n)]
+    pos = []
+    for tok, offset, length in _segments(tokenizer):
+        if tok is None:
+            continue
+        ids, sub = _ids(tok, prompt, length), _word_ids(tok, word)
+        n = len(sub)
+        pos += [offset + i + j for i in range(len(ids) - n + 1) if n and ids[i : i + n] == sub
+                for j in range(n)]
     if not pos:
         raise ValueError(f"the word {word!r} is not in the prompt {prompt!r}")
     return pos
@@ -61,6 +107,14 @@ def swap_map(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
     word pair has the same number of tokens; the message names the words and suggests
     refinement, which aligns prompts of different lengths.
     """
+    for tok, _, length in _segments(tokenizer):
+        if tok is not None:
+            _check_swap(tok, length, source, target)
+    t = sequence_length(tokenizer)
+    return torch.arange(t), torch.ones(t)
+
+
+def _check_swap(tokenizer, length: int, source: str, target: str) -> None:
     src_words, tgt_words = source.split(), target.split()
     if len(src_words) != len(tgt_words):
         raise ValueError(
@@ -79,11 +133,9 @@ def swap_map(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
             f"word swap needs swapped words with equal token counts, but {pairs}; "
             "use refinement (mode='refine'), which aligns tokens of different counts"
         )
-    if len(token_ids(tokenizer, source)) != len(token_ids(tokenizer, target)):
+    if len(_ids(tokenizer, source, length)) != len(_ids(tokenizer, target, length)):
         raise ValueError(f"{source!r} and {target!r} tokenize to different lengths; "
                          "use refinement (mode='refine')")
-    t = sequence_length(tokenizer)
-    return torch.arange(t), torch.ones(t)
 
 
 def _lcs_pairs(x: list[int], y: list[int]) -> list[tuple[int, int]]:
@@ -112,15 +164,21 @@ def refinement_map(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]
     Tokens common to both prompts (a longest common subsequence, start/end tokens included)
     map to their source position; added tokens get ``mask = 0``. Padding after the end token
     maps to the source's padding at the same offset from its end.
-    Returns mapper (T,) int64 and mask (T,) float.
+    Returns mapper (T,) int64 and mask (T,) float (segment by segment; a None segment maps to
+    itself).
     """
-    x, y = token_ids(tokenizer, source), token_ids(tokenizer, target)
-    t = sequence_length(tokenizer)
-    mapper, mask = torch.zeros(t, dtype=torch.long), torch.zeros(t)
-    for i, j in _lcs_pairs(x, y):
-        mapper[j], mask[j] = i, 1.0
-    for j in range(len(y), t):  # padding: same offset from the end of each prompt
-        i = j - len(y) + len(x)
-        if i < t:
+    maps = []
+    for tok, offset, t in _segments(tokenizer):
+        if tok is None:
+            maps.append((torch.arange(offset, offset + t), torch.ones(t)))
+            continue
+        x, y = _ids(tok, source, t), _ids(tok, target, t)
+        mapper, mask = torch.zeros(t, dtype=torch.long), torch.zeros(t)
+        for i, j in _lcs_pairs(x, y):
             mapper[j], mask[j] = i, 1.0
-    return mapper, mask
+        for j in range(len(y), t):  # padding: same offset from the end of each prompt
+            i = j - len(y) + len(x)
+            if i < t:
+                mapper[j], mask[j] = i, 1.0
+        maps.append((mapper + offset, mask))
+    return torch.cat([m for m, _ in maps]), torch.cat([k for _, k in maps])

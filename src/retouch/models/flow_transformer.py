@@ -48,7 +48,6 @@ class FlowTransformerModel(PipelineModel):
     family = ""
     #: The family pipeline's ``max_shift`` default when the scheduler config has none.
     default_max_shift = 1.15
-    clip_token_positions = False  # CLIP and T5 tokens in one text sequence
     #: The family pipeline's default T5 length (``max_sequence_length``).
     default_max_sequence_length = 256
 

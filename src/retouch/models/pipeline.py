@@ -270,9 +270,11 @@ class PipelineModel:
 
     #: Whether the family's UNet needs added conditions beside the token embeddings (SDXL).
     needs_added = False
-    #: Whether the network's text tokens are the CLIP tokenizer's positions, which
-    #: Prompt-to-Prompt's token maps index (SD3 reads CLIP and T5 tokens in one sequence).
-    clip_token_positions = True
+    @property
+    def text_tokens(self):
+        """What the network's text positions are, for token maps and word positions
+        (:mod:`retouch.attention.tokens`): the tokenizer's padded sequence here."""
+        return self.tokenizer
 
     def time_grid(self, steps: int) -> torch.Tensor:
         """The pipeline scheduler's own timestep grid for ``steps`` steps, ending clean.

@@ -62,6 +62,15 @@ class SD3Model(FlowTransformerModel):
                              f"position embedding takes sides up to {most * self.patch}")
         return x
 
+    @property
+    def text_tokens(self):
+        """The joint attention's text positions: CLIP's (CLIP-L and -G side by side), then
+        T5's (holding no tokens without T5), as :meth:`encode` stacks them."""
+        from ..attention.tokens import TextSequence
+
+        return TextSequence(((self.tokenizer, self.tokenizer.model_max_length),
+                             (self.t5_tokenizer, self.max_sequence_length)))
+
     def _t5_embeds(self, prompts: list[str]) -> torch.Tensor:
         """T5's last hidden states (B, max_sequence_length, D), or zeros without T5."""
         if self.text_encoder_3 is None:

@@ -66,11 +66,11 @@ def attention_maps(
     count("clusters", clusters)
     model.check_prompt(prompt)
     words = words or [w for w in dict.fromkeys(prompt.lower().split()) if w not in GRAMMAR_WORDS]
-    positions = {w: word_positions(model.tokenizer, prompt, w) for w in words}
+    positions = {w: word_positions(model.text_tokens, prompt, w) for w in words}
     den = model.denoiser([prompt], cfg=cfg)
     layout = BatchLayout(("image",), guidance_halves(den))
     times = model.time_grid(steps)
-    sites = [s for s in find_sites(model.unet).values() if s.place != "mid"]
+    sites = [s for s in find_sites(model.network).values() if s.place != "mid"]
     size = min(s.resolution for s in sites)
     coarse = {s.resolution for s in sites if s.resolution <= SELF_MAX_RESOLUTION}
     store = AttentionStore(kinds=("cross",), size=size)

@@ -166,12 +166,7 @@ def _controllers(model, source: str, target: str, editor: str, maps: bool, optio
     window)."""
     check_editor(editor, options)
     controlled_network(model, "editing through attention (every editor but flowedit and sdedit)")
-    if editor == "p2p" and not model.clip_token_positions:
-        raise ValueError(f"Prompt-to-Prompt's token maps index CLIP token positions, and "
-                         f"{type(model).__name__} reads CLIP and T5 tokens in one sequence, which "
-                         "they do not cover yet (issue 19): use masactrl, pnp, rf_solver or "
-                         "flowedit")
-    controllers = EDITORS[editor](model.tokenizer, source, target, **options)
+    controllers = EDITORS[editor](model.text_tokens, source, target, **options)
     store = AttentionStore() if maps else None
     extra = [] if plugin is None else list(plugin.controllers)
     return ([] if store is None else [store]) + extra + controllers, store

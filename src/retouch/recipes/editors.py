@@ -30,7 +30,7 @@ from ..attention import (
     word_swap,
 )
 from ..attention.sites import Window, check_window
-from ..attention.tokens import refinement_map, token_ids
+from ..attention.tokens import prompt_positions, refinement_map
 from ..checks import count, finite, note
 
 __all__ = ["EDITORS", "check_editor", "changed_tokens", "p2p_editor", "masactrl_editor",
@@ -41,9 +41,9 @@ def changed_tokens(tokenizer, source: str, target: str) -> tuple[list[int], list
     """Encoder positions of the tokens one prompt has and the other lacks (the edited words):
     (source positions, target positions), from the refinement alignment."""
     mapper, mask = refinement_map(tokenizer, source, target)
-    n_src, n_tgt = len(token_ids(tokenizer, source)), len(token_ids(tokenizer, target))
-    kept = {int(mapper[j]) for j in range(n_tgt) if mask[j] > 0}
-    return [i for i in range(n_src) if i not in kept], [j for j in range(n_tgt) if mask[j] == 0]
+    src, tgt = prompt_positions(tokenizer, source), prompt_positions(tokenizer, target)
+    kept = {int(mapper[j]) for j in tgt if mask[j] > 0}
+    return [i for i in src if i not in kept], [j for j in tgt if mask[j] == 0]
 
 
 def p2p_editor(

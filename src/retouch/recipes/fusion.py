@@ -214,7 +214,7 @@ def panorama_edit(model, source: str, target: str, *, width: int, height: int | 
     height = model.image_size if height is None else height
     canvas = canvas_latent_hw(model, width, height)
     views = _window_views(model, canvas, stride)
-    controllers = [*options.pop("controllers", ()), *p2p_editor(model.tokenizer, source,
+    controllers = [*options.pop("controllers", ()), *p2p_editor(model.text_tokens, source,
                                                                 target, **p2p)]
     roles = [role for _ in views for role in ("source", "target")]
     return fuse(model, [[source], [target]], views, canvas, controllers=controllers,

@@ -181,7 +181,7 @@ def edit_clip(
     if len(sizes) != 1:
         raise ValueError(f"the clip's frames differ in size ({sorted(sizes)}); resize them to "
                          f"one size first")
-    controllers = EDITORS[editor](model.tokenizer, sources[0], targets[0], **editor_options)
+    controllers = EDITORS[editor](model.text_tokens, sources[0], targets[0], **editor_options)
     controllers += [FrameAttention(s, role="target") for s in schemes]
     check_loop(inversion, controllers, steps)
     inv = invert(model, np.stack([np.asarray(im) for im in images]), sources, method=inversion,
