@@ -76,7 +76,7 @@ def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
     index = run_demo(tmp_path / "demo", model=str(tiny_toy_pipeline), n=2)
     html = index.read_text()
     for title in ("Text-to-image", "Samplers", "Inversion", "Where each word looks",
-                  "Self-guidance", "Panoramas and regions"):
+                  "FlowEdit", "Self-guidance", "Panoramas and regions"):
         assert f"<h2>{title}" in html
     assert html.count("checker:") == 2  # one verdict per generated image
     assert "src='http" not in html and "data:image/png;base64," in html  # self-contained

@@ -369,3 +369,34 @@ def test_bench_headline_names_the_issue_figures():
     parsed = [parse_caption(p) for p in prompts]
     assert any("background" not in p for p in parsed)
     assert any(all(set(o) == {"shape"} for o in p["objects"]) for p in parsed)  # "a circle"
+
+
+def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_pipeline,
+                                                                       tmp_path):
+    from safetensors.torch import load_file
+
+    from retouch.models.pipeline import PipelineModel
+    from retouch.models.sd3 import SD3Model
+    from retouch.training.export import export_pipeline
+    from retouch.training.toyworld import TrainConfig, train
+
+    common = dict(dataset_size=48, vae_steps=2, batch=2, checkpoint_every=2, log_every=1,
+                  arch="sd3", init_from=str(tiny_toy_pipeline))
+    train(TrainConfig(out=str(tmp_path / "a"), unet_steps=4, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), unet_steps=2, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), unet_steps=4, **common), resume=True,
+          progress=False)
+    a = load_file(str(tmp_path / "a" / "transformer.safetensors"))
+    b = load_file(str(tmp_path / "b" / "transformer.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="arch"):
+        train(TrainConfig(out=str(tmp_path / "b"), **{**common, "arch": "unet"}), resume=True,
+              progress=False)
+    folder = export_pipeline(tmp_path / "a", tmp_path / "pipe")
+    model = PipelineModel.load(folder)
+    assert isinstance(model, SD3Model) and model.max_sequence_length == 8
+    assert model.image_size == 64 and model.latent_shape(1) == (1, 4, 16, 16)
+    from retouch.recipes.generate import generate
+
+    image = generate(model, ["a big red circle"], steps=2, cfg=3.0)[0]
+    assert image.shape == (64, 64, 3)

@@ -114,6 +114,7 @@ def _edit_tab(gr, model: PipelineModel) -> None:
     from ..images import prepare_image
     from ..inversion import METHODS
     from ..recipes.edit import EDITORS, edit
+    from ..recipes.flowedit import flowedit
 
     source = gr.Image(label="Image", type="pil", elem_id="edit-image")
     with gr.Row():
@@ -121,7 +122,8 @@ def _edit_tab(gr, model: PipelineModel) -> None:
         tgt = gr.Textbox(label="Target caption", elem_id="edit-target")
     with gr.Row():
         inversion = gr.Dropdown(list(METHODS), value="direct", label="Inversion")
-        editor = gr.Dropdown(list(EDITORS), value="p2p", label="Editor")
+        editor = gr.Dropdown([*EDITORS, "flowedit"], value="p2p",
+                             label="Editor (flowedit: no inversion)")
         steps = gr.Slider(2, 100, value=20, step=1, label="Steps")
         cfg = gr.Number(value=5.0, label="CFG")
     run = gr.Button("Edit", variant="primary", elem_id="edit-run")
@@ -136,11 +138,17 @@ def _edit_tab(gr, model: PipelineModel) -> None:
         if image is None:
             raise ValueError("upload an image to edit first")
         image, _ = prepare_image(image, model.image_size)
-        result = edit(model, image, source, target, inversion=inversion, editor=editor,
-                      steps=count("Steps", steps), cfg=finite("CFG", cfg))
+        common = dict(steps=count("Steps", steps), cfg=finite("CFG", cfg))
+        if editor == "flowedit":  # inverts nothing: the source is the image's VAE round trip
+            result = flowedit(model, image, source, target, **common)
+            how = "edited with FlowEdit (no inversion: the Inversion choice is not used)"
+        else:
+            result = edit(model, image, source, target, inversion=inversion, editor=editor,
+                          **common)
+            how = f"edited with {editor} after {inversion}"
         delta = np.abs(result.edited.astype(np.int16) - result.source.astype(np.int16))
         delta = (255 * delta / max(1, int(delta.max()))).astype(np.uint8)
-        return result.source, result.edited, delta, f"edited with {editor} after {inversion}"
+        return result.source, result.edited, delta, how
 
     run.click(_guarded(handler, 3), [source, src, tgt, inversion, editor, steps, cfg],
               [rec, edited, diff, status])

@@ -134,6 +134,7 @@ def _cmd_train(args) -> None:
         extended=args.extended,
         cooldown=tuple(args.cooldown) if args.cooldown else None,
         style_weights={style: w for style, w in args.style_weight} or None,
+        arch=args.arch,
     )
     train(cfg, resume=args.resume)
 
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="STYLE=WEIGHT",
                     help="sample scenes of a fill style WEIGHT times as often, e.g. "
                          "striped=1.5 (repeatable)")
+    tr.add_argument("--arch", default="unet", choices=("unet", "sd3"),
+                    help="the denoiser: an SD1-style UNet, or a tiny SD3 transformer trained "
+                         "by rectified flow (start it from a trained model's VAE and text "
+                         "encoder with --init-from)")
     tr.set_defaults(func=_cmd_train)
     td = tsub.add_parser(
         "tune-decoder",

@@ -19,6 +19,8 @@ diffusers ``StableDiffusion3Pipeline``, ``FluxPipeline`` (``calculate_shift``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..checks import count, finite_tensor, note
@@ -61,8 +63,9 @@ class FlowTransformerModel(PipelineModel):
             raise ValueError(f"a {type(self).__name__} needs a FlowMatch scheduler, got "
                              f"{type(pipe.scheduler).__name__}: use the folder's own scheduler")
         self.prediction_type = TransformerDenoiser.prediction_type  # flow velocity
-        if max_sequence_length is None:
-            max_sequence_length = self.default_max_sequence_length
+        if max_sequence_length is None:  # a ToyWorld flow model says the length it learnt
+            max_sequence_length = _folder_sequence_length(folder) or (
+                self.default_max_sequence_length)
         self.max_sequence_length = count("max_sequence_length", max_sequence_length)
         self.t5_tokenizer = None  # set by the subclass (None: the family runs without T5)
 
@@ -174,3 +177,14 @@ class FlowTransformerModel(PipelineModel):
         kw = {} if (mu := self._mu()) is None else {"mu": mu}
         scheduler.set_timesteps(steps, sigmas=self._sigmas(steps), **kw)
         return scheduler.sigmas.to(torch.float64).cpu()
+
+
+def _folder_sequence_length(folder) -> int | None:
+    """``max_sequence_length`` from a ToyWorld folder's ``toyworld.json`` (None elsewhere)."""
+    from ..files import read_json
+
+    path = Path(folder) / "toyworld.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    info = read_json(path, "ToyWorld model description")
+    return info.get("max_sequence_length") if isinstance(info, dict) else None

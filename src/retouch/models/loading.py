@@ -152,9 +152,11 @@ def load_pipeline(
     folder = Path(model)
     index = check_model_folder(folder)
     cls = getattr(diffusers, index["_class_name"])
-    extra = {}
+    # Parts the folder leaves out ([null, null], e.g. SD3 without T5) are passed as None.
+    extra = {name: None for name, spec in index.items() if not name.startswith("_")
+             and isinstance(spec, list) and spec and spec[0] is None}
     if "safety_checker" in index:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+        extra |= {"safety_checker": None, "requires_safety_checker": False}
     try:
         with _quiet_loading():
             pipe = cls.from_pretrained(

@@ -13,11 +13,17 @@ __all__ = [
     "unet_config",
     "text_config",
     "scheduler_config",
+    "FLOW_TEXT_SLOTS",
+    "transformer_config",
+    "flow_scheduler_config",
 ]
 
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
 MAX_TOKENS = 32  # longest caption is ~23 tokens with BOS/EOS
+#: The flow model's text positions after the caption's: SD3's T5 slots, zeros without a T5
+#: encoder (``max_sequence_length`` of the exported folder).
+FLOW_TEXT_SLOTS = 8
 
 
 def vae_config() -> dict:
@@ -79,3 +85,28 @@ def scheduler_config() -> dict:
         steps_offset=1,
         timestep_spacing="leading",
     )
+
+
+def transformer_config(width: int = 128, layers: int = 6) -> dict:
+    """A tiny SD3 MMDiT on the 16x16x4 latent: patch 2 (64 image tokens), heads of 32; the
+    text stream reads two 128-wide CLIP encoders side by side (256), their pooled projections
+    likewise. 6 x 128: 3.5 M parameters, 0.47 s per training step at batch 32 on one CPU
+    thread (measured beside a training run)."""
+    return dict(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=32,
+        num_attention_heads=width // 32,
+        joint_attention_dim=256,
+        caption_projection_dim=width,
+        pooled_projection_dim=256,
+        pos_embed_max_size=LATENT_SIZE,
+    )
+
+
+def flow_scheduler_config() -> dict:
+    """Rectified flow without a resolution shift (the latent is 16x16)."""
+    return dict(num_train_timesteps=1000, shift=1.0)

@@ -20,16 +20,16 @@ from ..toyworld import configs
 from ..toyworld.scene import VOCABULARY
 from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import load, unprefixed
-from .toyworld import TrainConfig, build_models
+from .toyworld import ARCHS, TrainConfig, build_models
 
 __all__ = ["export_pipeline", "load_components"]
 
 
 def load_components(run: Path, *, ema: bool = True):
-    """(vae, unet, text_encoder, tokenizer, scaling_factor) from a run directory."""
+    """(vae, unet, text_encoder, tokenizer, scaling_factor) from a run directory; for a flow
+    run (``arch="sd3"``) the middle two are (transformer, (text_encoder, text_encoder_2))."""
     run = Path(run)
-    cfg = TrainConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
-    cfg.grounding_resolutions = tuple(cfg.grounding_resolutions)
+    cfg = _config(run)
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -37,16 +37,31 @@ def load_components(run: Path, *, ema: bool = True):
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     )
     vae.load_state_dict(load_file(str(run / "vae_best.safetensors")))
-    tensors, _ = load(run / "unet.safetensors")
-    unet.load_state_dict(unprefixed("unet", tensors))
-    text.load_state_dict(unprefixed("text", tensors))
+    if cfg.arch == "sd3":
+        from .flow import build_flow_models
+
+        network, *texts = build_flow_models(cfg, len(tokenizer), tokenizer.bos_token_id,
+                                            tokenizer.eos_token_id)
+        parts = {"transformer": network, "text": texts[0], "text_2": texts[1]}
+    else:
+        network, texts = unet, text
+        parts = {"unet": unet, "text": text}
+    tensors, _ = load(run / ARCHS[cfg.arch])
+    for name, module in parts.items():
+        module.load_state_dict(unprefixed(name, tensors))
     if ema:
-        params = list(unet.parameters()) + list(text.parameters())
+        params = [p for module in parts.values() for p in module.parameters()]
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"ema.{i}"])
     data_scale = json.loads((run / "scale.json").read_text())["scaling_factor"]
-    return vae, unet, text, tokenizer, data_scale
+    return vae, network, texts, tokenizer, data_scale
+
+
+def _config(run: Path) -> TrainConfig:
+    cfg = TrainConfig(**{**json.loads((Path(run) / "config.json").read_text()), "out": str(run)})
+    cfg.grounding_resolutions = tuple(cfg.grounding_resolutions)
+    return cfg
 
 
 def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = True) -> Path:
@@ -55,24 +70,30 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = Tru
     StableDiffusionPipeline folder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    needed = [Path(run) / name for name in ("config.json", "unet.safetensors")]
+    arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
+        Path(run) / "config.json").is_file() else "unet"
+    needed = [Path(run) / name for name in ("config.json", ARCHS.get(arch, "unet.safetensors"))]
     if not all(p.is_file() for p in needed):
         raise FileNotFoundError(f"{run} is not a finished `retouch toyworld train` run (it has "
-                                "no config.json and unet.safetensors); pass a run folder")
+                                f"no {' and '.join(p.name for p in needed)}); pass a run folder")
     vae, unet, text, tokenizer, scale = load_components(run, ema=ema)
-    cfg = json.loads((Path(run) / "config.json").read_text())
-    cfg = TrainConfig(**{**cfg, "out": str(run)})
+    cfg = _config(Path(run))
     vae.register_to_config(scaling_factor=scale)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**configs.scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if cfg.arch == "sd3":
+        from .flow import flow_pipeline
+
+        pipe = flow_pipeline(vae, unet, *text, tokenizer)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**configs.scheduler_config()),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     if fp16:
         # Half-precision storage for the big parts. The text encoder stays float32: transformers
         # loads a checkpoint in its stored dtype while diffusers upcasts to float32, and plain
@@ -83,7 +104,8 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = Tru
     tmp = dest.with_name(dest.name + ".tmp")
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     # transformers 5 writes only tokenizer.json; older versions need vocab.json + merges.txt.
-    save_tokenizer(VOCABULARY, tmp / "tokenizer", max_length=configs.MAX_TOKENS)
+    for name in ("tokenizer", "tokenizer_2") if cfg.arch == "sd3" else ("tokenizer",):
+        save_tokenizer(VOCABULARY, tmp / name, max_length=configs.MAX_TOKENS)
     records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
     # Each stage's latest record; every hand-written {"stage": "note"} line (changes made to a
     # run while it was resumed, for instance).
@@ -92,7 +114,8 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = Tru
     _, vae_meta = load(Path(run) / "vae_best.safetensors")
     if "decoder" in vae_meta:  # tune-decoder's selected checkpoint, not its latest
         last["decoder"] = {"stage": "decoder", **vae_meta["decoder"]}
-    info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last}
+    info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last,
+            **({"max_sequence_length": configs.FLOW_TEXT_SLOTS} if cfg.arch == "sd3" else {})}
     (tmp / "toyworld.json").write_text(json.dumps({**info, **({"notes": notes} if notes else {})},
                                                   indent=2))
     if dest.exists():

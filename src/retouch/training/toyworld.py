@@ -83,6 +83,8 @@ class TrainConfig:
     # run stops. May be added when resuming a run that trained at a constant rate.
     cooldown: tuple[int, int] | None = None
     text_layers: int = 2  # self-attention layers of the text encoder (few keep words local)
+    # "unet" (SD1-style UNet, epsilon) or "sd3" (an MMDiT trained by rectified flow, .flow)
+    arch: str = "unet"
     checkpoint_every: int = 200  # steps between atomic checkpoints (what a kill can lose)
     log_every: int = 50  # steps between log.jsonl records
 
@@ -181,23 +183,47 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, progress=True):
     """Joint UNet + text-encoder training on cached latents with min-SNR and grounding losses."""
+    schedule = Schedule.from_diffusers_config(_ddpm_kwargs())
+
+    def objective(x0, ids, gen, forward):
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=gen)
+        xt = noisy(schedule, x0, eps, t.double())
+        pred = forward(xt, t.to(x0.device),
+                       encoder_hidden_states=text(ids).last_hidden_state).sample
+        return denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
+                              weighting="min_snr", gamma=cfg.min_snr_gamma)
+
+    train_network(cfg, data, latents, {"unet": unet, "text": text}, tokenizer, objective,
+                  grounding=cfg.grounding_resolutions, resume=resume, progress=progress)
+
+
+def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objective, *,
+                  grounding, text_positions: int = 0, resume: bool, progress: bool = True):
+    """The denoiser stage's loop, shared by the architectures: sample scenes and captions,
+    ``objective(x0, ids, gen, forward) -> denoising loss`` (``forward`` runs the network, the
+    first of ``parts``, recording its cross-attention at the ``grounding`` resolutions), add the
+    grounding (and coverage) losses, step AdamW, keep an EMA, log, and checkpoint every part
+    (state-dict prefix = its name) to ``<out>/<first part>.safetensors``. ``text_positions``:
+    text positions after the caption's that no word is grounded to (SD3's T5 slots)."""
     from tqdm.auto import tqdm
 
     out, dev = Path(cfg.out), _device()
-    unet.to(dev).train()
-    text.to(dev).train()
-    params = list(unet.parameters()) + list(text.parameters())
+    for module in parts.values():
+        module.to(dev).train()
+    network = next(iter(parts.values()))
+    params = [p for module in parts.values() for p in module.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    schedule = Schedule.from_diffusers_config(_ddpm_kwargs())
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     py_rng = random.Random(cfg.seed + 3)
     step = 0
-    ckpt = out / "unet.safetensors"
+    stage = next(iter(parts))
+    ckpt = out / f"{stage}.safetensors"
     if resume and ckpt.exists():
         tensors, meta = load(ckpt)
-        unet.load_state_dict(unprefixed("unet", tensors))
-        text.load_state_dict(unprefixed("text", tensors))
+        for name, module in parts.items():
+            module.load_state_dict(unprefixed(name, tensors))
         for i, e in enumerate(ema):
             e.copy_(tensors[f"ema.{i}"])
         restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
@@ -206,13 +232,13 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         py_rng.setstate((version, tuple(internal), gauss))
         step = meta["step"]
     if resume:
-        trim_log(out, "unet", step)
+        trim_log(out, stage, step)
     last = cfg.unet_steps if cfg.cooldown is None else min(cfg.unet_steps, cfg.cooldown[1])
-    bar = tqdm(total=last, initial=step, desc="unet", disable=not progress)
+    bar = tqdm(total=last, initial=step, desc=stage, disable=not progress)
     running: dict[str, float] = {}
     t0 = time.time()
     weights = scene_weights(data, cfg.style_weights)
-    with grounded(unet, cfg.grounding_resolutions, rows=cfg.batch) as (store, forward):
+    with grounded(network, grounding, rows=cfg.batch) as (store, forward):
         while step < last:
             if weights is None:
                 idx = torch.randint(len(data), (cfg.batch,), generator=gen)
@@ -229,14 +255,10 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
             ids = tokenizer(
                 caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
             ).input_ids.to(dev)
-            x0 = latents[idx].to(dev)
-            eps = torch.randn(x0.shape, generator=gen).to(dev)
-            t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=gen)
-            xt = noisy(schedule, x0, eps, t.double())
-            pred = forward(xt, t.to(dev), encoder_hidden_states=text(ids).last_hidden_state).sample
-            mse = denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
-                                 weighting="min_snr", gamma=cfg.min_snr_gamma)
+            mse = objective(latents[idx].to(dev), ids, gen, forward)
             masks, region = data.masks[idx].to(dev), caps.region.to(dev)
+            if text_positions:  # positions no word is grounded to
+                region = F.pad(region, (0, text_positions), value=-1)
             g_loss, mass = grounding_loss(store, masks, region)
             loss = mse + cfg.grounding_weight * g_loss
             logged = {"mse": mse, "ground": g_loss, "mass": mass}
@@ -259,13 +281,13 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
                 running[k] = 0.98 * running.get(k, v) + 0.02 * v
             if step % cfg.log_every == 0:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-                append_log(out, {"stage": "unet", "step": step, "minutes": (time.time() - t0) / 60,
+                append_log(out, {"stage": stage, "step": step, "minutes": (time.time() - t0) / 60,
                            **running})
             if step % cfg.checkpoint_every == 0 or step == last:
                 tensors, groups = optimizer_tensors(opt)
                 state = {
-                    **prefixed("unet", unet.state_dict()),
-                    **prefixed("text", text.state_dict()),
+                    **{k: v for name, module in parts.items()
+                       for k, v in prefixed(name, module.state_dict()).items()},
                     **{f"ema.{i}": e for i, e in enumerate(ema)},
                     **prefixed("opt", tensors),
                     "rng": gen.get_state(),
@@ -339,15 +361,21 @@ def _tokenizer(out: Path):
 # Options a resumed run must keep, with the value a run recorded before the option existed.
 _RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "text_layers": False,
              "extended": False, "coverage_loss": None, "coverage_weight": 0.0,
-             "partial_captions": 0.0}
-_RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors")
+             "partial_captions": 0.0, "arch": "unet"}
+_RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors",
+              "transformer.safetensors")
+#: Denoiser architectures (``TrainConfig.arch``) and the stage checkpoint each writes.
+ARCHS = {"unet": "unet.safetensors", "sd3": "transformer.safetensors"}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) the VAE stage (training, or with ``init_from`` and ``extended`` the
-    tuning of :mod:`.decoder`), then the UNet stage; returns the run directory."""
+    tuning of :mod:`.decoder`), then the UNet stage (or with ``arch="sd3"`` the transformer's,
+    :mod:`.flow`); returns the run directory."""
     if cfg.cooldown is not None and not 0 <= cfg.cooldown[0] < cfg.cooldown[1]:
         raise ValueError(f"cooldown needs 0 <= START < END, got {cfg.cooldown}")
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
     _check_style_weights(cfg.style_weights)  # before hours of rendering and VAE training
     _check_loss_options(cfg)
     out = Path(cfg.out)
@@ -370,11 +398,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     vae, unet, text = build_models(
         cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     )
+    flow = None
+    if cfg.arch == "sd3":
+        from .flow import build_flow_models
+
+        flow = build_flow_models(cfg, len(tokenizer), tokenizer.bos_token_id,
+                                 tokenizer.eos_token_id)
     data = _scenes(cfg)
     scale = None
-    if cfg.init_from is not None and not (out / "unet.safetensors").exists():
-        scale = _init_from_pipeline(out, Path(cfg.init_from), vae, unet, text,
-                                    vae_done=not cfg.extended)
+    if cfg.init_from is not None and not (out / ARCHS[cfg.arch]).exists():
+        scale = _init_from_pipeline(out, Path(cfg.init_from), vae, None if flow else unet,
+                                    text, vae_done=not cfg.extended)
+        for encoder in flow[1:] if flow else ():  # both CLIP encoders start as the model's
+            # (their text transformer; the pooled projection starts random)
+            encoder.text_model.load_state_dict(getattr(text, "text_model", text).state_dict())
     if not (out / "vae_done.json").exists() and cfg.init_from is not None:
         # Extending a trained model: its VAE learns the new renders, the old latents anchored.
         from .decoder import DecoderConfig, tune_decoder
@@ -394,8 +431,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
     if scale is None:
         scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents
     (out / "scale.json").write_text(json.dumps({"scaling_factor": scale}))
-    train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=resume,
-               progress=progress)
+    if flow is not None:
+        from .flow import train_flow
+
+        train_flow(cfg, data, latents * scale, *flow, tokenizer, resume=resume,
+                   progress=progress)
+    else:
+        train_unet(cfg, data, latents * scale, unet, text, tokenizer, resume=resume,
+                   progress=progress)
     return out
 
 
@@ -408,9 +451,9 @@ def _init_from_pipeline(out: Path, folder: Path, vae, unet, text, *, vae_done: b
 
     src = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").float()
     vae.load_state_dict(src.state_dict())
-    unet.load_state_dict(
-        UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").float().state_dict()
-    )
+    if unet is not None:  # a flow run takes the VAE and the text encoder only
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(
+            str(folder), subfolder="unet").float().state_dict())
     text.load_state_dict(
         CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float().state_dict()
     )
