@@ -35,7 +35,7 @@ def test_attention_is_local_on_renders(model):
     from retouch.bench.toyworld import attention_mass, benchmark_scenes
 
     data = benchmark_scenes(8)
-    mass = attention_mass(model, data, timesteps=(300, 600))
+    mass = attention_mass(model, data, timesteps=(0.3, 0.6))
     areas = data.masks[:, :2].mean((2, 3))  # (N, 2) object area fractions, 0 if absent
     object_area = float(areas[areas > 0].mean())  # what uniform attention would put inside
     assert object_area < 0.1 and mass > 0.5
@@ -48,7 +48,7 @@ def test_coverage_is_measured_at_every_resolution_and_on_the_recipe_maps(model):
     from retouch.bench.coverage import measure_coverage
     from retouch.bench.toyworld import benchmark_scenes
 
-    measured = measure_coverage(model, benchmark_scenes(4, extended=True), timesteps=(400,),
+    measured = measure_coverage(model, benchmark_scenes(4, extended=True), timesteps=(0.4,),
                                 recipe_steps=4)
     assert set(measured) == {"res16", "res8", "res4", "attention_maps"}
     for where, m in measured.items():

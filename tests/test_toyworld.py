@@ -400,3 +400,11 @@ def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_p
 
     image = generate(model, ["a big red circle"], steps=2, cfg=3.0)[0]
     assert image.shape == (64, 64, 3)
+    # The benchmarks' attention measures read its joint attention's cross view.
+    from retouch.bench.coverage import measure_coverage
+    from retouch.bench.toyworld import attention_mass, benchmark_scenes
+
+    scenes = benchmark_scenes(2)
+    assert 0 <= attention_mass(model, scenes, timesteps=(0.5,)) <= 1
+    assert set(measure_coverage(model, scenes, timesteps=(0.5,), recipe_steps=2)) == {
+        "res8", "attention_maps"}

@@ -106,25 +106,37 @@ def _score(maps, masks: torch.Tensor, scenes, *, side: int) -> dict:
     return _summary(rows)
 
 
+def model_time(schedule, fraction: float) -> float:
+    """The model time ``fraction`` of the way to pure noise: ``fraction x 1000`` on SD's
+    discrete schedules (timestep 200 for 0.2), ``fraction`` in rectified flow."""
+    from ..schedules import DiscreteVPSchedule
+
+    if isinstance(schedule, DiscreteVPSchedule):
+        return float(fraction * schedule.num_train_timesteps)
+    return float(fraction * schedule.t_max)
+
+
 @torch.no_grad()
 def _per_resolution(model, data, timesteps) -> dict[int, torch.Tensor]:
     """Head-, layer- and time-averaged cross maps (B, S, S, T) per UNet attention resolution."""
+    from ..attention import find_sites
     from ..toyworld.scene import caption
     from ..training.grounding import grounded
 
-    unet = model.unet
-    size = unet.config.sample_size
-    emb = model.encode_prompt([caption(s).text for s in data.scenes])
+    network = model.network
+    denoiser = model.network_denoiser(model.encode([caption(s).text for s in data.scenes]))
     x0 = model.encode_image(data.images)
     gen = torch.Generator().manual_seed(0)
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    resolutions = tuple(size // 2**i for i in range(len(unet.down_blocks)))
-    with grounded(unet, resolutions, rows=len(data.scenes)) as (store, forward):
-        for t in timesteps:
+    resolutions = tuple(sorted({s.resolution for s in find_sites(network).values()},
+                               reverse=True))
+    with grounded(network, resolutions, rows=len(data.scenes), call=denoiser) as (store,
+                                                                                  forward):
+        for t in (model_time(model.schedule, f) for f in timesteps):
             eps = torch.randn(x0.shape, generator=gen).to(x0)
-            alpha, sigma = model.schedule.coeffs(float(t))
-            forward(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
+            alpha, sigma = model.schedule.coeffs(t)
+            forward(alpha * x0 + sigma * eps, t)
             for probs in store:  # (B, N, T)
                 side = int(round(probs.shape[1] ** 0.5))
                 grid = probs.float().reshape(probs.shape[0], side, side, -1)
@@ -157,7 +169,7 @@ def measure_coverage(
     model,
     data,
     *,
-    timesteps: tuple[int, ...] = (200, 400, 600, 800),
+    timesteps: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8),
     recipe_steps: int = 10,
     recipe_cfg: float = 5.0,
 ) -> dict:

@@ -169,7 +169,7 @@ def edit_case(
         inv, inv_seconds = inversions[m.inversion]
         options = dict(m.options)
         if m.editor == "masactrl":
-            options = {**_masactrl_options(model.unet, steps), **options}
+            options = {**_masactrl_options(model.network, steps), **options}
         if m.editor == "selfguide":
             # "caption kept": the paper's setting, where guidance alone must move the object
             target = case.source_prompt if options.pop("caption_kept", False) else (
@@ -227,20 +227,23 @@ def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
     retouch's processor and no controller, and with an AttentionStore; ratios to diffusers'."""
     from ..attention import AttentionStore, BatchLayout, attention_control
 
-    unet, layout = model.unet, BatchLayout(("source", "target"))
+    unet, layout = model.network, BatchLayout(("source", "target"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(model.latent_shape(layout.size), generator=g).to(model.device)
-    ehs = model.encode_prompt(["a red square on a white background"] * layout.size)
-    t, hw = 500.0, tuple(x.shape[-2:])
+    net = model.network_denoiser(model.encode(["a red square on a white background"]
+                                              * layout.size))
+    from .coverage import model_time
+
+    t, hw = model_time(model.schedule, 0.5), tuple(x.shape[-2:])
 
     def timed(session=None) -> float:
         t0 = time.perf_counter()
         for _ in range(forwards):
             if session is None:
-                unet(x, t, encoder_hidden_states=ehs)
+                net(x, t)
             else:
                 with session.at_step(0, t, num_steps=1, latent_hw=hw):
-                    unet(x, t, encoder_hidden_states=ehs)
+                    net(x, t)
         return (time.perf_counter() - t0) / forwards
 
     def retouch(controllers) -> float:
@@ -319,7 +322,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                 "seed": SEED, "selfguide": SELFGUIDE,
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,
-                "masactrl": _masactrl_options(pm.unet, steps),
+                "masactrl": _masactrl_options(pm.network, steps),
                 "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
     result = {"headline": headline(rows), "rows": rows, "overhead": overhead,
               "settings": settings}

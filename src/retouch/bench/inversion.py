@@ -109,7 +109,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     pm = PipelineModel.load(model)
     n, steps = IMAGES[quick], STEPS[quick]
     scenes = make_scenes(
-        n, seed=SEED, size=pm.image_size, mask_size=pm.unet.config.sample_size, progress=False
+        n, seed=SEED, size=pm.image_size, mask_size=pm.latent_shape(1)[-1], progress=False
     )
     captions = [caption(s).text for s in scenes.scenes]
     images = scenes.images.to(pm.device)

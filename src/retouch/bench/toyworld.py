@@ -29,7 +29,6 @@ import torch
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
 from ..toyworld import checker
-from ..toyworld.configs import MAX_TOKENS
 from ..toyworld.dataset import PARTIAL_DROP, SceneSet, make_scenes, vocabulary
 from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
@@ -69,24 +68,29 @@ def partial_prompts(n: int, *, extended: bool = False, seed: int = BENCH_SEED + 
 
 
 @torch.no_grad()
-def attention_mass(model: PipelineModel, data, *, timesteps=(200, 400, 600, 800)) -> float:
-    """Mean share of object nouns' cross-attention inside their objects (see module doc)."""
-    texts, regions = [], torch.full((len(data), MAX_TOKENS), -1)
+def attention_mass(model: PipelineModel, data, *, timesteps=(0.2, 0.4, 0.6, 0.8)) -> float:
+    """Mean share of object nouns' cross-attention inside their objects (see module doc), at
+    ``timesteps`` (fractions of the way to pure noise, :func:`~.coverage.model_time`)."""
+    from ..attention.tokens import sequence_length
+    from .coverage import model_time
+
+    texts = []
+    regions = torch.full((len(data), sequence_length(model.text_tokens)), -1)
     for b, scene in enumerate(data.scenes):
         cap = caption(scene)
         texts.append(cap.text)
         for i, role in enumerate(cap.roles):
             if role is not None and role[1] == "shape":
                 regions[b, i + 1] = role[0]
-    emb = model.encode_prompt(texts)
+    denoiser = model.network_denoiser(model.encode(texts))
     x0 = model.encode_image(data.images)
     gen = torch.Generator().manual_seed(0)
     masses = []
-    with grounded(model.unet, (16, 8), rows=len(data)) as (store, forward):
-        for t in timesteps:
+    with grounded(model.network, (16, 8), rows=len(data), call=denoiser) as (store, forward):
+        for t in (model_time(model.schedule, f) for f in timesteps):
             eps = torch.randn(x0.shape, generator=gen).to(x0)
-            alpha, sigma = model.schedule.coeffs(float(t))
-            forward(alpha * x0 + sigma * eps, t, encoder_hidden_states=emb)
+            alpha, sigma = model.schedule.coeffs(t)
+            forward(alpha * x0 + sigma * eps, t)
             masses.append(grounding_loss(store, data.masks.to(x0), regions.to(x0.device))[1])
     return float(torch.stack(masses).mean())
 

@@ -79,8 +79,7 @@ def canvas_latent_hw(model, width: int, height: int) -> tuple[int, int]:
 
 
 def _window(model) -> tuple[int, int]:
-    s = model.unet.config.sample_size
-    return s, s
+    return tuple(model.latent_shape(1)[-2:])
 
 
 def fuse(
@@ -134,7 +133,7 @@ def fuse(
                          "views_per_call unset")
     times = model.time_grid(steps)
     gen = torch.Generator().manual_seed(seed)
-    shape = (1, model.unet.config.in_channels, *canvas_hw)
+    shape = (1, model.latent_shape(1)[1], *canvas_hw)
     noise = torch.randn(shape, generator=gen).expand(batch, *shape[1:]).contiguous()
     x = start_latents(model.schedule, float(times[0]), noise).to(model.device)
     texts = [sets[b][v.prompt] for v in views for b in range(batch)]

@@ -32,22 +32,26 @@ COVERAGE_LOSSES = ("bce", "kl")  # coverage_loss kinds
 
 
 @contextmanager
-def grounded(unet, resolutions: Collection[int], *, rows: int) -> Iterator[tuple[list, Callable]]:
+def grounded(unet, resolutions: Collection[int], *, rows: int,
+             call: Callable | None = None) -> Iterator[tuple[list, Callable]]:
     """Record the cross-attention maps of ``unet`` at the given resolutions (down, mid and up
     blocks) through :mod:`retouch.attention`'s one processor, for calls of ``rows`` rows.
 
     Yields ``(maps, forward)``: ``forward(x, *args, **kw)`` runs the network on latents ``x``
     (a UNet, or SD3's transformer, whose cross views of joint attention are recorded), and
     ``maps`` then holds each recorded call's head-averaged probabilities (B, N, T), with
-    gradients when the call has them. The previous processors are restored on exit.
+    gradients when the call has them. ``call`` (default: the network itself) is what
+    ``forward`` runs, e.g. the model adapter's denoiser, which speaks every family's inputs.
+    The previous processors are restored on exit.
     """
+    call = unet if call is None else call
     recorder = MapRecorder(kinds=("cross",), resolutions=resolutions)
     layout = BatchLayout(("image",) * rows, ("cond",))
     with attention_control(unet, [recorder], layout=layout) as session:
         def forward(x, *args, **kw):
             recorder.clear()
             with session.at_step(0, 0.0, num_steps=1, latent_hw=x.shape[-2:]):  # no sampling
-                return unet(x, *args, **kw)
+                return call(x, *args, **kw)
 
         yield recorder.maps, forward
 
