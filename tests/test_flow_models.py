@@ -2,14 +2,13 @@
 latents and images, the cfg = 1 identity, inversion, and the refusals (issue 19's attention)."""
 
 import copy
-import re
 import warnings
 
 import diffusers
 import pytest
 import torch
 
-from retouch.attention.control import FLUX_ATTENTION, attention_control, controlled_network
+from retouch.attention.control import attention_control, controlled_network
 from retouch.attention.sites import BatchLayout
 from retouch.checks import Note
 from retouch.inversion import METHODS, invert, reconstruct
@@ -198,29 +197,21 @@ def test_distilled_flux_has_no_negative_branch(pipes):
     assert den.cond.added["guidance"].tolist() == [5.0]
 
 
-def test_attention_control_refuses_flux(pipes):
+def test_attention_control_takes_the_network_not_a_transformer_models_unet(pipes):
     model = adapter(pipes, "flux")
-    refusal = re.escape(f"attention controllers: {FLUX_ATTENTION}")
-    for target in (model.unet, model.network):
-        with pytest.raises(ValueError, match=refusal), \
-                attention_control(target, [], layout=BatchLayout(("image",))):
-            pass
-    with pytest.raises(ValueError, match="issue 19"):
-        controlled_network(model, "Prompt-to-Prompt")
-    assert controlled_network(adapter(pipes, "sd3"), "P2P") is pipes["sd3"].transformer
+    with pytest.raises(ValueError, match="pass model.network"), \
+            attention_control(model.unet, [], layout=BatchLayout(("image",))):
+        pass
+    for kind in ("sd3", "flux"):
+        assert controlled_network(adapter(pipes, kind), "P2P") is pipes[kind].transformer
 
 
-@pytest.mark.parametrize("kind", ["flux"])
-def test_editing_refuses_before_inverting_and_flowedit_runs(pipes, kind, monkeypatch):
-    from retouch.recipes.edit import edit
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flowedit_runs_on_flow_models(pipes, kind):
     from retouch.recipes.flowedit import flowedit
 
     model = adapter(pipes, kind)
     z = model.encode_image(torch.rand(1, 3, 16, 16) * 2 - 1)
-    monkeypatch.setattr("retouch.inversion.invert",
-                        lambda *a, **k: pytest.fail("the inversion ran"))
-    with pytest.raises(ValueError, match="but flowedit and sdedit.*issue 19"):
-        edit(model, z, PROMPTS[0], PROMPTS[1], editor="none", steps=4)
     same = flowedit(model, z, PROMPTS[0], PROMPTS[0], steps=4)
     assert torch.equal(same.latents[1], same.latents[0])  # no inversion: the image itself
     moved = flowedit(model, z, PROMPTS[0], PROMPTS[1], steps=4)

@@ -1,6 +1,6 @@
-"""Attention control on SD3's joint attention: sites and views, a controller that changes
-nothing changes nothing, cross-attention maps over the text tokens, and editors that reproduce
-the source with identical prompts."""
+"""Attention control on SD3's and Flux's joint attention: sites and views, a controller that
+changes nothing changes nothing, cross-attention maps over the text tokens, and editors that
+reproduce the source with identical prompts."""
 
 import functools
 
@@ -9,21 +9,23 @@ import torch
 
 from retouch.attention import AttentionStore, BatchLayout, Controller, attention_control
 from retouch.attention.sites import find_sites, site_views
+from retouch.models.flux import FluxModel
 from retouch.models.sd3 import SD3Model
 from retouch.recipes.edit import edit_generated
 from retouch.samplers import sample
-from tiny_models import tiny_sd3_pipeline
+from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a red square"
+FAMILIES = ("sd3", "flux")
 
 
 @functools.cache
-def model() -> SD3Model:
-    return SD3Model(tiny_sd3_pipeline())
+def model(kind: str = "sd3"):
+    return SD3Model(tiny_sd3_pipeline()) if kind == "sd3" else FluxModel(tiny_flux_pipeline())
 
 
-def start(rows: int = 1) -> torch.Tensor:
-    noise = torch.randn(model().latent_shape(1), generator=torch.Generator().manual_seed(3))
+def start(rows: int = 1, kind: str = "sd3") -> torch.Tensor:
+    noise = torch.randn(model(kind).latent_shape(1), generator=torch.Generator().manual_seed(3))
     return noise.expand(rows, *noise.shape[1:]).clone()
 
 
@@ -40,13 +42,15 @@ class Idle(Controller):
         return q, k, v
 
 
-def run(controllers, prompts=(PROMPT,), steps=4):
-    m = model()
+def run(controllers, kind="sd3", prompts=(PROMPT,), steps=4):
+    from retouch.attention import guidance_halves
+
+    m = model(kind)
     den = m.denoiser(list(prompts), cfg=3.0)
     times = m.time_grid(steps)
-    layout = BatchLayout(tuple(f"row{i}" for i in range(len(prompts))))
+    layout = BatchLayout(tuple(f"row{i}" for i in range(len(prompts))), guidance_halves(den))
     with torch.no_grad(), attention_control(m.network, controllers, layout=layout) as s:
-        return sample(s.denoiser(den, times), start(len(prompts)), times, progress=False)
+        return sample(s.denoiser(den, times), start(len(prompts), kind), times, progress=False)
 
 
 def test_sites_are_joint_with_self_and_cross_views():
@@ -56,23 +60,28 @@ def test_sites_are_joint_with_self_and_cross_views():
     assert [v.kind for v in site_views(sites[0])] == ["self", "cross"]
 
 
-def test_a_controller_that_changes_nothing_changes_nothing():
-    m = model()
-    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(), m.time_grid(4), progress=False)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_controller_that_changes_nothing_changes_nothing(kind):
+    m = model(kind)
+    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(kind=kind), m.time_grid(4),
+                   progress=False)
     idle = Idle()
-    controlled = run([idle])
+    controlled = run([idle], kind)
     torch.testing.assert_close(controlled, plain, rtol=1e-5, atol=1e-5)
-    # Both views of both blocks: 16 image queries over 16 image keys and over the text tokens.
-    text = model().encode(PROMPT).embeds.shape[1]
-    assert {(kind, n, k) for _, kind, n, k in idle.seen} == {("self", 16, 16),
+    # Both views of every block: 16 image queries over 16 image keys and over the text tokens.
+    text = m.encode(PROMPT).embeds.shape[1]
+    assert {(view, n, k) for _, view, n, k in idle.seen} == {("self", 16, 16),
                                                             ("cross", 16, text)}
+    names = {name for name, *_ in idle.seen}  # Flux: double- and single-stream blocks
+    assert len(names) == len(find_sites(m.network))
 
 
-def test_cross_attention_maps_are_distributions_over_the_text():
-    store = AttentionStore(kinds=("cross", "self"), places=("down", "up"))
-    run([store])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_cross_attention_maps_are_distributions_over_the_text(kind):
+    store = AttentionStore(kinds=("cross", "self"), places=("down", "up"), size=4)
+    run([store], kind)
     cross, self_maps = store.cross(), store.self_attention()
-    text = model().encode(PROMPT).embeds.shape[1]
+    text = model(kind).encode(PROMPT).embeds.shape[1]
     assert cross.shape == (1, 4, 4, text) and self_maps.shape == (1, 16, 16)
     for maps in (cross.reshape(1, 16, text), self_maps):  # each view over its own keys
         torch.testing.assert_close(maps.sum(-1), torch.ones(1, 16), rtol=0, atol=1e-5)
@@ -84,8 +93,9 @@ def test_cross_attention_maps_are_distributions_over_the_text():
     ("rf_solver", {}),
     ("pnp", {"feature_module": None, "first_layer": 0}),
 ])
-def test_identical_prompts_give_the_source_on_sd3(editor, options):
-    r = edit_generated(model(), PROMPT, PROMPT, editor=editor, steps=4, cfg=3.0, **options)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_identical_prompts_give_the_source(kind, editor, options):
+    r = edit_generated(model(kind), PROMPT, PROMPT, editor=editor, steps=4, cfg=3.0, **options)
     torch.testing.assert_close(r.latents[1], r.latents[0], rtol=0, atol=1e-5)
 
 
@@ -126,3 +136,16 @@ def test_attention_maps_of_words_on_sd3():
     maps = attention_maps(model(), PROMPT, steps=4, cfg=3.0)
     assert set(maps.heatmaps) >= {"red", "square"}
     assert all(h.shape == (4, 4) for h in maps.heatmaps.values())
+
+
+def test_prompt_to_prompt_on_flux_reads_the_t5_positions():
+    from retouch.attention.tokens import word_positions
+
+    m = model("flux")
+    assert word_positions(m.text_tokens, PROMPT, "red") == [2]  # the tiny T5 adds a start token
+    r = edit_generated(m, PROMPT, "a blue square", editor="p2p", steps=4, cfg=3.0,
+                       blend_words="changed", start=start(kind="flux"))
+    plain = sample(m.denoiser([PROMPT], cfg=3.0), start(kind="flux"), m.time_grid(4),
+                   progress=False)
+    torch.testing.assert_close(r.latents[:1], plain, rtol=1e-5, atol=1e-5)  # source row intact
+    assert not torch.allclose(r.latents[1], r.latents[0]) and "local_blend" in r.masks

@@ -39,7 +39,6 @@ from torch import Tensor
 from retouch.attention.sites import BatchLayout, Site, describe_sites, find_sites, site_views
 
 __all__ = [
-    "FLUX_ATTENTION",
     "controlled_network",
     "Controller",
     "StepInfo",
@@ -373,18 +372,14 @@ class AttentionSession:
             )
 
 
-#: Why attention control refuses Flux (double- and single-stream blocks, rotary positions).
-FLUX_ATTENTION = ("attention control on Flux's double- and single-stream attention is not "
-                  "available yet (issue 19)")
-
-
 def controlled_network(model, what: str) -> torch.nn.Module:
     """The network whose attention ``what`` controls: a pipeline model's ``network`` (its UNet,
-    or SD3's transformer, whose joint attention :mod:`retouch.attention.joint` addresses), or
-    a network itself; refuses Flux and a missing network (None)."""
+    or an SD3 / Flux transformer, whose joint attention :mod:`retouch.attention.joint`
+    addresses), or a network itself; refuses a missing one (a transformer model's ``unet``)."""
     net = getattr(model, "network", model)
-    if net is None or hasattr(net, "single_transformer_blocks"):
-        raise ValueError(f"{what}: {FLUX_ATTENTION}; use an SD 1.x / 2.x, SDXL or SD3 model")
+    if net is None:
+        raise ValueError(f"{what}: no network given (a transformer model's unet is None: pass "
+                         "model.network)")
     return net
 
 
@@ -437,9 +432,9 @@ def attention_control(
 
     The previous processors (and forward hooks of feature controllers) are restored on exit,
     errors included. On a normal exit, a controller that never acted raises RuntimeError.
-    ``unet`` may be SD3's transformer (joint attention, :mod:`retouch.attention.joint`).
+    ``unet`` may be an SD3 or Flux transformer (joint attention, :mod:`retouch.attention.joint`).
     Raises ValueError at entry if a controller selects no site (naming the model's sites), or
-    for Flux (or a transformer model's ``unet``, None).
+    for a missing network (a transformer model's ``unet``, None).
     """
     from retouch.attention.joint import JointControlProcessor
 

@@ -1,8 +1,10 @@
-"""Attention control on MMDiT joint attention (SD3): the image tokens' self- and cross-attention
-inside one joint call.
+"""Attention control on MMDiT joint attention (SD3, Flux): the image tokens' self- and
+cross-attention inside one joint call.
 
 An MMDiT block runs one attention over the concatenated image and text tokens (SD3: image
-first). The controllers written for UNets act on its two *views*:
+first; Flux: text first, with rotary positions on both, and in its single-stream blocks the
+two streams arrive already concatenated, the image tokens being the latent's grid). The
+controllers written for UNets act on its two *views*:
 
 * ``"self"``: image queries over image keys. :meth:`Controller.qkv` gets the image tokens'
   ``(q, k, v)`` (B, H, N, d); :meth:`Controller.probs` the image-to-image block of the joint
@@ -10,16 +12,19 @@ first). The controllers written for UNets act on its two *views*:
 * ``"cross"``: image queries over text keys. ``qkv`` gets ``(q_image, k_text, v_text)``;
   ``probs`` the image-to-text block renormalised over the text keys (B, H, N, M): the
   cross-attention maps of an MMDiT (text tokens in the order the model reads them; SD3: the
-  CLIP positions first, as the CLIP tokenizer numbers them, then T5's).
+  CLIP positions first, as the CLIP tokenizer numbers them, then T5's; Flux: T5's). Flux's
+  queries and keys reach controllers with their rotary positions applied.
 
 A rewritten block goes back scaled by the share of the joint softmax row it had, so each row
 still sums to 1 and the other block is untouched; the text tokens' own attention is never
 changed. Both views of a site run in one :class:`JointControlProcessor`, which follows
 diffusers' ``JointAttnProcessor2_0`` step by step (with no controller acting, that processor
-itself runs). A controller selects a view by its kind, as on a UNet (:func:`site_views`).
+itself runs; Flux's sites follow ``FluxAttnProcessor`` likewise). A controller selects a view by
+its kind, as on a UNet (:func:`site_views`).
 
-References: Esser et al. 2024 (SD3, MMDiT joint attention); diffusers
-``JointAttnProcessor2_0``; Hertz et al. 2022 (Prompt-to-Prompt maps).
+References: Esser et al. 2024 (SD3, MMDiT joint attention); Black Forest Labs 2024 (Flux);
+diffusers ``JointAttnProcessor2_0``, ``FluxAttnProcessor``; Hertz et al. 2022
+(Prompt-to-Prompt maps).
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ __all__ = ["JointControlProcessor", "is_stock_joint"]
 
 
 def is_stock_joint(processor) -> bool:
-    """Whether ``processor`` is diffusers' own weightless joint attention."""
+    """Whether ``processor`` is diffusers' own weightless joint attention (SD3's or Flux's)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    return type(processor) is JointAttnProcessor2_0
+    return type(processor) in (JointAttnProcessor2_0, FluxAttnProcessor)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -46,33 +52,44 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-def _renormalised(p: Tensor, n: int, views: dict[str, list]) -> Tensor:
-    """The joint probabilities with each image-query block passed through its readers:
-    ``views[kind]`` = [(controller, call)] for "self" (keys :n) and "cross" (keys n:)."""
-    blocks = []
-    for kind, keys in (("self", slice(None, n)), ("cross", slice(n, None))):
-        part = p[:, :, :n, keys]
+def _renormalised(p: Tensor, image: slice, text: slice, views: dict[str, list]) -> Tensor:
+    """The joint probabilities (B, H, N, N) with the image queries' blocks passed through their
+    readers: ``views[kind]`` = [(controller, call)] for "self" (image keys) and "cross" (text
+    keys). ``image`` and ``text`` are the two contiguous token ranges, in either order."""
+    rows = p[:, :, image]
+    blocks = {}
+    for kind, keys in (("self", image), ("cross", text)):
+        part = rows[..., keys]
         if views[kind]:
             mass = part.sum(-1, keepdim=True)  # the block's share of each softmax row
             view = part / mass
             for ctrl, call in views[kind]:
                 view = ctrl.probs(call, view)
             part = view * mass
-        blocks.append(part)
-    return torch.cat([torch.cat(blocks, -1), p[:, :, n:]], 2)
+        blocks[kind] = part
+    first, second = ("self", "cross") if image.start == 0 else ("cross", "self")
+    rows = torch.cat([blocks[first], blocks[second]], -1)
+    ordered = [rows, p[:, :, text]] if image.start == 0 else [p[:, :, text], rows]
+    return torch.cat(ordered, 2)
 
 
 class JointControlProcessor:
-    """The processor installed at one joint site; its controllers act on the site's views."""
+    """The processor installed at one joint site; its controllers act on the site's views.
+
+    SD3 (``JointAttnProcessor2_0``): image tokens first. Flux (``FluxAttnProcessor``): text
+    first, rotary positions applied to queries and keys, and in single-stream blocks one input
+    holding text then image tokens (the image's are the latent grid's, the rest are text).
+    """
 
     def __init__(self, site: Site, session, previous):
         self.site = site
         self.session = session
-        self.previous = previous  # diffusers' JointAttnProcessor2_0 (runs when none is active)
+        self.previous = previous  # diffusers' processor (runs when no controller is active)
         self.views = session.views_at(site)  # [(controller, view site)]
         if not is_stock_joint(previous):
             raise ValueError(f"attention controllers act at {site.name} only over diffusers' "
-                             f"JointAttnProcessor2_0, not a {type(previous).__name__}")
+                             f"joint attention processors, not a {type(previous).__name__}")
+        self.flux = type(previous).__name__ == "FluxAttnProcessor"
         extra = [type(c).__name__ for c, _ in self.views
                  if type(c).output is not Controller.output]
         if extra:
@@ -81,19 +98,30 @@ class JointControlProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
-        active = self._active(attn, hidden_states) if self.views else []
-        if not active or encoder_hidden_states is None:
+        single = self.flux and encoder_hidden_states is None  # Flux's single-stream blocks
+        active = self._active(attn, hidden_states, single) if self.views else []
+        if not active or attention_mask is not None or (
+                encoder_hidden_states is None and not single):
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  *args, **kwargs)
-        return self._attention(attn, hidden_states, encoder_hidden_states, active)
+        # Flux's attention passes its rotary embedding positionally, after the mask.
+        rotary = args[0] if args else kwargs.get("image_rotary_emb")
+        return self._attention(attn, hidden_states, encoder_hidden_states, active, rotary)
 
-    def _active(self, attn, hidden_states: Tensor) -> list[tuple[Controller, AttnCall]]:
+    def _image_tokens(self, hidden_states: Tensor, single: bool, info) -> int:
+        if not single:
+            return hidden_states.shape[1]
+        h, w = self.site.grid(info.latent_hw)  # the single stream ends with the image tokens
+        return h * w
+
+    def _active(self, attn, hidden_states: Tensor, single: bool):
         info = self.session.require_step(self.site)
         if hidden_states.shape[0] != info.layout.size:
             raise ValueError(
                 f"attention call at {self.site.name} has {hidden_states.shape[0]} rows but the "
                 f"batch layout {info.layout} has {info.layout.size}")
-        hw = self.site.grid_of(hidden_states.shape[1], info.latent_hw)
+        n = self._image_tokens(hidden_states, single, info)
+        hw = self.site.grid_of(n, info.latent_hw)
         active = []
         for ctrl, view in self.views:
             call = AttnCall(**vars(info), site=view, hw=hw, heads=attn.heads)
@@ -102,41 +130,68 @@ class JointControlProcessor:
                 self.session.record(ctrl)
         return active
 
-    def _attention(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor,
-                   active: list[tuple[Controller, AttnCall]]):
-        """diffusers' JointAttnProcessor2_0 with the controllers acting on the image queries."""
-        n = hidden_states.shape[1]
+    def _project(self, attn, hidden_states, encoder_hidden_states):
+        """Queries, keys, values (B, H, N, d) of the image and of the text stream, normed."""
         q, k, v = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        eq, ek, ev = (_heads(f(encoder_hidden_states), attn.heads)
-                      for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if encoder_hidden_states is None:
+            return q, k, v, None
+        text = [_heads(f(encoder_hidden_states), attn.heads)
+                for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
         if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
+            text[0] = attn.norm_added_q(text[0])
         if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
+            text[1] = attn.norm_added_k(text[1])
+        return q, k, v, text
+
+    def _attention(self, attn, hidden_states: Tensor, encoder_hidden_states, active, rotary):
+        """diffusers' joint attention with the controllers acting on the image queries."""
+        single = encoder_hidden_states is None
+        info = active[0][1]
+        q, k, v, text = self._project(attn, hidden_states, encoder_hidden_states)
+        if single:  # text then image, already one sequence
+            n_img = self._image_tokens(hidden_states, True, info)
+            n_txt = q.shape[2] - n_img
+        else:
+            n_img, n_txt = q.shape[2], text[0].shape[2]
+            first, second = (text, (q, k, v)) if self.flux else ((q, k, v), text)
+            q, k, v = (torch.cat([first[i], second[i]], 2) for i in range(3))
+        if rotary is not None:  # Flux: rotary positions over the whole sequence
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q, k = (apply_rotary_emb(x.transpose(1, 2), rotary, sequence_dim=1).transpose(1, 2)
+                    for x in (q, k))
+        image = slice(n_txt, n_txt + n_img) if self.flux else slice(0, n_img)
+        words = slice(0, n_txt) if self.flux else slice(n_img, n_img + n_txt)
+        qi, ki, vi, kt, vt = q[:, :, image], k[:, :, image], v[:, :, image], k[:, :, words], (
+            v[:, :, words])
         for ctrl, call in active:
             if call.site.kind == "self":
-                q, k, v = ctrl.qkv(call, q, k, v)
+                qi, ki, vi = ctrl.qkv(call, qi, ki, vi)
             else:
-                q, ek, ev = ctrl.qkv(call, q, ek, ev)
-        query, key, value = torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+                qi, kt, vt = ctrl.qkv(call, qi, kt, vt)
+        order = (lambda img, txt: [txt, img]) if self.flux else (lambda img, txt: [img, txt])
+        query = torch.cat(order(qi, q[:, :, words]), 2)
+        key, value = torch.cat(order(ki, kt), 2), torch.cat(order(vi, vt), 2)
         readers = {kind: [(c, call) for c, call in active
                           if c.uses_probs and call.site.kind == kind] for kind in ("self", "cross")}
         if readers["self"] or readers["cross"]:
             # SDPA's scale 1/sqrt(d), at least float32 (float64 stays exact).
             dtype = torch.promote_types(query.dtype, torch.float32)
             scores = (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) * query.shape[-1] ** -0.5
-            p = _renormalised(scores.softmax(-1), n, readers)
+            p = _renormalised(scores.softmax(-1), image, words, readers)
             out = (p @ value.to(dtype)).to(query.dtype)
         else:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[-1])
         out = out.to(query.dtype)
-        image, text = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        image = attn.to_out[1](attn.to_out[0](image))
-        return image, text
+        if single:  # Flux's single stream: no output projection here
+            return out
+        img_out, txt_out = out[:, image], out[:, words]
+        if not getattr(attn, "context_pre_only", False):
+            txt_out = attn.to_add_out(txt_out)
+        img_out = attn.to_out[1](attn.to_out[0](img_out))
+        return img_out, txt_out

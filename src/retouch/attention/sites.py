@@ -199,31 +199,37 @@ def find_sites(unet: torch.nn.Module) -> dict[str, Site]:
     return sites
 
 
-def transformer_sites(transformer: torch.nn.Module) -> dict[str, Site]:
-    """Sites of the joint attention of an SD3 (MMDiT) transformer, keyed by processor name.
+#: Latent side Flux's sites are named at (FluxPipeline's default: 1024 px, 128 latent pixels).
+FLUX_LATENT_SIZE = 128
 
-    Every ``transformer_blocks.i.attn`` (image and text tokens in one attention) is a ``"joint"``
-    site at the token grid (``sample_size / patch_size``). A transformer has no bottleneck: its
-    first half of blocks counts as ``"down"``, a middle block (odd count) as ``"mid"``, the
+
+def transformer_sites(transformer: torch.nn.Module) -> dict[str, Site]:
+    """Sites of the joint attention of an MMDiT transformer (SD3, Flux), keyed by processor name.
+
+    Every ``transformer_blocks.i.attn`` with a text stream (image and text tokens in one
+    attention) and every Flux ``single_transformer_blocks.j.attn`` (both streams in one) is a
+    ``"joint"`` site at the token grid (SD3: ``sample_size / patch_size``; Flux: its 2x2 packed
+    latent, named at a 128-pixel latent). A transformer has no bottleneck: its first half of
+    blocks (in forward order) counts as ``"down"``, a middle block (odd count) as ``"mid"``, the
     second half as ``"up"``, so controllers that pick decoder layers pick the later blocks.
-    Attention without a text stream (SD3.5's ``attn2``) is not a site. Flux (single-stream
-    blocks, rotary positions) is refused.
+    Attention without a text stream (SD3.5's ``attn2``) is not a site.
     """
-    if hasattr(transformer, "single_transformer_blocks"):
-        raise ValueError("attention control on Flux's double- and single-stream blocks is not "
-                         "available yet (issue 19); SD3's joint attention is")
-    patch = int(transformer.config.patch_size)
-    size = _sample_size(transformer)
-    blocks = len(transformer.transformer_blocks)
+    flux = hasattr(transformer, "single_transformer_blocks")
+    patch = 2 if flux else int(transformer.config.patch_size)  # latent pixels per token side
+    size = FLUX_LATENT_SIZE if flux else _sample_size(transformer)
+    singles = len(transformer.single_transformer_blocks) if flux else 0
+    blocks = len(transformer.transformer_blocks) + singles
     sites, per_place = {}, {}
     for key in transformer.attn_processors:
         name = key.removesuffix(".processor")
         parts = name.split(".")
         module = transformer.get_submodule(name)
-        if parts[0] != "transformer_blocks" or parts[-1] != "attn" or getattr(
-                module, "add_q_proj", None) is None:
+        single = parts[0] == "single_transformer_blocks"
+        if parts[-1] != "attn" or not (single or (
+                parts[0] == "transformer_blocks"
+                and getattr(module, "add_q_proj", None) is not None)):
             continue
-        i = int(parts[1])
+        i = int(parts[1]) + (len(transformer.transformer_blocks) if single else 0)
         place = "down" if 2 * i + 1 < blocks else "up" if 2 * i + 1 > blocks else "mid"
         place_layer = per_place[place] = per_place.get(place, -1) + 1
         sites[key] = Site(name, "joint", place, i, patch, _reduce(size, patch), i, place_layer)

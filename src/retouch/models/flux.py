@@ -72,6 +72,13 @@ class FluxModel(FlowTransformerModel):
             return None
         return torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist()
 
+    @property
+    def text_tokens(self):
+        """The joint attention's text positions: T5's (Flux reads CLIP only pooled)."""
+        from ..attention.tokens import TextSequence
+
+        return TextSequence(((self.t5_tokenizer, self.max_sequence_length),))
+
     def with_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
         """``cond`` reading the distilled guidance ``scale`` in every row."""
         guidance = torch.full((cond.rows,), finite("the guidance scale", scale),
