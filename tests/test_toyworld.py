@@ -372,7 +372,7 @@ def test_bench_headline_names_the_issue_figures():
 
 
 def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_pipeline,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from retouch.models.pipeline import PipelineModel
@@ -408,3 +408,12 @@ def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_p
     assert 0 <= attention_mass(model, scenes, timesteps=(0.5,)) <= 1
     assert set(measure_coverage(model, scenes, timesteps=(0.5,), recipe_steps=2)) == {
         "res8", "attention_maps"}
+    # The inversion bench takes it: every method a row, EDICT's refusal with its reason.
+    from retouch.bench import inversion
+
+    monkeypatch.setattr(inversion, "IMAGES", {True: 2})
+    monkeypatch.setattr(inversion, "STEPS", {True: 3})
+    doc = inversion.run(quick=True, out=tmp_path / "bench", model=str(folder))
+    refused = {r["method"] for r in doc["rows"] if "refused" in r}
+    assert refused == {"edict"} and "edict" not in doc["headline"]["worst_psnr"]
+    assert {"rf_solver", "fireflow"} <= set(doc["headline"]["worst_psnr"])

@@ -12,7 +12,8 @@ render; ``psnr_ceiling`` = the same for a plain VAE encode -> decode (no diffusi
 best any inversion can do; ``nfe`` = network evaluations per image for inversion plus
 reconstruction, where a CFG step's batched unconditional + conditional call counts as one (so
 CFG 1 and CFG 7.5 cost the same NFE) and null-text's backward passes are not counted;
-``seconds`` = wall time per image (batch time / images) on this machine.
+``seconds`` = wall time per image (batch time / images) on this machine. A method the model
+refuses (EDICT on a rectified-flow model) gets a row with its reason and no numbers.
 
 Outputs: ``inversion.json`` (``{"rows": [...]}``), ``inversion.md`` (table), ``inversion.png``
 (per image and CFG: input, VAE ceiling, then each method's reconstruction).
@@ -85,7 +86,7 @@ def _grid_png(columns: list[str], rows: list[tuple[str, list]], size: int) -> by
 def _headline(rows: list[dict]) -> dict:
     """Per method, the worst over the guidance scales: latent error and PSNR."""
     worst: dict[str, dict] = {}
-    for r in rows:
+    for r in (r for r in rows if "refused" not in r):
         w = worst.setdefault(r["method"], {"latent_rel_error": 0.0, "psnr": math.inf})
         w["latent_rel_error"] = max(w["latent_rel_error"], r["latent_rel_error"])
         w["psnr"] = min(w["psnr"], r["psnr"])
@@ -123,7 +124,13 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     for cfg, method in tqdm(settings, desc="bench inversion", leave=False):
         factory = as_factory(pm, captions)
         t0 = time.perf_counter()
-        inv = invert(factory, latents, method=method, cfg=cfg, times=times, progress=False)
+        try:
+            inv = invert(factory, latents, method=method, cfg=cfg, times=times, progress=False)
+        except ValueError as refusal:  # e.g. edict on a flow model's pure-noise grid
+            rows.append({"method": method, "cfg": cfg, "refused": str(refusal),
+                         **dict.fromkeys(COLUMNS[2:])})
+            shown[(cfg, method)] = _to_uint8(torch.zeros_like(images[:GRID_IMAGES]).cpu())
+            continue
         rec = reconstruct(inv, factory, progress=False)
         seconds = (time.perf_counter() - t0) / n
         with torch.no_grad():
@@ -152,7 +159,9 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     ]
     names = ["input", "VAE\nceiling", *(m.replace("_", "\n", 1) for m in METHODS)]
     atomic_write_bytes(out / "inversion.png", _grid_png(names, grid_rows, pm.image_size))
-    best = {c: max((r for r in rows if r["cfg"] == c), key=lambda r: r["psnr"]) for c in CFGS}
+    best = {c: max((r for r in rows if r["cfg"] == c and "refused" not in r),
+                   key=lambda r: r["psnr"]) for c in CFGS}
+    refused = sorted({f"{r['method']} ({r['refused']})" for r in rows if "refused" in r})
     lines = [
         "# Inversion benchmark",
         "",
@@ -165,7 +174,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         write_markdown_table(rows, COLUMNS),
         "Best PSNR: "
         + "; ".join(f"CFG {c:g}: {b['method']} ({b['psnr']:.2f} dB)" for c, b in best.items())
-        + f"; VAE ceiling {ceiling:.2f} dB.",
+        + f"; VAE ceiling {ceiling:.2f} dB."
+        + (f" Refused on this model: {'; '.join(refused)}." if refused else ""),
         "",
         "![reconstructions](inversion.png)",
         "",
