@@ -34,3 +34,17 @@ def tiny_toy_pipeline(tiny_toy_run, tmp_path_factory) -> Path:
     from retouch.training.export import export_pipeline
 
     return export_pipeline(tiny_toy_run, tmp_path_factory.mktemp("toypipe") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_pipeline(tiny_toy_pipeline, tmp_path_factory) -> Path:
+    """A ToyWorld flow model (``--arch sd3``, 2 steps from :func:`tiny_toy_pipeline`'s VAE and
+    text encoder) exported as a StableDiffusion3Pipeline folder: plumbing only."""
+    from retouch.training.export import export_pipeline
+    from retouch.training.toyworld import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("flowrun")
+    train(TrainConfig(out=str(run), dataset_size=48, vae_steps=2, unet_steps=2, batch=2,
+                      checkpoint_every=2, log_every=1, arch="sd3",
+                      init_from=str(tiny_toy_pipeline)), progress=False)
+    return export_pipeline(run, tmp_path_factory.mktemp("flowpipe") / "pipe")

@@ -127,3 +127,12 @@ def test_flowedit_identity_and_edit():
                                 strength=0.0).latents[1], z[0])
     with pytest.raises(ValueError, match="strength"):
         flowedit(m, z, "a red square", "a blue square", strength=1.5)
+
+
+def test_loss_guidance_leaves_the_pure_noise_call_of_a_flow_model_unguided():
+    from retouch.guidance import LossGuidance
+
+    den, x, _ = flow_problem()
+    guided = LossGuidance(den, lambda x0, x_t, t: x0.pow(2).sum(), scale=10.0)
+    assert torch.equal(guided(x, 1.0), den(x, 1.0))  # alpha = 0: no guided x0 exists
+    assert not torch.allclose(guided(x, 0.5), den(x, 0.5))

@@ -371,13 +371,9 @@ def test_bench_headline_names_the_issue_figures():
     assert any(all(set(o) == {"shape"} for o in p["objects"]) for p in parsed)  # "a circle"
 
 
-def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_pipeline,
-                                                                       tmp_path, monkeypatch):
+def test_the_flow_model_trains_and_resumes_bit_identically(tiny_toy_pipeline, tmp_path):
     from safetensors.torch import load_file
 
-    from retouch.models.pipeline import PipelineModel
-    from retouch.models.sd3 import SD3Model
-    from retouch.training.export import export_pipeline
     from retouch.training.toyworld import TrainConfig, train
 
     common = dict(dataset_size=48, vae_steps=2, batch=2, checkpoint_every=2, log_every=1,
@@ -392,12 +388,17 @@ def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_p
     with pytest.raises(ValueError, match="arch"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**common, "arch": "unet"}), resume=True,
               progress=False)
-    folder = export_pipeline(tmp_path / "a", tmp_path / "pipe")
-    model = PipelineModel.load(folder)
-    assert isinstance(model, SD3Model) and model.max_sequence_length == 8
-    assert model.image_size == 64 and model.latent_shape(1) == (1, 4, 16, 16)
+
+
+def test_the_flow_model_exports_as_an_sd3_pipeline_the_benches_take(tiny_flow_pipeline,
+                                                                     tmp_path, monkeypatch):
+    from retouch.models.pipeline import PipelineModel
+    from retouch.models.sd3 import SD3Model
     from retouch.recipes.generate import generate
 
+    model = PipelineModel.load(tiny_flow_pipeline)
+    assert isinstance(model, SD3Model) and model.max_sequence_length == 8
+    assert model.image_size == 64 and model.latent_shape(1) == (1, 4, 16, 16)
     image = generate(model, ["a big red circle"], steps=2, cfg=3.0)[0]
     assert image.shape == (64, 64, 3)
     # The benchmarks' attention measures read its joint attention's cross view.
@@ -413,7 +414,14 @@ def test_the_flow_model_trains_resumes_and_exports_as_an_sd3_pipeline(tiny_toy_p
 
     monkeypatch.setattr(inversion, "IMAGES", {True: 2})
     monkeypatch.setattr(inversion, "STEPS", {True: 3})
-    doc = inversion.run(quick=True, out=tmp_path / "bench", model=str(folder))
+    doc = inversion.run(quick=True, out=tmp_path / "bench", model=str(tiny_flow_pipeline))
     refused = {r["method"] for r in doc["rows"] if "refused" in r}
     assert refused == {"edict"} and "edict" not in doc["headline"]["worst_psnr"]
     assert {"rf_solver", "fireflow"} <= set(doc["headline"]["worst_psnr"])
+    # ... and so does the editing bench's case runner, every method of a quick run.
+    from retouch.bench.editing import edit_case, methods
+    from retouch.toyworld.editbench import make_cases
+
+    case = make_cases(1, seed=5, edit_types=("position",))[0]
+    edits = edit_case(model, case, methods(True), steps=5)  # bdia replays from step 1
+    assert {"flowedit", "masactrl/direct", "rf_solver/rf_solver", "p2p/direct"} <= set(edits)

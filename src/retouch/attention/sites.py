@@ -26,6 +26,7 @@ __all__ = [
     "BatchLayout",
     "find_sites",
     "site_views",
+    "controller_sites",
     "guidance_halves",
     "coarse_resolution",
     "describe_sites",
@@ -244,6 +245,11 @@ def site_views(site: Site) -> list[Site]:
     if site.kind != "joint":
         return [site]
     return [replace(site, kind="self"), replace(site, kind="cross")]
+
+
+def controller_sites(network: torch.nn.Module) -> list[Site]:
+    """Every site of ``network`` as controllers see it (a joint site's two views)."""
+    return [v for s in find_sites(network).values() for v in site_views(s)]
 
 
 def coarse_resolution(sites: Iterable[Site], kind: str = "cross") -> int:

@@ -20,7 +20,8 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``selfguide`` with edit-friendly DDPM inversion (position and size edits): self-guidance
   (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
   case's exact offset or resized by its exact factor (the renderer's ground truth), every other
-  object's shape and every object's look held (:data:`SELFGUIDE`); ``selfguide (caption
+  object's shape and every object's look held (:data:`SELFGUIDE`; on a transformer model the
+  look term is off, as it reads UNet decoder features); ``selfguide (caption
   kept)`` the same with the source caption (the paper's setting: guidance alone must move the
   object); ``none`` with the same inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
@@ -126,12 +127,15 @@ def methods(quick: bool) -> list[Method]:
 
 
 def _masactrl_options(unet, steps: int) -> dict:
-    from ..attention import coarse_resolution, find_sites
+    from ..attention import coarse_resolution
+    from ..attention.sites import controller_sites
 
-    sites = list(find_sites(unet).values())
+    sites = controller_sites(unet)
     coarse = coarse_resolution(sites)
+    up = [s.layer for s in sites if s.kind == "self" and s.place == "up"]
+    # a transformer has one resolution: its later half of blocks
     fine = [s.layer for s in sites if s.kind == "self" and s.place == "up"
-            and s.resolution > coarse]
+            and s.resolution > coarse] or up
     return {"start_step": max(1, round(MASACTRL_START * steps)), "start_layer": min(fine)}
 
 
@@ -174,6 +178,9 @@ def edit_case(
             # "caption kept": the paper's setting, where guidance alone must move the object
             target = case.source_prompt if options.pop("caption_kept", False) else (
                 case.target_prompt)
+            if not hasattr(model.network.config, "up_block_types"):  # a transformer: no
+                # decoder features for the appearance term, which is then off (see settings)
+                options["weights"] = {**options["weights"], "appearance": 0.0}
             plugin = selfguide_spec(case, **options).bind(model, case.source_prompt, target)
             res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:

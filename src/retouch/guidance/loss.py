@@ -32,7 +32,9 @@ class LossGuidance:
     ``w(t)`` (0 outside the window it should act in). ``rows``: the latent rows the guidance
     moves (default all; the others keep ``x0_hat``, e.g. an edit's source row). The inner
     denoiser runs with gradients, so use it under ``torch.no_grad()`` freely: this wrapper
-    re-enables them for its call. A non-finite guided estimate raises FloatingPointError.
+    re-enables them for its call. A non-finite guided estimate raises FloatingPointError. At a
+    pure-noise time (``alpha = 0``: rectified flow's ``t = 1``) the guided ``x0~`` is undefined
+    (``eps = x`` there, whatever the guidance), so that call runs unguided.
     """
 
     def __init__(self, inner, energy: Callable[[Tensor, Tensor, float], Tensor], *,
@@ -47,9 +49,9 @@ class LossGuidance:
 
     def __call__(self, x: Tensor, t: float) -> Tensor | Prediction:
         w = float(self.scale(t))
-        if w == 0.0:
-            return self.inner(x, t)
         alpha, sigma = self.schedule.coeffs(t)
+        if w == 0.0 or alpha == 0:
+            return self.inner(x, t)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             pred = self.inner(x_in, t)

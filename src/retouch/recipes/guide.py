@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..attention import BatchLayout, coarse_resolution, find_sites, in_window
+from ..attention import BatchLayout, coarse_resolution, in_window
 from ..attention.properties import (
     PropertyRecorder,
     appearance,
@@ -46,7 +46,7 @@ from ..attention.properties import (
     size,
     transform,
 )
-from ..attention.sites import Window, check_window, describe_sites
+from ..attention.sites import Window, check_window, controller_sites, describe_sites
 from ..attention.tokens import token_ids, word_positions
 from ..checks import finite
 from ..guidance import LossGuidance
@@ -204,14 +204,20 @@ class BoundGuidance:
 
     def __init__(self, spec: SelfGuidance, model, source: str, target: str):
         self.spec = spec
-        unet = model.unet
-        sites = find_sites(unet).values()
+        unet = model.network
+        sites = controller_sites(unet)
         have = {s.resolution for s in sites if s.kind == "cross"}
         resolutions = ({coarse_resolution(sites)} if spec.resolutions is None
                        else spec.resolutions)
         if not resolutions or not resolutions <= have:
             raise ValueError(f"self-guidance reads cross-attention at resolutions "
                              f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
+        if spec.weights.appearance and spec.feature_module is None and not hasattr(
+                unet.config, "up_block_types"):
+            raise ValueError("self-guidance's appearance term reads a UNet decoder block by "
+                             "default; on a transformer give feature_module= (a module whose "
+                             "output is the image tokens' features) or weights with "
+                             "appearance=0")
         module = None if not spec.weights.appearance else (
             spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}")
         self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
