@@ -136,3 +136,20 @@ def test_loss_guidance_leaves_the_pure_noise_call_of_a_flow_model_unguided():
     guided = LossGuidance(den, lambda x0, x_t, t: x0.pow(2).sum(), scale=10.0)
     assert torch.equal(guided(x, 1.0), den(x, 1.0))  # alpha = 0: no guided x0 exists
     assert not torch.allclose(guided(x, 0.5), den(x, 0.5))
+
+
+def test_review_refusals():
+    """A FlowEdit that would run no step, an unknown places string, and a bench refusal type."""
+    from retouch.inversion.core import MethodRefused
+    from retouch.recipes.editors import rf_solver_editor
+    from retouch.recipes.flowedit import flowedit
+    from tiny_models import tiny_model
+
+    m = tiny_model("sd1")
+    z = torch.randn(m.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="runs no step"):
+        flowedit(m, z, "a red square", "a blue square", steps=4, strength=0.1)
+    assert rf_solver_editor(None, "a", "b", places="up")[0].places == ("up",)
+    with pytest.raises(ValueError, match="places must name"):
+        rf_solver_editor(None, "a", "b", places="left")
+    assert issubclass(MethodRefused, ValueError)

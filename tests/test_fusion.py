@@ -183,7 +183,7 @@ def test_identical_windows_with_one_prompt_give_what_one_window_gives():
 
 def test_panoramas_run_with_any_sampler_and_with_controllers_on_the_windows():
     model = tiny_model("sd1")
-    for sampler in ("dpmpp_2m", "ddpm"):
+    for sampler in ("dpmpp_2m", "ddpm", "rf_solver", "fireflow"):  # the last two: midpoints
         image = panorama(model, PROMPT, width=40, stride=4, steps=3, sampler=sampler)
         assert image.shape == (16, 40, 3)
     store = AttentionStore()

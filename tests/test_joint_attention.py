@@ -149,3 +149,18 @@ def test_prompt_to_prompt_on_flux_reads_the_t5_positions():
                    progress=False)
     torch.testing.assert_close(r.latents[:1], plain, rtol=1e-5, atol=1e-5)  # source row intact
     assert not torch.allclose(r.latents[1], r.latents[0]) and "local_blend" in r.masks
+
+
+def test_an_edit_on_distilled_flux_reconstructs_with_the_guidance_it_inverted_with():
+    from retouch.inversion import invert, reconstruct
+    from retouch.recipes.edit import edit_inverted
+
+    m = model("flux")
+    z = m.encode_image(torch.rand(1, 3, 16, 16) * 2 - 1)
+    inv = invert(m, z, PROMPT, method="bdia", steps=4, cfg=2.0, progress=False)
+    r = edit_inverted(m, inv, PROMPT, editor="none")
+    # The edit's source row is the inversion's own reconstruction (embedded guidance 2, one
+    # branch), and the same prompt as target gives the same row.
+    torch.testing.assert_close(r.latents[0], reconstruct(inv, m, progress=False)[0],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(r.latents[1], r.latents[0], rtol=0, atol=1e-5)

@@ -397,17 +397,15 @@ class ControlledDenoiser:
         ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
         self.num_steps = len(ts) - 1
         self.times = ts
-        self.index = {t: i for i, t in enumerate(ts)}  # grid time -> step index
 
     def step_of(self, t: float) -> int:
         """The step index of model time ``t``: its grid index, or the step it lies inside."""
-        step = self.index.get(float(t))
-        if step is not None:
-            return step
-        for i, (a, b) in enumerate(zip(self.times[:-1], self.times[1:], strict=True)):
-            if min(a, b) < t < max(a, b):
-                return i
-        raise ValueError(f"time {t} is not on this session's time grid")
+        from retouch.samplers import step_at
+
+        step = step_at(self.times, t)
+        if step is None:
+            raise ValueError(f"time {t} is not on this session's time grid")
+        return step
 
     @property
     def halves(self):

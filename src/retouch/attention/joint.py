@@ -16,10 +16,12 @@ controllers written for UNets act on its two *views*:
   queries and keys reach controllers with their rotary positions applied.
 
 A rewritten block goes back scaled by the share of the joint softmax row it had, so each row
-still sums to 1 and the other block is untouched; the text tokens' own attention is never
-changed. Both views of a site run in one :class:`JointControlProcessor`, which follows
-diffusers' ``JointAttnProcessor2_0`` step by step (with no controller acting, that processor
-itself runs; Flux's sites follow ``FluxAttnProcessor`` likewise). A controller selects a view by
+still sums to 1 and the other block is untouched. The text queries' probabilities are never
+rewritten, but they read the keys and values as the controllers left them: a controller that
+gives the target the source's image keys and values changes what its text stream reads too.
+Both views of a site run in one :class:`JointControlProcessor`, which follows diffusers'
+``JointAttnProcessor2_0`` step by step (with no controller acting, that processor itself runs;
+Flux's sites follow ``FluxAttnProcessor`` likewise). A controller selects a view by
 its kind, as on a UNet (:func:`site_views`).
 
 References: Esser et al. 2024 (SD3, MMDiT joint attention); Black Forest Labs 2024 (Flux);
@@ -99,9 +101,11 @@ class JointControlProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
         single = self.flux and encoder_hidden_states is None  # Flux's single-stream blocks
+        if attention_mask is not None and self.views:
+            raise ValueError(f"attention controllers at {self.site.name} do not take an attention "
+                             "mask (joint attention is run unmasked by SD3 and Flux pipelines)")
         active = self._active(attn, hidden_states, single) if self.views else []
-        if not active or attention_mask is not None or (
-                encoder_hidden_states is None and not single):
+        if not active or (encoder_hidden_states is None and not single):
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  *args, **kwargs)
         # Flux's attention passes its rotary embedding positionally, after the mask.

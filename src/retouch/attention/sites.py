@@ -48,7 +48,7 @@ class Site:
     name: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     kind: str  # "self", "cross" or "joint" (MMDiT: both at once, see site_views)
     place: str  # "down", "mid" or "up"
-    block: int | None  # index in down_blocks / up_blocks (None for mid)
+    block: int | None  # index in down_blocks / up_blocks (None for mid); a transformer's block
     factor: int  # spatial downsampling factor of the latent at this site (1, 2, 4, ...)
     resolution: int  # side of the attention grid at the config's sample_size (latent // factor)
     layer: int  # index among sites of the same kind in forward order (MasaCtrl's "layer")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "TextSequence",
+    "segments",
     "prompt_positions",
     "sequence_length",
     "token_ids",
@@ -43,7 +44,7 @@ class TextSequence:
     segments: tuple[tuple[Any, int], ...]
 
 
-def _segments(tokenizer) -> list[tuple[Any, int, int]]:
+def segments(tokenizer) -> list[tuple[Any, int, int]]:
     """``(tokenizer, offset, length)`` of each segment of a tokenizer or TextSequence."""
     if not isinstance(tokenizer, TextSequence):
         return [(tokenizer, 0, int(tokenizer.model_max_length))]
@@ -56,20 +57,20 @@ def _segments(tokenizer) -> list[tuple[Any, int, int]]:
 
 def sequence_length(tokenizer) -> int:
     """Encoder positions T (a tokenizer's ``model_max_length``, SD: 77; a TextSequence's sum)."""
-    return sum(length for _, _, length in _segments(tokenizer))
+    return sum(length for _, _, length in segments(tokenizer))
 
 
 def prompt_positions(tokenizer, prompt: str) -> list[int]:
     """Encoder positions of ``prompt``'s own tokens (start and end tokens included, padding
     not), in every segment."""
-    return [offset + i for tok, offset, length in _segments(tokenizer) if tok is not None
+    return [offset + i for tok, offset, length in segments(tokenizer) if tok is not None
             for i in range(min(len(_ids(tok, prompt, length)), length))]
 
 
 def token_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` with start/end tokens, unpadded, truncated to T (a TextSequence:
     its first segment's)."""
-    tok, _, length = _segments(tokenizer)[0]
+    tok, _, length = segments(tokenizer)[0]
     return _ids(tok, prompt, length)
 
 
@@ -88,7 +89,7 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     Raises ValueError naming the prompt if the word does not occur.
     """
     pos = []
-    for tok, offset, length in _segments(tokenizer):
+    for tok, offset, length in segments(tokenizer):
         if tok is None:
             continue
         ids, sub = _ids(tok, prompt, length), _word_ids(tok, word)
@@ -107,7 +108,7 @@ def swap_map(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
     word pair has the same number of tokens; the message names the words and suggests
     refinement, which aligns prompts of different lengths.
     """
-    for tok, _, length in _segments(tokenizer):
+    for tok, _, length in segments(tokenizer):
         if tok is not None:
             _check_swap(tok, length, source, target)
     t = sequence_length(tokenizer)
@@ -168,7 +169,7 @@ def refinement_map(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]
     itself).
     """
     maps = []
-    for tok, offset, t in _segments(tokenizer):
+    for tok, offset, t in segments(tokenizer):
         if tok is None:
             maps.append((torch.arange(offset, offset + t), torch.ones(t)))
             continue

@@ -102,6 +102,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from retouch.inversion import METHODS, as_factory, invert, reconstruct
+    from retouch.inversion.core import MethodRefused
     from retouch.models.pipeline import PipelineModel
     from retouch.toyworld.dataset import make_scenes
     from retouch.toyworld.scene import caption
@@ -126,7 +127,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             inv = invert(factory, latents, method=method, cfg=cfg, times=times, progress=False)
-        except ValueError as refusal:  # e.g. edict on a flow model's pure-noise grid
+        except MethodRefused as refusal:  # e.g. edict on a flow model's pure-noise grid
             rows.append({"method": method, "cfg": cfg, "refused": str(refusal),
                          **dict.fromkeys(COLUMNS[2:])})
             shown[(cfg, method)] = _to_uint8(torch.zeros_like(images[:GRID_IMAGES]).cpu())

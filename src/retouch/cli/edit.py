@@ -70,7 +70,7 @@ def _blend(arg: str | None) -> dict:
 def _save_masks(result, model, source: str, target: str, out: Path) -> list[Path]:
     from retouch.attention import token_heatmaps
     from retouch.attention.maps import save_heatmaps
-    from retouch.attention.tokens import token_ids
+    from retouch.attention.tokens import segments, token_ids
     from retouch.recipes.editors import changed_tokens
 
     paths = []
@@ -79,15 +79,19 @@ def _save_masks(result, model, source: str, target: str, out: Path) -> list[Path
         mask = (result.masks["local_blend"] > 0).astype(np.uint8) * 255
         big = Image.fromarray(mask).resize(size[::-1], Image.Resampling.NEAREST)
         paths.append(save_image(big, out / "mask_local_blend.png"))
-    src_pos, tgt_pos = changed_tokens(model.tokenizer, source, target)
+    # The changed words' positions in the first text segment (SD3: CLIP's; Flux: T5's), named
+    # by that segment's tokenizer.
+    tok, _, length = segments(model.text_tokens)[0]
+    src_pos, tgt_pos = ([p for p in ps if p < length]
+                        for ps in changed_tokens(model.text_tokens, source, target))
     if result.store is not None and result.store.counts.get("cross") and (src_pos or tgt_pos):
         cross = result.store.cross()  # (2, S, S, T): rows [source, target]
         heat = {}
         for row, prompt, positions, tag in ((0, source, src_pos, "source"),
                                             (1, target, tgt_pos, "target")):
-            ids = token_ids(model.tokenizer, prompt)
+            ids = token_ids(tok, prompt)
             for p in positions:
-                word = model.tokenizer.decode([ids[p]]).strip()
+                word = tok.decode([ids[p]]).strip()
                 heat.update(token_heatmaps(cross[row], {f"{tag}: {word}": [p]}))
         paths.append(save_heatmaps(out / "attention.png", heat, image=result.edited))
     return paths

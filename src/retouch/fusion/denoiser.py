@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Prediction, eps_from_x0
+from ..samplers.state import step_at
 from .views import View, coverage
 
 __all__ = ["Bootstrap", "FusedDenoiser"]
@@ -78,7 +79,7 @@ class FusedDenoiser:
         self.views, self.canvas_hw = list(views), tuple(int(s) for s in canvas_hw)
         self.total = coverage(self.views, self.canvas_hw)  # (H, W) summed weights
         ts = [float(t) for t in (times.tolist() if isinstance(times, Tensor) else times)]
-        self.step_of = {t: i for i, t in enumerate(ts)}
+        self.times = ts
         self.num_steps = len(ts) - 1
         self.bootstrap, self.sync = bootstrap, sync
 
@@ -134,7 +135,7 @@ class FusedDenoiser:
         if tuple(x.shape[-2:]) != self.canvas_hw:
             raise ValueError(f"the latent is {tuple(x.shape[-2:])}, the canvas {self.canvas_hw}: "
                              "sample the canvas latent this fusion was built for")
-        step = self.step_of.get(float(t))
+        step = step_at(self.times, t)  # a solver's midpoint call counts as its step
         if step is None:
             raise ValueError(f"time {t} is not on this fusion's time grid: sample with the "
                              "times it was built with")

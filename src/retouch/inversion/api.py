@@ -28,6 +28,7 @@ from retouch.checks import count, finite, finite_tensor, prompt_list
 from retouch.guidance import NullTextGuidance
 from retouch.inversion.core import (
     DenoiserFactory,
+    MethodRefused,
     embeds_of,
     replay_ddim,
     rows,
@@ -185,7 +186,7 @@ def invert(
     entry = _method(method)
     options = method_config(method, config)
     if method in NEGATIVE_BRANCH and getattr(model, "embed_guidance", None) is not None:
-        raise ValueError(f"{method} works on the unconditional branch of classifier-free "
+        raise MethodRefused(f"{method} works on the unconditional branch of classifier-free "
                          "guidance, which this guidance-distilled model (it reads cfg as an "
                          "input, as FLUX.1-dev) does not have: use rf_solver, fireflow, ddim, "
                          "bdia, direct or ddpm_edit_friendly")

@@ -47,6 +47,7 @@ from retouch.samplers import SamplerState, ddim_step
 from retouch.schedules import DiscreteVPSchedule, Schedule
 
 __all__ = [
+    "MethodRefused",
     "DenoiserFactory",
     "embeds_of",
     "with_embeds",
@@ -65,6 +66,11 @@ __all__ = [
 
 #: What an inversion step keeps of the model's prediction at the target time.
 HOLDS = ("eps", "x0", "velocity")
+
+
+class MethodRefused(ValueError):
+    """An inversion method this model cannot run (e.g. EDICT on a rectified-flow grid), refused
+    before any work, with the reason and what to use instead."""
 
 
 class _Bound:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from retouch.denoiser import Denoiser
 from retouch.inversion.core import (
     DenoiserFactory,
+    MethodRefused,
     corrections,
     ddim_eps_step,
     inverse_ddim_step,
@@ -160,9 +161,10 @@ def invert_edict(
         raise ValueError(f"edict needs 0 < p <= 1, got {config.p}")
     noise = [float(t) for t in times if factory.schedule.coeffs(float(t))[0] == 0]
     if noise:
-        raise ValueError(f"edict's eps-held steps need alpha(t) > 0, and this grid starts at pure "
-                         f"noise (t={noise[0]:g}, as a rectified-flow model's does): use bdia or "
-                         "ddpm_edit_friendly (exact) or rf_solver instead")
+        raise MethodRefused(
+            f"edict's eps-held steps need alpha(t) > 0, and this grid starts at pure noise "
+            f"(t={noise[0]:g}, as a rectified-flow model's does): use bdia or "
+            "ddpm_edit_friendly (exact) or rf_solver instead")
     calls0 = factory.calls
     den = factory.denoiser(cfg=cfg)
     ts = [float(t) for t in times]

@@ -1,9 +1,8 @@
 """What SD3 and Flux adapters share: a rectified-flow transformer behind a CLIP + T5 text stack.
 
 :class:`FlowTransformerModel` is a :class:`~retouch.models.pipeline.PipelineModel` whose
-network is ``pipe.transformer`` (``unet`` is None; attention control addresses SD3's joint
-attention and refuses Flux, see :func:`~retouch.attention.control.controlled_network`), whose
-schedule is a
+network is ``pipe.transformer`` (``unet`` is None; attention control addresses its joint
+attention, :mod:`retouch.attention.joint`), whose schedule is a
 :class:`~retouch.schedules.FlowSchedule` and whose denoiser is a
 :class:`~retouch.models.transformer.TransformerDenoiser`. Prompts are read by CLIP (at most
 ``tokenizer.model_max_length`` tokens) and T5 (at most ``max_sequence_length``): a prompt over

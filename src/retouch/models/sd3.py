@@ -80,7 +80,8 @@ class SD3Model(FlowTransformerModel):
         return self.text_encoder_3(self._t5_ids(prompts))[0]
 
     def encode(self, prompts: list[str] | str) -> Conditioning:
-        """The conditioning of ``prompts``: ``embeds`` (B, 77 + max_sequence_length, D) and
+        """The conditioning of ``prompts``: ``embeds`` (B, CLIP length + max_sequence_length, D:
+        77 + 256 for SD3) and
         ``added = {"pooled_projections": (B, P)}``."""
         prompts = prompt_list(prompts)
         for p in prompts:

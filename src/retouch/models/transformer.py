@@ -134,10 +134,13 @@ class TransformerDenoiser:
             cond = cond.with_embeds(overrides["encoder_hidden_states"])  # keep added inputs
         b, _, h, w = x.shape
         param = next(self.transformer.parameters())
-        inputs = {k: v.to(param.dtype) if v.is_floating_point() else v
+        # As the pipelines: the guidance scale stays float32 (FluxPipeline), SD3's timestep too
+        # (t x 1000 in half precision would round 999.7 to 999.5); Flux's follows the latents.
+        inputs = {k: v.to(param.dtype) if v.is_floating_point() and k != "guidance" else v
                   for k, v in self._inputs(None if cond is None else cond.expand(b)).items()}
         extra = dict(cond.extra)
-        timestep = torch.full((b,), self.model_timestep(t), dtype=param.dtype, device=x.device)
+        timestep = torch.full((b,), self.model_timestep(t), device=x.device,
+                              dtype=torch.float32 if self.family == "sd3" else param.dtype)
         hidden = x.to(param.dtype).contiguous()
         if self.family == "flux":
             if h % FLUX_PATCH or w % FLUX_PATCH:

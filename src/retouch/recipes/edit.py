@@ -240,12 +240,20 @@ def edit_inverted(
     return _run_inverted(model, inversion, target_prompt, controllers, store, progress, plugin)
 
 
+def guided_halves(model, cfg: float) -> tuple[str, ...]:
+    """The guidance halves of a model call at ``cfg``: one for ``cfg = 1`` or a
+    guidance-distilled model (``embed_guidance``), else [uncond; cond]."""
+    one = cfg == 1.0 or getattr(model, "embed_guidance", None) is not None
+    return ("cond",) if one else ("uncond", "cond")
+
+
 def _run_inverted(model, inv, target: str, controllers, store, progress: bool,
                   plugin: EditPlugin | None = None) -> EditResult:
     from ..inversion import DenoiserFactory, fingerprint_of, reconstruct
 
-    # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call.
-    layout = BatchLayout(ROLES, ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
+    # The inversion's denoisers batch [uncond rows; cond rows] of [source, target] in one call
+    # (one half for a guidance-distilled model, which reads cfg as an input).
+    layout = BatchLayout(ROLES, guided_halves(model, inv.cfg))
     inner = model.unet_denoiser()
     stepwise = bool(stepwise_controllers(controllers))
     cond, uncond = inv.conditioning or (model.encode([inv.prompt]), model.encode_negative([""]))
@@ -255,6 +263,7 @@ def _run_inverted(model, inv, target: str, controllers, store, progress: bool,
             cond=cond,
             uncond=uncond,
             fingerprint=fingerprint_of(model),
+            embed_guidance=model.embed_guidance,
         )
         latents = reconstruct(inv, factory, target=model.encode([target]),
                               callbacks=[session.callback] if stepwise else (),

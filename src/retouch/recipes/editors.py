@@ -137,6 +137,7 @@ def rf_solver_editor(
     """RF-Solver's feature sharing: the target's self-attention values are the source's during
     the first ``share_steps`` (fractions of the steps; pair it with the ``rf_solver`` or
     ``fireflow`` inversion)."""
+    places = (places,) if isinstance(places, str) else places  # --option places=up
     bad = sorted(set(places) - {"down", "mid", "up"}) if isinstance(places, tuple | list) else [
         places]
     if bad or not places:

@@ -61,7 +61,7 @@ def flowedit(
     colour, shape and background cases of ToyBench seed 7, against 0.67 at 0.66); ``cfg``
     guides the target velocity, ``source_cfg`` (default ``cfg``) the source's (the paper's SD3
     setting: 13.5 and 3.5); ``averages`` noise draws per step are averaged (``n_avg``).
-    Costs ``2 x averages`` guided calls per step run.
+    Costs 2 guided calls per step run (source and target), each of ``averages`` rows.
     ``result.source`` is the VAE round trip of the image.
     """
     count("steps", steps)
@@ -77,6 +77,9 @@ def flowedit(
     if x0.shape[0] != 1:
         raise ValueError(f"flowedit edits one image at a time, got {x0.shape[0]} latents")
     run = min(int(steps * strength), steps)
+    if run == 0 and strength > 0:
+        raise ValueError(f"strength={strength:g} of {steps} steps runs no step (it needs at "
+                         f"least 1/{steps}): raise strength or steps")
     times = [float(t) for t in model.time_grid(steps)][steps - run:]
     src = model.denoiser([source_prompt], cfg=source_cfg)
     tar = model.denoiser([target_prompt], cfg=cfg)

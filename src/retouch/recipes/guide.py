@@ -47,9 +47,10 @@ from ..attention.properties import (
     transform,
 )
 from ..attention.sites import Window, check_window, controller_sites, describe_sites
-from ..attention.tokens import token_ids, word_positions
+from ..attention.tokens import segments, token_ids, word_positions
 from ..checks import finite
 from ..guidance import LossGuidance
+from ..samplers import step_at
 from .edit import ROLES, EditResult, edit, edit_generated
 
 __all__ = ["GuideWeights", "SelfGuidance", "guide", "guide_generated", "DEFAULT_STEPS"]
@@ -182,7 +183,7 @@ def _positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Encoder positions of ``word`` in ``prompt``, refused if it occurs more than once (it
     would name two objects)."""
     pos = word_positions(tokenizer, prompt, word)
-    n = len(token_ids(tokenizer, word)) - 2  # without start and end tokens
+    n = len(tokenizer(word, add_special_tokens=False).input_ids)  # the word's own tokens
     if len(pos) > n:
         raise ValueError(f"self-guidance names {word!r}, which occurs {len(pos) // n} times in "
                          f"{prompt!r}: name the object by a word or phrase that occurs once "
@@ -221,7 +222,8 @@ class BoundGuidance:
         module = None if not spec.weights.appearance else (
             spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}")
         self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
-        tok = model.tokenizer
+        # The words' positions in the first text segment (SD3: CLIP's; Flux: T5's).
+        tok = segments(model.text_tokens)[0][0]
         same_length = len(token_ids(tok, source)) == len(token_ids(tok, target))
         self.positions = {}  # word -> (source positions, target positions)
         for w in spec.words:
@@ -245,14 +247,14 @@ class BoundGuidance:
         row by this energy's gradient at the window's steps of ``times``."""
         if self.spec.weights.zero:
             return denoiser
-        grid = {float(t): i for i, t in enumerate(times.tolist())}
+        grid = [float(t) for t in times]
         n = len(times) - 1
         if not any(in_window(i, n, self.spec.steps) for i in range(n)):
             raise ValueError(f"the self-guidance window {self.spec.steps} holds none of the "
                              f"{n} steps: widen it")
 
         def scale(t: float) -> float:
-            self.step = grid.get(float(t))
+            self.step = step_at(grid, t)  # midpoint calls (rf_solver) count as their step
             if self.step is None:
                 raise ValueError(f"time {t} is not on the edit's grid of {n} steps")
             return 1.0 if in_window(self.step, n, self.spec.steps) else 0.0

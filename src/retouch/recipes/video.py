@@ -39,7 +39,7 @@ from ..attention.frames import check_scheme
 from ..checks import count, finite, prompt_list
 from ..noise import NOISE_MODELS, frame_noise
 from ..samplers import get_step, sample, start_latents
-from .edit import check_loop, stepwise_controllers
+from .edit import check_loop, guided_halves, stepwise_controllers
 from .editors import EDITORS, check_editor
 
 __all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES"]
@@ -188,12 +188,13 @@ def edit_clip(
                  steps=steps, cfg=cfg, config=method_config(inversion, inversion_options or {}),
                  progress=progress)
     layout = BatchLayout(("source",) * frames + ("target",) * frames,
-                         ("cond",) if inv.cfg == 1.0 else ("uncond", "cond"))
+                         guided_halves(model, inv.cfg))
     cond, uncond = inv.conditioning or (model.encode(sources), model.encode_negative([""]))
     stepwise = bool(stepwise_controllers(controllers))
     with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as session:
         factory = DenoiserFactory(session.denoiser(model.unet_denoiser(), inv.times), cond=cond,
-                                  uncond=uncond, fingerprint=fingerprint_of(model))
+                                  uncond=uncond, fingerprint=fingerprint_of(model),
+                                  embed_guidance=model.embed_guidance)
         latents = reconstruct(inv, factory, target=model.encode(targets),
                               callbacks=[session.callback] if stepwise else (),
                               progress=progress)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from retouch.samplers.flow import FireFlowStep, flow_view, rf_solver_step, time_at_tau
 from retouch.samplers.loop import SAMPLERS, check_grid, get_step, sample
-from retouch.samplers.state import HISTORY_LEN, SamplerState, Step, StepContext
+from retouch.samplers.state import HISTORY_LEN, SamplerState, Step, StepContext, step_at
 from retouch.samplers.steps import (
     ddim_noise_scale,
     ddim_step,
@@ -64,6 +64,7 @@ __all__ = [
     "start_latents",
     "SamplerState",
     "StepContext",
+    "step_at",
     "Step",
     "ddim_step",
     "ddpm_step",

@@ -14,7 +14,7 @@ from torch import Tensor
 from retouch.denoiser import Denoiser
 
 __all__ = ["LOWER_ORDER_FINAL_STEPS", "HISTORY_LEN", "SamplerState", "StepContext", "Step",
-           "log_snr_at", "usable_history"]
+           "log_snr_at", "usable_history", "step_at"]
 
 #: diffusers' DPM-Solver/UniPC ``lower_order_final`` applies below this many steps.
 LOWER_ORDER_FINAL_STEPS = 15
@@ -89,3 +89,16 @@ def usable_history(denoiser: Denoiser, history: list, lam: float, k: int) -> lis
     return out
 
 
+def step_at(times: Sequence[float], t: float) -> int | None:
+    """The step of a grid ``times`` that model time ``t`` belongs to: its index on the grid, or
+    the step whose interval holds it (a solver's in-between call: Heun's ``t'`` is the next
+    step's, RF-Solver's and FireFlow's midpoints their own step's); None off the grid."""
+    t = float(t)
+    for i, ti in enumerate(times):
+        if float(ti) == t:
+            return i
+    for i in range(len(times) - 1):
+        a, b = float(times[i]), float(times[i + 1])
+        if min(a, b) < t < max(a, b):
+            return i
+    return None

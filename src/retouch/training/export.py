@@ -1,8 +1,10 @@
-"""Export a ToyWorld training run as a plain diffusers ``StableDiffusionPipeline`` folder.
+"""Export a ToyWorld training run as a plain diffusers ``StableDiffusionPipeline`` folder (a
+flow run, ``arch="sd3"``: a ``StableDiffusion3Pipeline`` without T5, FlowMatch scheduler).
 
 The run's EMA weights, its selected VAE (``vae_best.safetensors``) and latent scaling factor,
-the word-level tokenizer, DDIM scheduler config, and ``toyworld.json``: the vocabulary, whether
-it is extended, and each training stage's latest log record. The folder is written beside the
+the word-level tokenizer, the scheduler config, and ``toyworld.json``: the vocabulary, whether
+it is extended, each training stage's latest log record (and a flow model's
+``max_sequence_length``). The folder is written beside the
 destination and swapped in, so an interrupted export leaves the old one intact.
 """
 
@@ -67,12 +69,15 @@ def _config(run: Path) -> TrainConfig:
 def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = True) -> Path:
     """Write the run's EMA weights (or with ``ema=False`` its raw weights, e.g. to measure a
     short pilot that the EMA would still average with its start) as a plain diffusers
-    StableDiffusionPipeline folder."""
+    pipeline folder (SD, or SD3 for a flow run)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
         Path(run) / "config.json").is_file() else "unet"
-    needed = [Path(run) / name for name in ("config.json", ARCHS.get(arch, "unet.safetensors"))]
+    if arch not in ARCHS:
+        raise ValueError(f"{run}/config.json names arch {arch!r}; this retouch exports "
+                         f"{', '.join(ARCHS)}")
+    needed = [Path(run) / name for name in ("config.json", ARCHS[arch])]
     if not all(p.is_file() for p in needed):
         raise FileNotFoundError(f"{run} is not a finished `retouch toyworld train` run (it has "
                                 f"no {' and '.join(p.name for p in needed)}); pass a run folder")
