@@ -29,7 +29,7 @@ from retouch.denoiser import Denoiser
 from retouch.inversion.core import DenoiserFactory, corrections, record_inversion, rows
 from retouch.inversion.result import Inversion
 from retouch.samplers import FireFlowStep, flow_view, rf_solver_step
-from retouch.samplers.flow import midpoint_velocity
+from retouch.samplers.flow import flow_velocity, midpoint_velocity
 
 __all__ = ["RFSolverConfig", "FireFlowConfig", "flow_trajectory", "invert_rf_solver",
            "invert_fireflow", "replay_rf_solver", "replay_fireflow"]
@@ -47,12 +47,6 @@ class FireFlowConfig:
     """Options of ``fireflow``."""
 
     invert_cfg: float | None = None  # guidance of the inversion pass; None = the cfg asked for
-
-
-def _velocity(denoiser: Denoiser, z: Tensor, t: float) -> Tensor:
-    """``v = (z - x0_hat) / tau`` of the model at flow point ``z`` and model time ``t``."""
-    c, tau = flow_view(denoiser.schedule, t)
-    return (z - denoiser(c * z, t)) / tau
 
 
 def flow_trajectory(
@@ -73,7 +67,7 @@ def flow_trajectory(
         if reuse and v_prev is not None:
             v = v_prev
         else:
-            v = _velocity(denoiser, z, ts[k + 1] if tau > 0 else ts[k])
+            v = flow_velocity(denoiser, z, ts[k + 1] if tau > 0 else ts[k])
         v_prev = midpoint_velocity(denoiser, z, tau, tau_n, v)
         traj[k] = c_n * (z + (tau_n - tau) * v_prev)
     return torch.stack(traj)

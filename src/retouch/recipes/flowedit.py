@@ -28,15 +28,10 @@ from tqdm.auto import tqdm
 
 from ..checks import count, finite
 from ..samplers import flow_view
+from ..samplers.flow import flow_velocity
 from .edit import EditResult
 
 __all__ = ["flowedit"]
-
-
-def _velocity(denoiser, z: Tensor, t: float) -> Tensor:
-    """``v = (z - x0_hat) / tau`` at flow point ``z`` (B, ...) and model time ``t``."""
-    c, tau = flow_view(denoiser.schedule, t)
-    return (z - denoiser(c * z, t)) / tau
 
 
 @torch.no_grad()
@@ -94,7 +89,7 @@ def flowedit(
         noise = torch.randn((averages, *x.shape[1:]), generator=generator).to(x)
         z_src = (1 - tau) * x + tau * noise
         z_tar = z_src + (edited - x)  # exactly z_src while nothing is edited
-        delta = _velocity(tar, z_tar, t) - _velocity(src, z_src, t)
+        delta = flow_velocity(tar, z_tar, t) - flow_velocity(src, z_src, t)
         edited = edited + (tau_n - tau) * delta.mean(0, keepdim=True)
     latents = torch.cat([x0, x0 + c_clean * (edited - x)])  # the image where nothing moved
     images = model.decode(latents)

@@ -25,7 +25,8 @@ from retouch.denoiser import Denoiser
 from retouch.samplers.state import SamplerState
 from retouch.schedules import Schedule
 
-__all__ = ["flow_view", "time_at_tau", "midpoint_velocity", "rf_solver_step", "FireFlowStep"]
+__all__ = ["flow_view", "time_at_tau", "flow_velocity", "midpoint_velocity", "rf_solver_step",
+           "FireFlowStep"]
 
 _VELOCITY = "fireflow.velocity"  # scratch key: (t it is reused at, the midpoint velocity)
 
@@ -41,16 +42,20 @@ def time_at_tau(schedule: Schedule, tau: float) -> float:
     return float(schedule.t_from_k_sigma(tau / (1.0 - tau)))
 
 
+def flow_velocity(denoiser: Denoiser, z: Tensor, t: float) -> Tensor:
+    """The model's velocity ``v = (z - x0_hat) / tau`` at flow point ``z`` and model time ``t``
+    (one denoiser call, on ``x = (alpha + sigma) z``). Shapes: z (B, ...)."""
+    c, tau = flow_view(denoiser.schedule, t)
+    return (z - denoiser(c * z, t)) / tau
+
+
 def midpoint_velocity(
     denoiser: Denoiser, z: Tensor, tau: float, tau_n: float, v: Tensor
 ) -> Tensor:
     """The model's velocity at the midpoint ``(z + h/2 v, tau + h/2)``, ``h = tau_n - tau``
     (one denoiser call). Shapes: z, v (B, ...)."""
     tau_m = 0.5 * (tau + tau_n)
-    t_m = time_at_tau(denoiser.schedule, tau_m)
-    c_m, _ = flow_view(denoiser.schedule, t_m)
-    z_m = z + (tau_m - tau) * v
-    return (z_m - denoiser(c_m * z_m, t_m)) / tau_m
+    return flow_velocity(denoiser, z + (tau_m - tau) * v, time_at_tau(denoiser.schedule, tau_m))
 
 
 def rf_solver_step(

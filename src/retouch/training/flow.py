@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..toyworld import configs
+from .loop import train_network
 
 __all__ = ["build_flow_models", "encode_text", "train_flow", "flow_pipeline"]
 
@@ -52,8 +53,6 @@ def encode_text(texts, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def train_flow(cfg, data, latents, transformer, text, text_2, tokenizer, *, resume: bool,
                progress: bool = True) -> None:
     """The transformer stage: rectified flow with logit-normal times, plus grounding."""
-    from .toyworld import train_network
-
     def objective(x0, ids, gen, forward):
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(x0.device)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,22 +28,18 @@ from ..losses import denoising_loss, noisy
 from ..metrics import psnr
 from ..schedules import Schedule
 from ..toyworld import configs
-from ..toyworld.dataset import SceneSet, caption_batch, make_scenes, vocabulary
-from ..toyworld.scene import STYLES, VOCABULARY
+from ..toyworld.dataset import SceneSet, make_scenes, vocabulary
+from ..toyworld.scene import VOCABULARY
 from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import (
     append_log,
     atomic_save,
-    load,
-    optimizer_tensors,
-    prefixed,
-    restore_optimizer,
     restore_state,
     save_state,
     trim_log,
-    unprefixed,
 )
-from .grounding import COVERAGE_LOSSES, coverage_loss, grounded, grounding_loss
+from .grounding import COVERAGE_LOSSES
+from .loop import check_style_weights, device, learning_rate, scene_weights, train_network
 
 __all__ = ["TrainConfig", "train", "build_models", "learning_rate", "scene_weights"]
 
@@ -89,10 +83,6 @@ class TrainConfig:
     log_every: int = 50  # steps between log.jsonl records
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build_models(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -122,7 +112,7 @@ def train_vae(cfg: TrainConfig, data: SceneSet, vae, *, resume: bool, progress: 
     """Train the autoencoder (MSE + tiny KL), keep the best checkpoint by held-out PSNR."""
     from tqdm.auto import tqdm
 
-    out, dev = Path(cfg.out), _device()
+    out, dev = Path(cfg.out), device()
     vae.to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -198,120 +188,6 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
                   grounding=cfg.grounding_resolutions, resume=resume, progress=progress)
 
 
-def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objective, *,
-                  grounding, text_positions: int = 0, resume: bool, progress: bool = True):
-    """The denoiser stage's loop, shared by the architectures: sample scenes and captions,
-    ``objective(x0, ids, gen, forward) -> denoising loss`` (``forward`` runs the network, the
-    first of ``parts``, recording its cross-attention at the ``grounding`` resolutions), add the
-    grounding (and coverage) losses, step AdamW, keep an EMA, log, and checkpoint every part
-    (state-dict prefix = its name) to ``<out>/<first part>.safetensors``. ``text_positions``:
-    text positions after the caption's that no word is grounded to (SD3's T5 slots)."""
-    from tqdm.auto import tqdm
-
-    out, dev = Path(cfg.out), _device()
-    for module in parts.values():
-        module.to(dev).train()
-    network = next(iter(parts.values()))
-    params = [p for module in parts.values() for p in module.parameters()]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    py_rng = random.Random(cfg.seed + 3)
-    step = 0
-    stage = next(iter(parts))
-    ckpt = out / f"{stage}.safetensors"
-    if resume and ckpt.exists():
-        tensors, meta = load(ckpt)
-        for name, module in parts.items():
-            module.load_state_dict(unprefixed(name, tensors))
-        for i, e in enumerate(ema):
-            e.copy_(tensors[f"ema.{i}"])
-        restore_optimizer(opt, unprefixed("opt", tensors), meta["param_groups"])
-        gen.set_state(tensors["rng"])
-        version, internal, gauss = meta["python_rng"]
-        py_rng.setstate((version, tuple(internal), gauss))
-        step = meta["step"]
-    if resume:
-        trim_log(out, stage, step)
-    last = cfg.unet_steps if cfg.cooldown is None else min(cfg.unet_steps, cfg.cooldown[1])
-    bar = tqdm(total=last, initial=step, desc=stage, disable=not progress)
-    running: dict[str, float] = {}
-    t0 = time.time()
-    weights = scene_weights(data, cfg.style_weights)
-    with grounded(network, grounding, rows=cfg.batch) as (store, forward):
-        while step < last:
-            if weights is None:
-                idx = torch.randint(len(data), (cfg.batch,), generator=gen)
-            else:
-                idx = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
-            caps = caption_batch(
-                [data.scenes[i] for i in idx.tolist()],
-                rng=py_rng,
-                max_tokens=configs.MAX_TOKENS,
-                cond_dropout=cfg.cond_dropout,
-                solid_word=cfg.solid_word if cfg.extended else 0.0,
-                partial=cfg.partial_captions,
-            )
-            ids = tokenizer(
-                caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
-            ).input_ids.to(dev)
-            mse = objective(latents[idx].to(dev), ids, gen, forward)
-            masks, region = data.masks[idx].to(dev), caps.region.to(dev)
-            if text_positions:  # positions no word is grounded to
-                region = F.pad(region, (0, text_positions), value=-1)
-            g_loss, mass = grounding_loss(store, masks, region)
-            loss = mse + cfg.grounding_weight * g_loss
-            logged = {"mse": mse, "ground": g_loss, "mass": mass}
-            if cfg.coverage_loss is not None:
-                c_loss, soft_iou = coverage_loss(store, masks, region, cfg.coverage_loss)
-                loss = loss + cfg.coverage_weight * c_loss
-                logged |= {"cover": c_loss, "soft_iou": soft_iou}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-            step += 1
-            bar.update(1)
-            for k, v in ((k, v.item()) for k, v in logged.items()):
-                running[k] = 0.98 * running.get(k, v) + 0.02 * v
-            if step % cfg.log_every == 0:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-                append_log(out, {"stage": stage, "step": step, "minutes": (time.time() - t0) / 60,
-                           **running})
-            if step % cfg.checkpoint_every == 0 or step == last:
-                tensors, groups = optimizer_tensors(opt)
-                state = {
-                    **{k: v for name, module in parts.items()
-                       for k, v in prefixed(name, module.state_dict()).items()},
-                    **{f"ema.{i}": e for i, e in enumerate(ema)},
-                    **prefixed("opt", tensors),
-                    "rng": gen.get_state(),
-                }
-                meta = {"step": step, "param_groups": groups, "python_rng": py_rng.getstate()}
-                atomic_save(state, ckpt, meta)
-    bar.close()
-
-
-def scene_weights(data: SceneSet, style_weights: dict[str, float] | None) -> torch.Tensor | None:
-    """Per-scene sampling weights from ``style_weights`` (None: uniform sampling)."""
-    if not style_weights:
-        return None
-    _check_style_weights(style_weights)
-    return torch.tensor([style_weights.get(s.style, 1.0) for s in data.scenes])
-
-
-def _check_style_weights(style_weights: dict[str, float] | None) -> None:
-    unknown = sorted(set(style_weights or {}) - set(STYLES))
-    if unknown or any(w <= 0 for w in (style_weights or {}).values()):
-        raise ValueError(f"style weights need styles in {', '.join(STYLES)} and weights > 0, "
-                         f"got {style_weights}")
-
-
 def _check_loss_options(cfg: TrainConfig) -> None:
     """Refuse loss weights that are negative or not finite, and a coverage weight without its
     loss (or the reverse), before any work."""
@@ -330,16 +206,6 @@ def _check_loss_options(cfg: TrainConfig) -> None:
                          "or neither")
     if not 0 <= cfg.partial_captions <= 1:
         raise ValueError(f"--partial-captions {cfg.partial_captions}: a share must be in [0, 1]")
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """UNet-stage learning rate at ``step``: linear warm-up, constant, and with ``cooldown``
-    a linear decay to 0 at its end."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-    if cfg.cooldown is not None:
-        start, end = cfg.cooldown
-        lr *= min(1.0, max(0.0, (end - step) / (end - start)))
-    return lr
 
 
 def _ddpm_kwargs() -> dict:
@@ -376,7 +242,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
         raise ValueError(f"cooldown needs 0 <= START < END, got {cfg.cooldown}")
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
-    _check_style_weights(cfg.style_weights)  # before hours of rendering and VAE training
+    check_style_weights(cfg.style_weights)  # before hours of rendering and VAE training
     _check_loss_options(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +290,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
         psnr = train_vae(cfg, data, vae, resume=resume, progress=progress)
         (out / "vae_done.json").write_text(json.dumps({"psnr": psnr}))
     vae.load_state_dict(load_file(str(out / "vae_best.safetensors")))
-    vae.to(_device())
+    vae.to(device())
     latents = encode_latents(vae, data.images)
     if scale is None and (out / "scale.json").exists() and cfg.init_from is not None:
         scale = json.loads((out / "scale.json").read_text())["scaling_factor"]
