@@ -178,6 +178,20 @@ def test_edit_shows_source_edit_and_difference(browser, scene_files):
         assert _el(browser, f"#{elem} img").get_attribute("src")
 
 
+def test_guide_moves_an_object_and_refuses_an_empty_request(browser, scene_files):
+    _tab(browser, "Guide")
+    _upload(browser, "guide-image", scene_files / "scene.png")
+    _type(browser, "guide-source", "a big red circle on the center on a white background")
+    _type(browser, "guide-word", "circle")
+    assert "nothing to do" in _run(browser, "guide-run", "guide-status")
+    _type(browser, "guide-target", "a big red circle on the right on a white background")
+    _type(browser, "guide-dx", "0.25")
+    text = _run(browser, "guide-run", "guide-status")
+    assert text == "self-guidance: moved circle by (+0.25, +0)", text
+    for elem in ("guide-source-image", "guide-edited"):
+        assert _el(browser, f"#{elem} img").get_attribute("src")
+
+
 def test_attention_maps_each_word(browser):
     _tab(browser, "Attention")
     _type(browser, "attention-prompt", "a big red circle on the left")

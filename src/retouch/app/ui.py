@@ -154,6 +154,52 @@ def _edit_tab(gr, model: PipelineModel) -> None:
               [rec, edited, diff, status])
 
 
+def _guide_tab(gr, model: PipelineModel) -> None:
+    from ..images import prepare_image
+    from ..recipes.guide import SelfGuidance, guide
+
+    source = gr.Image(label="Image", type="pil", elem_id="guide-image")
+    with gr.Row():
+        src = gr.Textbox(label="Caption of the image", elem_id="guide-source")
+        tgt = gr.Textbox(label="Target caption (optional: names the new place or size)",
+                         elem_id="guide-target")
+    with gr.Row():
+        word = gr.Textbox(label="Object word (occurs once)", elem_id="guide-word")
+        dx = gr.Number(value=0.0, label="Move right (fraction of the width)", elem_id="guide-dx")
+        dy = gr.Number(value=0.0, label="Move down (fraction of the height)", elem_id="guide-dy")
+        scale = gr.Number(value=1.0, label="Resize by", elem_id="guide-scale")
+        steps = gr.Slider(2, 100, value=25, step=1, label="Steps")
+    run = gr.Button("Guide", variant="primary", elem_id="guide-run")
+    with gr.Row():
+        rec = gr.Image(label="Source (reconstruction)", elem_id="guide-source-image", height=256)
+        edited = gr.Image(label="Guided", elem_id="guide-edited", height=256)
+    status = gr.Textbox(label="Status", elem_id="guide-status", interactive=False)
+
+    def handler(image, source, target, word, dx, dy, scale, steps,
+                progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        if image is None:
+            raise ValueError("upload an image to guide first")
+        word = (word or "").strip()
+        if not word:
+            raise ValueError("name the object to move or resize (a word of the caption)")
+        dx, dy, scale = finite("Move right", dx), finite("Move down", dy), finite("Resize by",
+                                                                                   scale)
+        move = {word: (dx, dy)} if dx or dy else {}
+        resize = {word: scale} if scale != 1 else {}
+        if not move and not resize:
+            raise ValueError("nothing to do: set a move (right/down) or a resize other than 1")
+        spec = SelfGuidance(move=move, resize=resize)
+        image, _ = prepare_image(image, model.image_size)
+        result = guide(model, image, source, spec, target_prompt=(target or None),
+                       steps=count("Steps", steps))
+        what = ", ".join([f"moved {word} by ({dx:+g}, {dy:+g})"] * bool(move)
+                         + [f"resized {word} by {scale:g}"] * bool(resize))
+        return result.source, result.edited, f"self-guidance: {what}"
+
+    run.click(_guarded(handler, 2), [source, src, tgt, word, dx, dy, scale, steps],
+              [rec, edited, status])
+
+
 def _attention_tab(gr, model: PipelineModel) -> None:
     from ..recipes.attention_maps import attention_maps, save_attention_maps
 
@@ -185,6 +231,7 @@ TABS: list[tuple[str, Callable]] = [
     ("Generate", _generate_tab),
     ("Invert", _invert_tab),
     ("Edit", _edit_tab),
+    ("Guide", _guide_tab),
     ("Attention", _attention_tab),
 ]
 
