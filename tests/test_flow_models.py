@@ -8,7 +8,7 @@ import diffusers
 import pytest
 import torch
 
-from retouch.attention.control import attention_control, controlled_network
+from retouch.attention.session import attention_control, controlled_network
 from retouch.attention.sites import BatchLayout
 from retouch.checks import Note
 from retouch.inversion import METHODS, invert, reconstruct

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from retouch.analytic import GaussianMixture, GMMDenoiser, reference_solution
-from retouch.attention.control import ControlledDenoiser
+from retouch.attention.session import ControlledDenoiser
 from retouch.denoiser import CountedDenoiser
 from retouch.grids import uniform_grid
 from retouch.inversion import invert, reconstruct

@@ -15,15 +15,7 @@
 """
 
 from retouch.attention.blend import LocalBlend, local_blend
-from retouch.attention.control import (
-    AttentionSession,
-    AttnCall,
-    ControlledDenoiser,
-    Controller,
-    ControlProcessor,
-    StepInfo,
-    attention_control,
-)
+from retouch.attention.control import AttnCall, Controller, ControlProcessor, StepInfo
 from retouch.attention.cross_image import CrossImageAttention
 from retouch.attention.frames import KEYFRAME_SCHEMES, FrameAttention
 from retouch.attention.maps import (
@@ -43,6 +35,7 @@ from retouch.attention.p2p import (
     word_swap,
 )
 from retouch.attention.segment import kmeans, label_segments, segment_self_attention
+from retouch.attention.session import AttentionSession, ControlledDenoiser, attention_control
 from retouch.attention.shared import SharedAttention, adain
 from retouch.attention.sites import (
     BatchLayout,

@@ -45,7 +45,7 @@ from ..attention import (
     attention_control,
     guidance_halves,
 )
-from ..attention.control import controlled_network
+from ..attention.session import controlled_network
 from ..checks import count, finite
 from ..samplers import StepContext, ddim_step, get_step, sample, start_latents
 from ..samplers.callbacks import pin_row
