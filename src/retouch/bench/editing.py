@@ -53,7 +53,6 @@ Outputs: ``editing.json`` (``{"rows": [...], "overhead": {...}, "settings": {...
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from ..metrics import psnr, ssim
 from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .overhead import processor_overhead
 from .selfguide import SELFGUIDE, SELFGUIDE_INVERSION, selfguide_spec
 
 __all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
@@ -226,55 +226,6 @@ def aggregate(records: Sequence[dict], order: Sequence[tuple[str, str]] = ()) ->
     rank = {pair: i for i, pair in enumerate(order)}
     return sorted(rows, key=lambda r: (types[r["edit_type"]],
                                        rank.get((r["method"], r["inversion"]), len(rank))))
-
-
-@torch.no_grad()
-def processor_overhead(model, *, repeats: int, forwards: int = 3) -> dict:
-    """Median time of one UNet forward (2 latent rows x CFG) with diffusers' processors, with
-    retouch's processor and no controller, and with an AttentionStore; ratios to diffusers'."""
-    from ..attention import AttentionStore, BatchLayout, attention_control
-
-    unet, layout = model.network, BatchLayout(("source", "target"))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(model.latent_shape(layout.size), generator=g).to(model.device)
-    net = model.network_denoiser(model.encode(["a red square on a white background"]
-                                              * layout.size))
-    from .coverage import model_time
-
-    t, hw = model_time(model.schedule, 0.5), tuple(x.shape[-2:])
-
-    def timed(session=None) -> float:
-        t0 = time.perf_counter()
-        for _ in range(forwards):
-            if session is None:
-                net(x, t)
-            else:
-                with session.at_step(0, t, num_steps=1, latent_hw=hw):
-                    net(x, t)
-        return (time.perf_counter() - t0) / forwards
-
-    def retouch(controllers) -> float:
-        with attention_control(unet, controllers, layout=layout) as session:
-            return timed(session)
-
-    modes = {"diffusers": timed, "retouch": lambda: retouch([]),
-             "retouch_store": lambda: retouch([AttentionStore()])}
-    times: dict[str, list[float]] = {k: [] for k in modes}
-    timed()  # warm-up
-    for r in range(repeats):
-        names = list(modes)
-        for name in names[r % 3:] + names[: r % 3]:  # rotate the order: no fixed position bias
-            times[name].append(modes[name]())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-    return {
-        "diffusers_processor": ", ".join(processors),
-        "batch_rows": layout.size,
-        "repeats": repeats,
-        "seconds": med,
-        "ratio_no_controller": med["retouch"] / med["diffusers"],
-        "ratio_store": med["retouch_store"] / med["diffusers"],
-    }
 
 
 def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None = None,
