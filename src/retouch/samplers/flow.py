@@ -66,14 +66,19 @@ def rf_solver_step(
     Costs a second denoiser call at the midpoint time (2 NFE per step). Shapes: x (B, ...).
     References: Wang et al. 2024, "Taming Rectified Flow for Inversion and Editing", eq. 8.
     """
-    schedule = denoiser.schedule
-    c, tau = flow_view(schedule, t)
-    c_n, tau_n = flow_view(schedule, t_next)
+    return _midpoint_step(denoiser, x, t, t_next, x0_hat)[0]
+
+
+def _midpoint_step(denoiser, x, t, t_next, x0_hat) -> tuple[Tensor, Tensor]:
+    """``(x', v_m)``: the midpoint step from ``(x, t)`` whose half step takes the velocity
+    ``x0_hat`` implies there, and the midpoint velocity it used."""
+    c, tau = flow_view(denoiser.schedule, t)
+    c_n, tau_n = flow_view(denoiser.schedule, t_next)
     if tau == 0:
         raise ValueError(f"cannot take the velocity at clean time t={t} (sigma = 0)")
     z = x / c
-    v = (z - x0_hat) / tau
-    return c_n * (z + (tau_n - tau) * midpoint_velocity(denoiser, z, tau, tau_n, v))
+    v_m = midpoint_velocity(denoiser, z, tau, tau_n, (z - x0_hat) / tau)
+    return c_n * (z + (tau_n - tau) * v_m), v_m
 
 
 class FireFlowStep:
@@ -98,12 +103,6 @@ class FireFlowStep:
         self, denoiser: Denoiser, x: Tensor, t: float, t_next: float, x0_hat: Tensor,
         state: SamplerState,
     ) -> Tensor:
-        schedule = denoiser.schedule
-        c, tau = flow_view(schedule, t)
-        c_n, tau_n = flow_view(schedule, t_next)
-        if tau == 0:
-            raise ValueError(f"cannot take the velocity at clean time t={t} (sigma = 0)")
-        z = x / c
-        v_m = midpoint_velocity(denoiser, z, tau, tau_n, (z - x0_hat) / tau)
-        state.scratch[_VELOCITY] = (t_next, v_m)
-        return c_n * (z + (tau_n - tau) * v_m)
+        x_next, v_m = _midpoint_step(denoiser, x, t, t_next, x0_hat)
+        state.scratch[_VELOCITY] = (t_next, v_m)  # the next step's half step reuses it
+        return x_next
