@@ -142,8 +142,10 @@ def test_every_inversion_runs_on_flow_models_or_is_refused(pipes, kind):
     cfg = 3.0 if kind == "sd3" else 2.5  # Flux: the embedded guidance, one call per step
     # Exact methods reconstruct to round-off; rf_solver / fireflow are second order; the rest
     # are first order (ddim, null_text, negative_prompt: loose bounds on a random network).
+    # rf_inversion pulled to the image at every step lands on it exactly.
     bound = {"bdia": 1e-5, "direct": 1e-5, "ddpm_edit_friendly": 1e-5, "renoise": 1e-3,
-             "rf_solver": 0.05, "fireflow": 0.05}
+             "rf_solver": 0.05, "fireflow": 0.05, "rf_inversion": 1e-5}
+    config = {"rf_inversion": {"eta": 1.0, "eta_end": 1.0}}
     for method in METHODS:
         if kind == "flux" and method in ("null_text", "negative_prompt"):
             with pytest.raises(ValueError, match=f"{method} works on the unconditional branch"):
@@ -153,7 +155,8 @@ def test_every_inversion_runs_on_flow_models_or_is_refused(pipes, kind):
             with pytest.raises(ValueError, match=r"edict's eps-held steps need alpha\(t\) > 0"):
                 invert(model, z, PROMPTS[0], method=method, steps=8, cfg=cfg, progress=False)
             continue
-        inv = invert(model, z, PROMPTS[0], method=method, steps=8, cfg=cfg, progress=False)
+        inv = invert(model, z, PROMPTS[0], method=method, steps=8, cfg=cfg, progress=False,
+                     config=config.get(method))
         back = reconstruct(inv, model, progress=False)
         assert back.shape == z.shape and rel(back, z) < bound.get(method, 0.5), method
 

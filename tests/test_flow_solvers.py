@@ -153,3 +153,32 @@ def test_review_refusals():
     with pytest.raises(ValueError, match="places must name"):
         rf_solver_editor(None, "a", "b", places="left")
     assert issubclass(MethodRefused, ValueError)
+
+
+def test_rf_inversion_is_euler_without_its_pulls_and_holds_the_image_with_them():
+    den, _, _ = flow_problem()
+    x0 = den.gmm.sample(8, generator=torch.Generator().manual_seed(3))
+    times = uniform_grid(den.schedule, 10)
+    plain = invert(den, x0, method="rf_inversion", times=times, progress=False,
+                   config={"gamma": 0.0, "eta": 0.0})
+    # gamma = 0: forward Euler on the velocity (at the step's start; off the clean time, at
+    # its end, where the start's velocity cannot be read from x0_hat)
+    from retouch.samplers.flow import flow_velocity
+
+    ts, z = times.tolist()[::-1], x0
+    for k, (t, t_next) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
+        z = z + (t_next - t) * flow_velocity(den, z, t_next if k == 0 else t)
+    torch.testing.assert_close(plain.latent, z, rtol=1e-12, atol=1e-12)
+    assert plain.nfe == 10
+    # The pull to the image: eta = 1 over every step lands on it exactly, whatever the
+    # inversion (x0_hat := y0 makes each Euler step a straight line to y0); a pull in the
+    # first half of the steps brings the reconstruction closer than none.
+    def rec(**options):
+        inv = invert(den, x0, method="rf_inversion", times=times, progress=False,
+                     config=options)
+        return rms(reconstruct(inv, den, progress=False) - x0)
+
+    assert rec(eta=1.0, eta_end=1.0) < 1e-12
+    assert rec(eta=0.9, eta_end=0.5) < rec(eta=0.0)
+    with pytest.raises(ValueError, match="0 <= gamma <= 1"):
+        invert(den, x0, method="rf_inversion", times=times, config={"gamma": 2.0})

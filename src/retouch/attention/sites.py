@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from retouch.denoiser import halves_of
+from retouch.samplers.state import Window, check_window, in_window  # step windows (re-exported)
 
 __all__ = [
     "Site",
@@ -31,6 +32,7 @@ __all__ = [
     "coarse_resolution",
     "describe_sites",
     "in_window",
+    "check_window",
     "Window",
 ]
 
@@ -38,7 +40,6 @@ __all__ = [
 PLACES = ("down", "mid", "up")
 _PLACE_OF = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 
-Window = float | tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -275,26 +276,3 @@ def describe_sites(sites: Iterable[Site]) -> str:
                 f"{kind}-attention at resolutions {', '.join(map(str, res))} ({n} layers)"
             )
     return "; ".join(parts) or "no attention layers"
-
-
-def check_window(window: Window, name: str = "a step window") -> tuple[float, float]:
-    """``window`` as ``(start, end)``; refused unless ``0 <= start <= end <= 1`` (fractions of
-    the steps; a number ``e`` means ``(0, e)``)."""
-    pair = (0.0, window) if isinstance(window, int | float) else window
-    ok = (not isinstance(window, bool) and isinstance(pair, tuple | list) and len(pair) == 2
-          and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in pair))
-    if not ok or not 0 <= pair[0] <= pair[1] <= 1:
-        raise ValueError(f"{name} must be a fraction of the steps, e or (start, end) with "
-                         f"0 <= start <= end <= 1, got {window!r}")
-    return float(pair[0]), float(pair[1])
-
-
-def in_window(step: int, num_steps: int, window: Window) -> bool:
-    """Whether step ``step`` of ``num_steps`` lies in ``window`` (fractions of the steps).
-
-    ``0.8`` means ``(0, 0.8)``; ``(a, b)`` covers steps ``int(a N) <= i < int(b N)``, as
-    Prompt-to-Prompt's injection schedules.
-    """
-    a, b = check_window(window)
-    return int(a * num_steps) <= step < int(b * num_steps)

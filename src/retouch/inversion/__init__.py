@@ -17,6 +17,7 @@ method                   exact       network calls (invert)  stores
 ``renoise``              no          N (1 + K)               trajectory
 ``rf_solver``            no          2N                      trajectory (2nd-order midpoint)
 ``fireflow``             no          N + 1                   trajectory (2nd order, reused v)
+``rf_inversion``         no          N                       trajectory; pulls to y1 / the image
 =======================  ==========  ======================  ====================================
 
 Reconstruction costs N calls (EDICT 2N, BDIA N - 1, RF-Solver 2N, FireFlow N + 1); with CFG
@@ -46,6 +47,7 @@ from retouch.inversion.exact import BDIAConfig, BDIAStep, EDICTConfig, EditFrien
 from retouch.inversion.flow import FireFlowConfig, RFSolverConfig
 from retouch.inversion.null_text import NullTextConfig
 from retouch.inversion.result import Inversion, load_inversion
+from retouch.inversion.rf_inversion import RFInversionConfig
 
 __all__ = [
     "METHODS",
@@ -70,4 +72,5 @@ __all__ = [
     "ReNoiseConfig",
     "RFSolverConfig",
     "FireFlowConfig",
+    "RFInversionConfig",
 ]

@@ -66,6 +66,11 @@ from retouch.inversion.flow import (
 )
 from retouch.inversion.null_text import NullTextConfig, invert_null_text
 from retouch.inversion.result import Inversion
+from retouch.inversion.rf_inversion import (
+    RFInversionConfig,
+    invert_rf_inversion,
+    replay_rf_inversion,
+)
 from retouch.samplers import StepContext, check_grid
 
 __all__ = ["METHODS", "invert", "reconstruct", "as_factory", "method_config", "fingerprint_of"]
@@ -91,6 +96,7 @@ _REGISTRY = {
     "renoise": _Method(invert_renoise, ReNoiseConfig),
     "rf_solver": _Method(invert_rf_solver, RFSolverConfig, replay_rf_solver),
     "fireflow": _Method(invert_fireflow, FireFlowConfig, replay_fireflow),
+    "rf_inversion": _Method(invert_rf_inversion, RFInversionConfig, replay_rf_inversion),
 }
 #: Inversion methods by name.
 METHODS = tuple(_REGISTRY)

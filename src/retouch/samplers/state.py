@@ -14,7 +14,11 @@ from torch import Tensor
 from retouch.denoiser import Denoiser
 
 __all__ = ["LOWER_ORDER_FINAL_STEPS", "HISTORY_LEN", "SamplerState", "StepContext", "Step",
-           "log_snr_at", "usable_history", "step_at"]
+           "log_snr_at", "usable_history", "step_at", "Window", "check_window", "in_window"]
+
+#: A window of sampling steps as fractions: ``e`` means ``(0, e)``; ``(a, b)`` the steps
+#: ``int(a N) <= i < int(b N)`` of N (Prompt-to-Prompt's injection schedules).
+Window = float | tuple[float, float]
 
 #: diffusers' DPM-Solver/UniPC ``lower_order_final`` applies below this many steps.
 LOWER_ORDER_FINAL_STEPS = 15
@@ -102,3 +106,26 @@ def step_at(times: Sequence[float], t: float) -> int | None:
         if min(a, b) < t < max(a, b):
             return i
     return None
+
+
+def check_window(window: Window, name: str = "a step window") -> tuple[float, float]:
+    """``window`` as ``(start, end)``; refused unless ``0 <= start <= end <= 1`` (fractions of
+    the steps; a number ``e`` means ``(0, e)``)."""
+    pair = (0.0, window) if isinstance(window, int | float) else window
+    ok = (not isinstance(window, bool) and isinstance(pair, tuple | list) and len(pair) == 2
+          and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in pair))
+    if not ok or not 0 <= pair[0] <= pair[1] <= 1:
+        raise ValueError(f"{name} must be a fraction of the steps, e or (start, end) with "
+                         f"0 <= start <= end <= 1, got {window!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def in_window(step: int, num_steps: int, window: Window) -> bool:
+    """Whether step ``step`` of ``num_steps`` lies in ``window`` (fractions of the steps).
+
+    ``0.8`` means ``(0, 0.8)``; ``(a, b)`` covers steps ``int(a N) <= i < int(b N)``, as
+    Prompt-to-Prompt's injection schedules.
+    """
+    a, b = check_window(window)
+    return int(a * num_steps) <= step < int(b * num_steps)
