@@ -9,7 +9,8 @@ In the flow view (``z = x / (alpha + sigma)``, ``tau`` from 0 = clean to 1 = noi
 * **Reconstruction and editing** run the (guided, prompted) velocity down, pulled towards the
   image ``y0`` with strength ``eta`` from ``eta_start`` to ``eta_end`` of the steps:
   ``dz/dtau = v + eta (u' - v)`` with ``u' = (z - y0) / tau``, which is Euler with ``x0_hat``
-  replaced by ``(1 - eta) x0_hat + eta y0``. ``eta`` trades faithfulness to the image against the edit.
+  replaced by ``(1 - eta) x0_hat + eta y0``. ``eta`` trades faithfulness to the image against
+  the edit.
 
 Not exact: with ``gamma = eta = 0`` it is DDIM (Euler) inversion of the unconditional flow.
 Network calls: N to invert, N to reconstruct.
