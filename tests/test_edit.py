@@ -235,6 +235,11 @@ def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["edit", *common, "--editor", "flowedit", "--blend", "changed",
                  "--out", str(tmp_path / "no")]) == 2
     assert "--editor flowedit inverts nothing" in capsys.readouterr().err
+    assert main(["edit", *common, "--editor", "flowedit", "--option", "final_steps=2",
+                 "--out", str(tmp_path / "fe2")]) == 0
+    assert main(["edit", *common, "--editor", "sdedit", "--option", "final_steps=2",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--editor sdedit takes these options: none" in capsys.readouterr().err
     assert main(["edit", *common, "--inversion", "fireflow", "--editor", "rf_solver",
                  "--out", str(tmp_path / "rf")]) == 0
 

@@ -127,6 +127,38 @@ def test_flowedit_identity_and_edit():
                                 strength=0.0).latents[1], z[0])
     with pytest.raises(ValueError, match="strength"):
         flowedit(m, z, "a red square", "a blue square", strength=1.5)
+    with pytest.raises(ValueError, match=r"final_steps=6 must be in \[0, 5\]"):
+        flowedit(m, z, "a red square", "a blue square", steps=6, final_steps=6)
+
+
+def test_flowedit_final_steps_are_plain_target_sampling():
+    """``final_steps`` = every step run: SDEdit in the flow view (noise the image to the first
+    time with the edit's first draw, then Euler on the target velocity)."""
+    from retouch.recipes.flowedit import flowedit
+    from retouch.samplers import flow_view
+    from retouch.samplers.flow import flow_velocity
+    from tiny_models import tiny_model
+
+    m = tiny_model("sd1")
+    z = torch.randn(m.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    steps, strength = 6, 0.7  # runs 4 steps
+    edit = flowedit(m, z, "a red square", "a blue square", steps=steps, strength=strength,
+                    cfg=3.0, final_steps=4, seed=5)
+    times = [float(t) for t in m.time_grid(steps)][steps - 4:]
+    tar = m.denoiser(["a blue square"], cfg=3.0)
+    c_clean, _ = flow_view(m.schedule, times[-1])
+    x = z / c_clean
+    _, tau = flow_view(m.schedule, times[0])
+    w = (1 - tau) * x + tau * torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        w = w + (flow_view(m.schedule, t_next)[1] - flow_view(m.schedule, t)[1]) * (
+            flow_velocity(tar, w, t))
+    torch.testing.assert_close(edit.latents[1:], c_clean * w, rtol=1e-5, atol=1e-5)
+    mixed = flowedit(m, z, "a red square", "a blue square", steps=steps, strength=strength,
+                     cfg=3.0, final_steps=1, seed=5)
+    plain = flowedit(m, z, "a red square", "a blue square", steps=steps, strength=strength,
+                     cfg=3.0, seed=5)
+    assert not torch.allclose(mixed.latents[1], plain.latents[1])
 
 
 def test_loss_guidance_leaves_the_pure_noise_call_of_a_flow_model_unguided():

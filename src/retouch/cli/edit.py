@@ -38,6 +38,8 @@ OUTPUTS = ("input.png", "edited.png", "source_reconstruction.png", "mask_local_b
 
 #: Editors that edit the image without inverting it, with their default ``--strength``.
 DIRECT_EDITORS = {"sdedit": 0.6, "flowedit": 0.85}
+#: The ``--option`` keys each of them takes (FlowEdit: ``n_min``, ``n_avg``, source guidance).
+DIRECT_OPTIONS = {"sdedit": (), "flowedit": ("final_steps", "averages", "source_cfg")}
 
 __all__ = ["register", "run_edit", "parse_options", "DIRECT_EDITORS"]
 
@@ -107,9 +109,14 @@ def run_edit(args: argparse.Namespace) -> None:
     options = parse_options(args.option)
     direct = args.editor in DIRECT_EDITORS  # edits the image without inverting it
     if direct:
-        if args.inversion is not None or args.blend is not None or options:
-            raise ValueError(f"--editor {args.editor} inverts nothing and has no editor "
-                             "options: drop --inversion, --blend and --option (use --strength)")
+        if args.inversion is not None or args.blend is not None:
+            raise ValueError(f"--editor {args.editor} inverts nothing and blends nothing: drop "
+                             "--inversion and --blend (use --strength)")
+        unknown = sorted(set(options) - set(DIRECT_OPTIONS[args.editor]))
+        if unknown:
+            allowed = ", ".join(DIRECT_OPTIONS[args.editor]) or "none"
+            raise ValueError(f"--option {', '.join(unknown)}: --editor {args.editor} takes "
+                             f"these options: {allowed}")
     elif args.strength is not None:
         raise ValueError("--strength is SDEdit's and FlowEdit's; use it with --editor sdedit "
                          "or --editor flowedit")
@@ -129,7 +136,8 @@ def run_edit(args: argparse.Namespace) -> None:
     if args.editor == "sdedit":
         result = sdedit(model, image, args.target, strength=strength, **common)
     elif args.editor == "flowedit":
-        result = flowedit(model, image, args.source, args.target, strength=strength, **common)
+        result = flowedit(model, image, args.source, args.target, strength=strength, **common,
+                          **options)
     else:
         result = edit(model, image, args.source, args.target, editor=args.editor,
                       inversion=args.inversion or "direct", maps=True, **common,
