@@ -137,6 +137,28 @@ def test_guidance_moves_the_target_row_only(kind):
     assert torch.isfinite(guided.latents).all()
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_guidance_with_the_look_term_runs_on_transformers(kind):
+    """The look is read from a transformer's image tokens (``norm_out``, laid on the token
+    grid): the source row is unchanged, the target row moves, and the look term is live."""
+    from retouch.models.flux import FluxModel
+    from retouch.models.sd3 import SD3Model
+    from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    m = (SD3Model(tiny_sd3_pipeline()) if kind == "sd3" else FluxModel(tiny_flux_pipeline()))
+    prompt = "a red square on a blue circle"
+    sg = SelfGuidance(move={"square": (0.25, 0.0)}, keep=["circle"], steps=1.0,
+                      weights=GuideWeights(centroid=50, shape=50, keep=10, appearance=5))
+    bound = sg.bind(m, prompt, prompt)
+    assert bound.recorder.feature_module == "norm_out"
+    guided = edit_generated(m, prompt, prompt, editor="none", steps=STEPS, cfg=3.0, seed=1,
+                            plugin=bound)
+    plain = edit_generated(m, prompt, prompt, editor="none", steps=STEPS, cfg=3.0, seed=1)
+    torch.testing.assert_close(guided.latents[0], plain.latents[0], rtol=0, atol=1e-4)
+    assert (guided.latents[1] - plain.latents[1]).abs().max() > 1e-4
+    assert bound.terms["appearance"] > 0  # the target's look drifted and is pulled back
+
+
 def test_the_energy_falls_along_its_gradient():
     """One guided call's gradient step lowers the energy it was taken from (tiny SD1, float64)."""
     m = tiny_model_f64("sd1")

@@ -20,11 +20,12 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``selfguide`` with edit-friendly DDPM inversion (position and size edits): self-guidance
   (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
   case's exact offset or resized by its exact factor (the renderer's ground truth), every other
-  object's shape and every object's look held (:data:`SELFGUIDE`; on a transformer model the
-  look term is off, as it reads UNet decoder features); ``selfguide (caption
+  object's shape and every object's look held (:data:`SELFGUIDE`; the look is read from a
+  UNet's last decoder block, a transformer's ``norm_out``); ``selfguide (caption
   kept)`` the same with the source caption (the paper's setting: guidance alone must move the
   object); ``none`` with the same inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
+  ``none/rf_inversion`` is RF-Inversion's edit (its controlled ODEs, no attention control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
 * flow methods, run on any model in the flow view (:mod:`retouch.samplers.flow`): ``flowedit``
   (inversion-free, :mod:`retouch.recipes.flowedit`, strength 0.85 as the paper's Flux setting,
@@ -122,6 +123,7 @@ def methods(quick: bool) -> list[Method]:
         Method("flowedit", "-", "flowedit", {"strength": FLOWEDIT_STRENGTH}),
         Method("p2p", "rf_solver", "p2p", BLEND),
         Method("rf_solver", "rf_solver", "rf_solver"),
+        Method("none", "rf_inversion", "none"),  # RF-Inversion's edit: its pulled ODEs alone
     ]
     return [m for m in every if m.quick or not quick]
 
@@ -178,9 +180,6 @@ def edit_case(
             # "caption kept": the paper's setting, where guidance alone must move the object
             target = case.source_prompt if options.pop("caption_kept", False) else (
                 case.target_prompt)
-            if not hasattr(model.network.config, "up_block_types"):  # a transformer: no
-                # decoder features for the appearance term, which is then off (see settings)
-                options["weights"] = {**options["weights"], "appearance": 0.0}
             plugin = selfguide_spec(case, **options).bind(model, case.source_prompt, target)
             res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:
@@ -312,8 +311,9 @@ def headline(rows: list[dict]) -> dict:
     Self-guidance on moves and resizes: success per type, the share of cases with everything
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
     ``none`` row (``selfguide_{type}_gain_db``). The flow editors (FlowEdit; RF-Solver's
-    feature sharing on its inversion) on colour edits: success and the dB kept outside the edit
-    over regeneration without control after Direct Inversion (``{editor}_colour_*``)."""
+    feature sharing on its inversion; RF-Inversion's controlled ODEs) on colour edits: success
+    and the dB kept outside the edit over regeneration without control after Direct Inversion
+    (``{editor}_colour_*``)."""
     figures = {}
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
@@ -327,11 +327,13 @@ def headline(rows: list[dict]) -> dict:
         figures[f"selfguide_{edit_type}_gain_db"] = (None if sg is None or none is None
                                                      else sg["bg_psnr"] - none["bg_psnr"])
     none = _get(rows, "none", "direct", "color")
-    for method, inversion in (("flowedit", "-"), ("rf_solver", "rf_solver")):
+    for key, method, inversion in (("flowedit", "flowedit", "-"),
+                                   ("rf_solver", "rf_solver", "rf_solver"),
+                                   ("rf_inversion", "none", "rf_inversion")):
         row = _get(rows, method, inversion, "color")
-        figures[f"{method}_colour_success"] = None if row is None else row["success"]
-        figures[f"{method}_colour_gain_db"] = (None if row is None or none is None
-                                               else row["bg_psnr"] - none["bg_psnr"])
+        figures[f"{key}_colour_success"] = None if row is None else row["success"]
+        figures[f"{key}_colour_gain_db"] = (None if row is None or none is None
+                                            else row["bg_psnr"] - none["bg_psnr"])
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]

@@ -103,7 +103,8 @@ class SelfGuidance:
     in which it guides; ``resolutions``: the cross-attention sites read (default: the coarsest
     down/up level, Prompt-to-Prompt's: 16 x 16 on SD1.x, 8 x 8 on ToyWorld, where the finer
     maps let the gradient move the attention without moving the object); ``feature_module``:
-    the module whose activations make ``appearance`` (default: the UNet's last decoder block).
+    the module whose activations make ``appearance`` (default: the UNet's last decoder block;
+    a transformer's ``norm_out``, its image tokens before the output projection).
     All is checked here, before any model is loaded.
     """
 
@@ -213,14 +214,8 @@ class BoundGuidance:
         if not resolutions or not resolutions <= have:
             raise ValueError(f"self-guidance reads cross-attention at resolutions "
                              f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
-        if spec.weights.appearance and spec.feature_module is None and not hasattr(
-                unet.config, "up_block_types"):
-            raise ValueError("self-guidance's appearance term reads a UNet decoder block by "
-                             "default; on a transformer give feature_module= (a module whose "
-                             "output is the image tokens' features) or weights with "
-                             "appearance=0")
         module = None if not spec.weights.appearance else (
-            spec.feature_module or f"up_blocks.{len(unet.config.up_block_types) - 1}")
+            spec.feature_module or _default_feature_module(unet))
         self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
         # The words' positions in the first text segment (SD3: CLIP's; Flux: T5's).
         tok = segments(model.text_tokens)[0][0]
@@ -305,6 +300,7 @@ class BoundGuidance:
         if w.appearance:
             if feats is None:
                 raise RuntimeError("self-guidance recorded no activations for appearance")
+            feats = _feature_grid(feats, maps)
             looks = []
             for o in [*spec.edited, *spec.keep]:
                 donor = spec.restyle.get(o, o)
@@ -321,6 +317,30 @@ class BoundGuidance:
                 f"self-guidance energy is not finite at step {self.step} (terms "
                 f"{self.terms}): lower the weights or check the prompt's words")
         return total
+
+
+def _default_feature_module(network) -> str:
+    """The activations ``appearance`` reads by default: a UNet's last decoder block (the
+    paper's), a transformer's image tokens entering its output projection (``norm_out``)."""
+    if hasattr(network.config, "up_block_types"):
+        return f"up_blocks.{len(network.config.up_block_types) - 1}"
+    if hasattr(network, "norm_out"):
+        return "norm_out"
+    raise ValueError(f"self-guidance's appearance term knows no feature module of a "
+                     f"{type(network).__name__}: give feature_module= (a module whose output "
+                     f"is the image's features) or weights with appearance=0")
+
+
+def _feature_grid(feats: Tensor, maps: list[Tensor]) -> Tensor:
+    """Activations as (R, C, H, W): a transformer's image tokens (R, N, C) laid on the token
+    grid of its attention maps (R, h, w, T), row-major as its patches are."""
+    if feats.dim() == 4:
+        return feats
+    h, w = maps[0].shape[1:3]
+    if feats.shape[1] != h * w:
+        raise RuntimeError(f"the feature module gave {feats.shape[1]} tokens; the attention "
+                           f"maps are {h}x{w}: choose a module of the image tokens alone")
+    return feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], h, w)
 
 
 def _mean(values: Sequence[Tensor]) -> Tensor:
