@@ -21,7 +21,13 @@ from retouch.attention.properties import (
 )
 from retouch.guidance import LossGuidance
 from retouch.recipes.edit import edit, edit_generated
-from retouch.recipes.guide import GuideWeights, SelfGuidance, guide, guide_generated
+from retouch.recipes.guide import (
+    GuideWeights,
+    SelfGuidance,
+    donor_looks,
+    guide,
+    guide_generated,
+)
 from tiny_models import tiny_model, tiny_model_f64
 
 STEPS = 4
@@ -225,6 +231,46 @@ def test_composes_with_prompt_to_prompt_and_an_inversion():
     assert (r.latents[1] - plain.latents[1]).abs().max() > 1e-3
 
 
+def test_a_look_transferred_from_the_image_itself_is_the_held_look():
+    """``transfer`` reads the donor's looks from its own reconstruction: with the image as its
+    own donor, the edit equals the one that holds the object's look in the same batch."""
+    m = tiny_model("sd1")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    w = GuideWeights(centroid=20, shape=20, keep=10, appearance=20)
+    common = dict(inversion="ddim", steps=STEPS, cfg=3.0)
+    held = guide(m, z, "a red square on a blue circle",
+                 SelfGuidance(move={"square": (0.2, 0.0)}, keep=["square", "circle"],
+                              steps=1.0, weights=w), **common)
+    own = guide(m, z, "a red square on a blue circle",
+                SelfGuidance(move={"square": (0.2, 0.0)}, transfer={"square": "square"},
+                             keep=["circle"], steps=1.0, weights=w),
+                donor=(z, "a red square on a blue circle"), **common)
+    torch.testing.assert_close(own.latents, held.latents, rtol=0, atol=1e-5)
+    other = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    moved = guide(m, z, "a red square on a blue circle",
+                  SelfGuidance(move={"square": (0.2, 0.0)}, transfer={"square": "circle"},
+                               keep=["circle"], steps=1.0, weights=w),
+                  donor=(other, "a green circle"), **common)
+    torch.testing.assert_close(moved.latents[0], held.latents[0], rtol=0, atol=1e-4)
+    assert (moved.latents[1] - held.latents[1]).abs().max() > 1e-4
+    looks = donor_looks(m, other, "a green circle", ["circle"], SelfGuidance(keep=["circle"]),
+                        **common)
+    channels = m.network.config.block_out_channels[0]  # the last decoder block's
+    assert sorted(looks) == list(range(STEPS)) and looks[0]["circle"].shape == (channels,)
+
+
+def test_a_transfer_without_donor_or_with_a_missing_donor_word_is_refused():
+    m = tiny_model("sd1")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sg = SelfGuidance(transfer={"square": "circle"})
+    with pytest.raises(ValueError, match="give donor="):
+        guide(m, z, "a red square", sg, steps=STEPS)
+    with pytest.raises(ValueError, match="'circle', which is not a word of the prompt"):
+        guide(m, z, "a red square", sg, steps=STEPS, donor=(z, "a red square"))
+    with pytest.raises(ValueError, match="both from this image"):
+        SelfGuidance(restyle={"square": "circle"}, transfer={"square": "circle"})
+
+
 def test_a_non_finite_guided_step_is_named():
     m = tiny_model("sd1")
     den = m.denoiser(m.encode(["a red square"]), cfg=3.0)
@@ -309,6 +355,15 @@ def test_guide_cli_writes_the_edit(tiny_toy_pipeline, tmp_path):
                  "--move", f"{word}:{case.offset[0]:.3f},0", "--steps", "4",
                  "--model", str(tiny_toy_pipeline), "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "guide.json").read_text())["target"] == target
+    donor = make_cases(1, seed=6, edit_types=("color",))[0]  # a look from another image
+    Image.fromarray(donor.source_image).save(tmp_path / "donor.png")
+    donor_word = donor.source.objects[0].shape
+    assert main(["guide", str(src), "--source", case.source_prompt, "--transfer",
+                 f"{word}:{donor_word}", "--donor", str(tmp_path / "donor.png"),
+                 "--donor-prompt", donor.source_prompt, "--steps", "4",
+                 "--model", str(tiny_toy_pipeline), "--out", str(tmp_path / "d")]) == 0
+    report = json.loads((tmp_path / "d" / "guide.json").read_text())
+    assert report["transfer"] == {word: donor_word} and report["donor"].endswith("donor.png")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -321,6 +376,10 @@ def test_guide_cli_writes_the_edit(tiny_toy_pipeline, tmp_path):
     (["--move", "{w}:0.1,0", "--weight", "nosuch=1"], "--weight wants NAME=W"),
     (["--move", "{w}:0.1,0", "--window", "0.7,0.2"], "step window"),
     (["--move", "{w}:0.1,0", "--editor", "p2p"], "--target caption"),
+    (["--transfer", "{w}:square"], "give --donor IMAGE2 and --donor-prompt"),
+    (["--transfer", "{w}:square", "--donor", "d.png", "--donor-prompt", "a blue circle"],
+     "'square', which is not a word of the prompt 'a blue circle'"),
+    (["--move", "{w}:0.1,0", "--donor", "d.png"], "serve --transfer"),
 ])
 def test_guide_cli_refuses_bad_input_before_the_model_loads(args, message, tmp_path, capsys,
                                                              monkeypatch):

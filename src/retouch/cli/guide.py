@@ -2,20 +2,22 @@
 self-guidance.
 
 ``retouch guide IMAGE --source P [--move WORD:DX,DY] [--resize WORD:S] [--restyle WORD:OTHER]
-[--keep WORD] [--target P --editor E] [--inversion M] [--weight NAME=W] [--window A,B]
-[--steps N] [--cfg S] [--model DIR] --out DIR`` inverts IMAGE under its caption P (default
-edit-friendly DDPM, exact: an edit that asks for nothing gives the image back), then guides the
-edit's attention: WORD's object moves by DX, DY (fractions of the image side, x right, y down),
-scales its side by S, or takes OTHER's look, while the objects named by ``--keep`` hold their
-shape and look (on a ToyWorld model every other shape word of the caption is held unless
-``--keep`` is given). ``--target`` (with ``--editor none``, the default, or p2p, ...) edits the
-caption in the same run: on ToyWorld, whose captions name positions and sizes, give the new
-position or size there too -- guidance against the caption's own words barely moves anything
+[--transfer WORD:DONORWORD --donor IMAGE2 --donor-prompt P2] [--keep WORD] [--target P --editor
+E] [--inversion M] [--weight NAME=W] [--window A,B] [--steps N] [--cfg S] [--model DIR] --out
+DIR`` inverts IMAGE under its caption P (default edit-friendly DDPM, exact: an edit that asks
+for nothing gives the image back), then guides the edit's attention: WORD's object moves by DX,
+DY (fractions of the image side, x right, y down), scales its side by S, or takes OTHER's look
+(or, with ``--transfer``, the look of DONORWORD's object in IMAGE2, captioned P2 and inverted
+the same way), while the objects named by ``--keep`` hold their shape and look (on a ToyWorld
+model every other shape word of the caption is held unless ``--keep`` is given). ``--target``
+(with ``--editor none``, the default, or p2p, ...) edits the caption in the same run: on
+ToyWorld, whose captions name positions and sizes, give the new position or size there too --
+guidance against the caption's own words barely moves anything
 (``benchmarks/editing-selfguide``). Writes ``DIR/input.png``, ``DIR/edited.png``,
 ``DIR/source_reconstruction.png`` and ``DIR/guide.json``.
 
-Input rules: words must be words of the source caption, moves in (-1, 1), factors > 0, weights
-finite and >= 0; all refused before the model loads. Wire-in: ``register(subparsers)``.
+Input rules: words must be words of the source caption (donor words of the donor's), moves in
+(-1, 1), factors > 0, weights finite and >= 0; all refused before the model loads. Wire-in: ``register(subparsers)``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def guidance_from_args(args: argparse.Namespace, toyworld: bool = False):
     move = _pairs(args.move, "--move", _offset)
     resize = _pairs(args.resize, "--resize", _float)
     restyle = _pairs(args.restyle, "--restyle", lambda v, name: v)
+    transfer = _pairs(args.transfer, "--transfer", lambda v, name: v)
+    if transfer and (args.donor is None or args.donor_prompt is None):
+        raise ValueError("--transfer takes looks from a donor image: give --donor IMAGE2 and "
+                         "--donor-prompt (its caption)")
+    if not transfer and (args.donor is not None or args.donor_prompt is not None):
+        raise ValueError("--donor and --donor-prompt serve --transfer WORD:DONORWORD; give it")
     weights = {}
     for item in args.weight or []:
         key, sep, value = item.partition("=")
@@ -87,15 +95,17 @@ def guidance_from_args(args: argparse.Namespace, toyworld: bool = False):
     window = DEFAULT_STEPS
     if args.window is not None:
         window = _window(args.window)
-    edited = {*move, *resize, *restyle}
+    edited = {*move, *resize, *restyle, *transfer}
     keep = args.keep
     if keep is None:  # the other objects, by their shape words (those naming one object)
         words = args.source.lower().split()
         keep = [w for w in words if toyworld and w in SHAPES and w not in edited
                 and words.count(w) == 1]
-    spec = SelfGuidance(move=move, resize=resize, restyle=restyle, keep=keep,
-                        weights=GuideWeights(**weights), steps=window)
+    spec = SelfGuidance(move=move, resize=resize, restyle=restyle, transfer=transfer,
+                        keep=keep, weights=GuideWeights(**weights), steps=window)
     spec.check_prompt(args.source)
+    if transfer:
+        SelfGuidance(keep=list(transfer.values())).check_prompt(args.donor_prompt)
     return spec
 
 
@@ -109,25 +119,32 @@ def run_guide(args: argparse.Namespace) -> None:
         raise ValueError(f"--editor {args.editor} edits towards a --target caption; give one")
     check_editor(args.editor, {})
     guidance_from_args(args)  # every check before the model loads
-    out = check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"no image at {args.image}")
+    inputs = (args.image,) if args.donor is None else (args.image, args.donor)
+    out = check_output_dir(args.out, OUTPUTS, inputs=inputs)
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no image at {path}")
     model = PipelineModel.load(args.model)
     spec = guidance_from_args(args, toyworld=model.vocabulary is not None)
     model.check_prompt(args.source)
     if args.target is not None:
         model.check_prompt(args.target)
     image = read_image(args.image, model.image_size)
+    donor = None
+    if args.donor is not None:
+        model.check_prompt(args.donor_prompt)
+        donor = (read_image(args.donor, model.image_size), args.donor_prompt)
     result = guide(model, image, args.source, spec, target_prompt=args.target,
                    inversion=args.inversion, editor=args.editor, steps=args.steps, cfg=args.cfg,
-                   seed=args.seed, progress=True)
+                   seed=args.seed, donor=donor, progress=True)
     save_image(image, out / "input.png")
     save_image(result.edited, out / "edited.png")
     save_image(result.source, out / "source_reconstruction.png")
     report = {"source": args.source, "target": args.target, "editor": args.editor,
               "inversion": args.inversion, "steps": args.steps, "cfg": args.cfg,
               "seed": args.seed, "move": spec.move, "resize": spec.resize,
-              "restyle": spec.restyle, "keep": spec.keep, "weights": asdict(spec.weights),
+              "restyle": spec.restyle, "transfer": spec.transfer, "donor": args.donor,
+              "donor_prompt": args.donor_prompt, "keep": spec.keep, "weights": asdict(spec.weights),
               "window": list(spec.steps)}
     atomic_write_text(out / "guide.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'edited.png'}, {out / 'source_reconstruction.png'}")
@@ -149,6 +166,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="scale WORD's object's side by S > 0")
     p.add_argument("--restyle", action="append", metavar="WORD:OTHER",
                    help="WORD's object takes OTHER's look")
+    p.add_argument("--transfer", action="append", metavar="WORD:DONORWORD",
+                   help="WORD's object takes the look of DONORWORD's object in --donor")
+    p.add_argument("--donor", default=None, metavar="IMAGE2",
+                   help="the image --transfer takes looks from")
+    p.add_argument("--donor-prompt", default=None, metavar="P2", help="the donor's caption")
     p.add_argument("--keep", action="append", metavar="WORD",
                    help="hold WORD's object (default on ToyWorld: every other shape word)")
     p.add_argument("--target", default=None, help="a caption edit to compose (with --editor)")

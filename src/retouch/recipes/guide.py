@@ -13,6 +13,10 @@ are pulled towards the source's, edited, by the gradient of an energy ``g``:
     ``  + w_appearance mean_o |appearance_src(o') - appearance(o)|_1``   (o' = o, or the object
                                                                          whose look o takes)
 
+An object may also take its look from another image (``transfer``, the paper's appearance
+transfer from real images): the donor image is inverted and reconstructed once beforehand with
+the same inversion and steps, and its object's appearance at each step is the target then.
+
 ``i`` runs over the cross-attention sites; ``|.|_1`` is the sum over (x, y) for the centroid
 and a mean over cells or channels elsewhere; a word both moved and resized has one ``T``
 (scaled about its source centroid, then moved). The
@@ -53,7 +57,8 @@ from ..guidance import LossGuidance
 from ..samplers import step_at
 from .edit import ROLES, EditResult, edit, edit_generated
 
-__all__ = ["GuideWeights", "SelfGuidance", "guide", "guide_generated", "DEFAULT_STEPS"]
+__all__ = ["GuideWeights", "SelfGuidance", "guide", "guide_generated", "donor_looks",
+           "DEFAULT_STEPS"]
 
 #: Fraction of the steps self-guidance acts in (the layout is decided early; late steps refine).
 DEFAULT_STEPS: Window = (0.0, 0.6)
@@ -98,11 +103,13 @@ class SelfGuidance:
 
     ``move``: word -> (dx, dy) in image fractions (x right, y down), each in (-1, 1);
     ``resize``: word -> factor f > 0 (the object's side times f, its size times f^2);
-    ``restyle``: word -> another word whose source appearance it takes; ``keep``: words of
-    objects whose shape and appearance are held. ``steps``: the window (fractions of the steps)
-    in which it guides; ``resolutions``: the cross-attention sites read (default: the coarsest
-    down/up level, Prompt-to-Prompt's: 16 x 16 on SD1.x, 8 x 8 on ToyWorld, where the finer
-    maps let the gradient move the attention without moving the object); ``feature_module``:
+    ``restyle``: word -> another word whose source appearance it takes; ``transfer``: word ->
+    a word of a donor image's prompt whose look it takes (``guide(..., donor=...)``);
+    ``keep``: words of objects whose shape and appearance are held. ``steps``: the window
+    (fractions of the steps) in which it guides; ``resolutions``: the cross-attention sites
+    read (default: the coarsest down/up level, Prompt-to-Prompt's: 16 x 16 on SD1.x, 8 x 8 on
+    ToyWorld, where the finer maps let the gradient move the attention without moving the
+    object); ``feature_module``:
     the module whose activations make ``appearance`` (default: the UNet's last decoder block;
     a transformer's ``norm_out``, its image tokens before the output projection).
     All is checked here, before any model is loaded.
@@ -114,6 +121,7 @@ class SelfGuidance:
         move: Mapping[str, tuple[float, float]] | None = None,
         resize: Mapping[str, float] | None = None,
         restyle: Mapping[str, str] | None = None,
+        transfer: Mapping[str, str] | None = None,
         keep: Sequence[str] = (),
         weights: GuideWeights | None = None,
         steps: Window = DEFAULT_STEPS,
@@ -128,6 +136,11 @@ class SelfGuidance:
                 raise ValueError(f"the resize factor of {w!r} must be > 0 (1 keeps its size), "
                                  f"got {f:g}")
         self.restyle = dict(restyle or {})
+        self.transfer = dict(transfer or {})
+        both = sorted(set(self.restyle) & set(self.transfer))
+        if both:
+            raise ValueError(f"self-guidance takes the look of {both[0]!r} both from this image "
+                             "(restyle) and from a donor (transfer): name it in one of them")
         self.keep = [w for w in dict.fromkeys(keep) if w not in self.edited]
         self.weights = weights or GuideWeights()
         self.steps = check_window(steps, "the self-guidance step window")
@@ -143,11 +156,12 @@ class SelfGuidance:
     @property
     def edited(self) -> list[str]:
         """Words of the objects this edit changes, in a stable order."""
-        return list(dict.fromkeys([*self.move, *self.resize, *self.restyle]))
+        return list(dict.fromkeys([*self.move, *self.resize, *self.restyle, *self.transfer]))
 
     @property
     def words(self) -> list[str]:
-        """Every word this edit names (edited, looks taken from, held)."""
+        """Every word of this image's prompt this edit names (edited, looks taken from, held;
+        not the donor's words of ``transfer``)."""
         return list(dict.fromkeys([*self.edited, *self.restyle.values(), *self.keep]))
 
     def check_prompt(self, prompt: str) -> None:
@@ -164,10 +178,15 @@ class SelfGuidance:
                                  f"{tokens.count(w.lower())} times in {prompt!r}: name the "
                                  "object by a word or phrase that occurs once (e.g. its colour)")
 
-    def bind(self, model, source: str, target: str) -> BoundGuidance:
-        """The :class:`~retouch.recipes.edit.EditPlugin` of this edit on ``model``."""
+    def bind(self, model, source: str, target: str,
+             donor_looks: Mapping[int, Mapping[str, Tensor]] | None = None) -> BoundGuidance:
+        """The :class:`~retouch.recipes.edit.EditPlugin` of this edit on ``model``;
+        ``donor_looks`` (step -> donor word -> look, :func:`donor_looks`) serve ``transfer``."""
         self.check_prompt(source)
-        return BoundGuidance(self, model, source, target)
+        if self.transfer and donor_looks is None:
+            raise ValueError(f"self-guidance transfers looks from a donor image "
+                             f"({self.transfer}): give guide(..., donor=(image, prompt))")
+        return BoundGuidance(self, model, source, target, donor_looks)
 
 
 def _offset(word: str, d) -> tuple[float, float]:
@@ -204,21 +223,12 @@ class BoundGuidance:
     """Self-guidance bound to a model and the edit's two prompts (an
     :class:`~retouch.recipes.edit.EditPlugin`)."""
 
-    def __init__(self, spec: SelfGuidance, model, source: str, target: str):
+    def __init__(self, spec: SelfGuidance, model, source: str, target: str,
+                 donor_looks: Mapping[int, Mapping[str, Tensor]] | None = None):
         self.spec = spec
-        unet = model.network
-        sites = controller_sites(unet)
-        have = {s.resolution for s in sites if s.kind == "cross"}
-        resolutions = ({coarse_resolution(sites)} if spec.resolutions is None
-                       else spec.resolutions)
-        if not resolutions or not resolutions <= have:
-            raise ValueError(f"self-guidance reads cross-attention at resolutions "
-                             f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
-        module = None if not spec.weights.appearance else (
-            spec.feature_module or _default_feature_module(unet))
-        self.recorder = PropertyRecorder(resolutions=resolutions, feature_module=module)
-        # The words' positions in the first text segment (SD3: CLIP's; Flux: T5's).
-        tok = segments(model.text_tokens)[0][0]
+        self.donor_looks = donor_looks or {}
+        self.recorder = _recorder(spec, model.network, looks=bool(spec.weights.appearance))
+        tok = _tokenizer(model)
         same_length = len(token_ids(tok, source)) == len(token_ids(tok, target))
         self.positions = {}  # word -> (source positions, target positions)
         for w in spec.words:
@@ -303,11 +313,14 @@ class BoundGuidance:
             feats = _feature_grid(feats, maps)
             looks = []
             for o in [*spec.edited, *spec.keep]:
-                donor = spec.restyle.get(o, o)
-                a_src, _ = word_maps(donor)
                 _, a_tgt = word_maps(o)
-                want = appearance(_site_shape(a_src, feats)[None], feats[src:src + 1].detach())
                 have = appearance(_site_shape(a_tgt, feats)[None], feats[tgt:tgt + 1])
+                if o in spec.transfer:
+                    want = self._donor_look(spec.transfer[o]).to(have)
+                else:
+                    a_src, _ = word_maps(spec.restyle.get(o, o))
+                    want = appearance(_site_shape(a_src, feats)[None],
+                                      feats[src:src + 1].detach())
                 looks.append((want - have).abs().mean())
             add("appearance", w.appearance, _mean(looks))
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
@@ -317,6 +330,102 @@ class BoundGuidance:
                 f"self-guidance energy is not finite at step {self.step} (terms "
                 f"{self.terms}): lower the weights or check the prompt's words")
         return total
+
+
+    def _donor_look(self, word: str) -> Tensor:
+        looks = self.donor_looks.get(self.step)
+        if looks is None or word not in looks:
+            raise RuntimeError(f"the donor image's look of {word!r} was not recorded at step "
+                               f"{self.step}: record it with donor_looks() on the same steps")
+        return looks[word]
+
+
+def _recorder(spec: SelfGuidance, network, *, looks: bool) -> PropertyRecorder:
+    """The recorder of ``spec``'s maps (and, if ``looks``, activations) on ``network``."""
+    sites = controller_sites(network)
+    have = {s.resolution for s in sites if s.kind == "cross"}
+    resolutions = {coarse_resolution(sites)} if spec.resolutions is None else spec.resolutions
+    if not resolutions or not resolutions <= have:
+        raise ValueError(f"self-guidance reads cross-attention at resolutions "
+                         f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
+    module = (spec.feature_module or _default_feature_module(network)) if looks else None
+    return PropertyRecorder(resolutions=resolutions, feature_module=module)
+
+
+def _tokenizer(model):
+    """The tokenizer of the words' positions: the first text segment's (SD3: CLIP's; Flux:
+    T5's)."""
+    return segments(model.text_tokens)[0][0]
+
+
+class _LookRecording:
+    """An :class:`~retouch.recipes.edit.EditPlugin` that records, at each step of an edit's
+    source row, the look of some words (their :func:`appearance`), changing nothing."""
+
+    def __init__(self, spec: SelfGuidance, model, prompt: str, words: Sequence[str]):
+        tok = _tokenizer(model)
+        self.positions = {w: _positions(tok, prompt, w) for w in words}
+        self.recorder = _recorder(spec, model.network, looks=True)
+        self.controllers = [self.recorder]
+        self.looks: dict[int, dict[str, Tensor]] = {}
+
+    def wrap(self, denoiser, times: Tensor):
+        grid = [float(t) for t in times]
+        plugin = self
+
+        class Recording:  # the denoiser, run with gradients on so the recorder reads
+            schedule = denoiser.schedule
+            halves = getattr(denoiser, "halves", ("cond",))
+
+            def __call__(self, x: Tensor, t: float):
+                with torch.enable_grad():
+                    pred = denoiser(x.detach(), t)
+                plugin._keep(step_at(grid, t))
+                return _detached(pred)
+
+        return Recording()
+
+    def _keep(self, step: int | None) -> None:
+        maps, feats = self.recorder.take()
+        if step is None or not maps or feats is None:
+            return
+        feats = _feature_grid(feats, maps).detach()
+        src = BatchLayout(ROLES).latent_rows("source")[0]
+        self.looks.setdefault(step, {w: appearance(
+            _site_shape([m[src, ..., p].sum(-1).detach() for m in maps], feats)[None],
+            feats[src:src + 1])[0] for w, p in self.positions.items()})
+
+
+def _detached(pred):
+    if isinstance(pred, Tensor):
+        return pred.detach()
+    return type(pred)(**{k: v.detach() for k, v in vars(pred).items()})
+
+
+def donor_looks(
+    model,
+    image,
+    prompt: str,
+    words: Sequence[str],
+    guidance: SelfGuidance,
+    *,
+    inversion: str = "ddpm_edit_friendly",
+    steps: int = 25,
+    cfg: float = 5.0,
+    seed: int = 0,
+    inversion_options: Mapping | None = None,
+    progress: bool = False,
+) -> dict[int, dict[str, Tensor]]:
+    """The look (:func:`~retouch.attention.properties.appearance`) of ``words`` of a donor
+    ``image`` captioned ``prompt`` at each step (``{step: {word: (C,)}}``), read from its
+    reconstruction after ``inversion`` on ``steps`` steps with ``guidance``'s sites and
+    feature module. Costs one inversion and one reconstruction of the donor."""
+    model.check_prompt(prompt)
+    SelfGuidance(keep=list(words)).check_prompt(prompt)
+    recording = _LookRecording(guidance, model, prompt, words)
+    edit(model, image, prompt, prompt, inversion=inversion, editor="none", steps=steps, cfg=cfg,
+         seed=seed, inversion_options=inversion_options, plugin=recording, progress=progress)
+    return recording.looks
 
 
 def _default_feature_module(network) -> str:
@@ -393,16 +502,27 @@ def guide(
     cfg: float = 5.0,
     seed: int = 0,
     inversion_options: Mapping | None = None,
+    donor: tuple | None = None,
     progress: bool = False,
     **editor_options,
 ) -> EditResult:
     """Self-guided edit of a real ``image`` captioned ``prompt``: inverted with ``inversion``
     (any of :data:`retouch.inversion.METHODS`), its reconstruction the source row, the target
     row guided (see the module doc); ``target_prompt`` / ``editor`` as in
-    :func:`guide_generated`."""
+    :func:`guide_generated`. ``donor``: ``(image, prompt)`` of the image ``guidance.transfer``
+    takes looks from (inverted the same way)."""
     target = prompt if target_prompt is None else target_prompt
     model.check_prompt(prompt)
-    plugin = guidance.bind(model, prompt, target)
+    guidance.check_prompt(prompt)
+    looks = None
+    if guidance.transfer:
+        if donor is None:
+            raise ValueError(f"self-guidance transfers looks from a donor image "
+                             f"({guidance.transfer}): give donor=(image, prompt)")
+        looks = donor_looks(model, donor[0], donor[1], list(guidance.transfer.values()),
+                            guidance, inversion=inversion, steps=steps, cfg=cfg, seed=seed,
+                            inversion_options=inversion_options, progress=progress)
+    plugin = guidance.bind(model, prompt, target, looks)
     return edit(model, image, prompt, target, inversion=inversion, editor=editor, steps=steps,
                 cfg=cfg, seed=seed, inversion_options=inversion_options, plugin=plugin,
                 progress=progress, **editor_options)
