@@ -17,7 +17,8 @@ guidance against the caption's own words barely moves anything
 ``DIR/source_reconstruction.png`` and ``DIR/guide.json``.
 
 Input rules: words must be words of the source caption (donor words of the donor's), moves in
-(-1, 1), factors > 0, weights finite and >= 0; all refused before the model loads. Wire-in: ``register(subparsers)``.
+(-1, 1), factors > 0, weights finite and >= 0; all refused before the model loads. Wire-in:
+``register(subparsers)``.
 """
 
 from __future__ import annotations
