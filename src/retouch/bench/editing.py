@@ -17,13 +17,16 @@ steps quick, 25 full). Methods (:func:`methods`):
 * ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
   S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
   self-attention layer finer than the coarsest level;
-* ``selfguide`` with edit-friendly DDPM inversion (position and size edits): self-guidance
+* ``selfguide`` with edit-friendly DDPM inversion (position, size and colour edits): self-guidance
   (:mod:`retouch.recipes.guide`) towards the target caption, the edited object moved by the
   case's exact offset or resized by its exact factor (the renderer's ground truth), every other
   object's shape and every object's look held (:data:`SELFGUIDE`; the look is read from a
   UNet's last decoder block, a transformer's ``norm_out``); ``selfguide (caption
   kept)`` the same with the source caption (the paper's setting: guidance alone must move the
-  object); ``none`` with the same inversion is the edit without guidance;
+  object); on colour edits ``selfguide look`` (target caption) and ``selfguide (caption
+  kept)`` take the edited object's look from a rendered donor (one object of the target colour
+  and another shape: :func:`~retouch.bench.selfguide.donor_scene`), the paper's appearance
+  transfer from a real image; ``none`` with the same inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
   ``none/rf_inversion`` is RF-Inversion's edit (its controlled ODEs, no attention control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
@@ -67,7 +70,7 @@ from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 from .overhead import processor_overhead
-from .selfguide import SELFGUIDE, SELFGUIDE_INVERSION, selfguide_spec
+from .selfguide import SELFGUIDE, SELFGUIDE_INVERSION, donor_scene, selfguide_spec
 
 __all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
            "processor_overhead", "COLUMNS"]
@@ -116,8 +119,10 @@ def methods(quick: bool) -> list[Method]:
         Method("selfguide", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("position", "size")),
         Method("selfguide (caption kept)", SELFGUIDE_INVERSION, "selfguide",
-               {**SELFGUIDE, "caption_kept": True}, edit_types=("position", "size")),
-        Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size")),
+               {**SELFGUIDE, "caption_kept": True}, edit_types=("position", "size", "color")),
+        Method("selfguide look", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
+               edit_types=("color",)),
+        Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size", "color")),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
         Method("flowedit", "-", "flowedit", {"strength": FLOWEDIT_STRENGTH}),
@@ -150,6 +155,8 @@ def edit_case(
     from ..inversion import invert
     from ..recipes.edit import edit_inverted, sdedit
     from ..recipes.flowedit import flowedit
+    from ..recipes.guide import donor_looks
+    from ..toyworld.render import render
 
     out: dict[str, tuple[np.ndarray, float]] = {}
     inversions: dict[str, tuple[object, float]] = {}
@@ -180,7 +187,13 @@ def edit_case(
             # "caption kept": the paper's setting, where guidance alone must move the object
             target = case.source_prompt if options.pop("caption_kept", False) else (
                 case.target_prompt)
-            plugin = selfguide_spec(case, **options).bind(model, case.source_prompt, target)
+            spec = selfguide_spec(case, **options)
+            looks = None
+            if spec.transfer:  # a colour case: the look of a rendered donor's object
+                scene, donor_prompt, word = donor_scene(case)
+                looks = donor_looks(model, render(scene).image, donor_prompt,
+                                    [word], spec, inversion=m.inversion, steps=steps, cfg=cfg)
+            plugin = spec.bind(model, case.source_prompt, target, looks)
             res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:
             res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
@@ -310,7 +323,9 @@ def headline(rows: list[dict]) -> dict:
     outside the edit over regenerating without control (``none``) at the same step count.
     Self-guidance on moves and resizes: success per type, the share of cases with everything
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
-    ``none`` row (``selfguide_{type}_gain_db``). The flow editors (FlowEdit; RF-Solver's
+    ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, its success
+    with the source caption (guidance alone, ``selfguide_colour_success``) and with the target
+    caption (``selfguide_look_colour_success``). The flow editors (FlowEdit; RF-Solver's
     feature sharing on its inversion; RF-Inversion's controlled ODEs) on colour edits: success
     and the dB kept outside the edit over regeneration without control after Direct Inversion
     (``{editor}_colour_*``)."""
@@ -334,6 +349,11 @@ def headline(rows: list[dict]) -> dict:
         figures[f"{key}_colour_success"] = None if row is None else row["success"]
         figures[f"{key}_colour_gain_db"] = (None if row is None or none is None
                                             else row["bg_psnr"] - none["bg_psnr"])
+    # colour via appearance (a donor's look): guidance alone, and with the target caption
+    for key, method in (("selfguide_colour_success", "selfguide (caption kept)"),
+                        ("selfguide_look_colour_success", "selfguide look")):
+        row = _get(rows, method, SELFGUIDE_INVERSION, "color")
+        figures[key] = None if row is None else row["success"]
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]

@@ -1,5 +1,7 @@
 """Self-guidance in the editing benchmark: the settings of its rows and the edit of a ToyBench
-move or resize case (the renderer's exact offset or factor, the other objects held).
+move or resize case (the renderer's exact offset or factor, the other objects held), or of a
+colour case by a look taken from a donor image (:func:`donor_scene`: one object of the target
+colour and another shape, on the source's background and fill style).
 
 The weights are :class:`~retouch.recipes.guide.GuideWeights`' defaults, chosen on ToyBench
 moves and resizes of another seed than the benchmark's; the inversion is the one that moves
@@ -8,12 +10,13 @@ objects with a caption edit on ToyWorld (Direct Inversion and BDIA were tried be
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..recipes.guide import DEFAULT_STEPS, GuideWeights, SelfGuidance
 from ..toyworld.editbench import EditCase
+from ..toyworld.scene import SHAPES, Scene, caption
 
-__all__ = ["SELFGUIDE", "SELFGUIDE_INVERSION", "object_word", "selfguide_spec"]
+__all__ = ["SELFGUIDE", "SELFGUIDE_INVERSION", "object_word", "selfguide_spec", "donor_scene"]
 
 SELFGUIDE_INVERSION = "ddpm_edit_friendly"  # the inversion of the selfguide rows and the demo
 SELFGUIDE = dict(weights=asdict(GuideWeights()), steps=DEFAULT_STEPS)  # the rows' settings
@@ -29,12 +32,30 @@ def object_word(case: EditCase, k: int | None = None) -> str:
     return obj.shape if shapes.count(obj.shape) == 1 else obj.color
 
 
+def donor_scene(case: EditCase) -> tuple[Scene, str, str]:
+    """``(scene, caption, word)`` of the donor of a colour case: the edited object in the
+    target colour as a big centred object of the next shape, alone on the source's background
+    and fill style; ``word`` (its shape) names it."""
+    obj = case.source.objects[case.object_index]
+    shape = SHAPES[(SHAPES.index(obj.shape) + 1) % len(SHAPES)] if obj.shape in SHAPES else (
+        SHAPES[0])
+    donor = replace(case.source, objects=(replace(
+        obj, shape=shape, color=case.target.objects[case.object_index].color, size="big",
+        position="center", dx=0.0, dy=0.0, scale=1.0),))
+    return donor, caption(donor).text, shape
+
+
 def selfguide_spec(case: EditCase, *, weights: dict, steps) -> SelfGuidance:
-    """The self-guidance edit of a move or resize case: the edited object moved by the case's
-    exact offset or scaled by its exact factor, every other object held."""
+    """The self-guidance edit of a case: a move or resize case's object moved by its exact
+    offset or scaled by its exact factor, a colour case's object taking the donor's look
+    (:func:`donor_scene`); every other object held."""
     keep = [object_word(case, i) for i in range(len(case.source.objects))
             if i != case.object_index]
     word = object_word(case)
-    edit = ({"move": {word: case.offset}} if case.edit_type == "position"
-            else {"resize": {word: case.factor}})
+    if case.edit_type == "color":
+        edit = {"transfer": {word: donor_scene(case)[2]}}
+    elif case.edit_type == "position":
+        edit = {"move": {word: case.offset}}
+    else:
+        edit = {"resize": {word: case.factor}}
     return SelfGuidance(**edit, keep=keep, weights=GuideWeights(**weights), steps=steps)

@@ -211,12 +211,12 @@ def _positions(tokenizer, prompt: str, word: str) -> list[int]:
     return pos
 
 
-def _occurs(tokenizer, prompt: str, word: str) -> bool:
+def _occurs_once(tokenizer, prompt: str, word: str) -> bool:
     try:
-        word_positions(tokenizer, prompt, word)
+        pos = word_positions(tokenizer, prompt, word)
     except ValueError:
         return False
-    return True
+    return len(pos) == len(tokenizer(word, add_special_tokens=False).input_ids)
 
 
 class BoundGuidance:
@@ -233,10 +233,10 @@ class BoundGuidance:
         self.positions = {}  # word -> (source positions, target positions)
         for w in spec.words:
             src = _positions(tok, source, w)
-            if _occurs(tok, target, w):
+            if _occurs_once(tok, target, w):
                 tgt = _positions(tok, target, w)
-            elif same_length:
-                tgt = src  # a word swapped for one of as many tokens: the aligned positions
+            elif same_length:  # a word swapped for one of as many tokens (or now repeated,
+                tgt = src  # as a recoloured object's colour may be): the aligned positions
             else:
                 raise ValueError(
                     f"self-guidance names {w!r}, which the target prompt {target!r} lacks, and "
