@@ -46,3 +46,23 @@ def test_editing_headline_is_p2p_against_regeneration():
     h = headline(rows)
     assert h["p2p_colour_success"] == 0.9 and h["p2p_colour_gain_db"] == pytest.approx(2.5)
     assert h["p2p_shape_success"] is None and h["p2p_shape_gain_db"] is None
+
+
+def test_editing_headline_reads_the_flow_and_look_rows():
+    def row(method, inversion, success, db):
+        return {"method": method, "inversion": inversion, "edit_type": "color",
+                "success": success, "bg_psnr": db}
+
+    h = headline([row("none", "direct", 0.9, 30.0), row("none", "rf_inversion", 0.8, 33.0),
+                  row("flowedit", "-", 0.95, 36.0),
+                  row("none", "ddpm_edit_friendly", 1.0, 31.0),
+                  row("selfguide (caption kept)", "ddpm_edit_friendly", 0.25, 35.0),
+                  row("selfguide look", "ddpm_edit_friendly", 0.75, 30.5)])
+    assert h["rf_inversion_colour_success"] == 0.8
+    assert h["rf_inversion_colour_gain_db"] == pytest.approx(3.0)
+    assert h["flowedit_colour_gain_db"] == pytest.approx(6.0)
+    assert h["rf_solver_colour_success"] is None
+    assert h["selfguide_kept_colour_success"] == 0.25
+    assert h["selfguide_kept_colour_gain_db"] == pytest.approx(4.0)  # over none, same inversion
+    assert h["selfguide_look_colour_success"] == 0.75
+    assert h["selfguide_look_colour_gain_db"] == pytest.approx(-0.5)

@@ -237,6 +237,12 @@ def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
     assert "--editor flowedit inverts nothing" in capsys.readouterr().err
     assert main(["edit", *common, "--editor", "flowedit", "--option", "final_steps=2",
                  "--out", str(tmp_path / "fe2")]) == 0
+    assert json.loads((tmp_path / "fe2" / "edit.json").read_text())["options"] == {
+        "final_steps": 2}
+    for bad in ("final_steps=1.5", "final_steps=two"):
+        assert main(["edit", *common, "--editor", "flowedit", "--option", bad,
+                     "--out", str(tmp_path / "no")]) == 2
+        assert "final_steps must be a whole number" in capsys.readouterr().err
     assert main(["edit", *common, "--editor", "sdedit", "--option", "final_steps=2",
                  "--out", str(tmp_path / "no")]) == 2
     assert "--editor sdedit takes these options: none" in capsys.readouterr().err

@@ -129,6 +129,8 @@ def test_flowedit_identity_and_edit():
         flowedit(m, z, "a red square", "a blue square", strength=1.5)
     with pytest.raises(ValueError, match=r"final_steps=6 must be in \[0, 5\]"):
         flowedit(m, z, "a red square", "a blue square", steps=6, final_steps=6)
+    with pytest.raises(ValueError, match="final_steps must be a whole number, got 1.5"):
+        flowedit(m, z, "a red square", "a blue square", steps=6, final_steps=1.5)
 
 
 def test_flowedit_final_steps_are_plain_target_sampling():

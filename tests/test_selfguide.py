@@ -162,7 +162,15 @@ def test_guidance_with_the_look_term_runs_on_transformers(kind):
     plain = edit_generated(m, prompt, prompt, editor="none", steps=STEPS, cfg=3.0, seed=1)
     torch.testing.assert_close(guided.latents[0], plain.latents[0], rtol=0, atol=1e-4)
     assert (guided.latents[1] - plain.latents[1]).abs().max() > 1e-4
-    assert bound.terms["appearance"] > 0  # the target's look drifted and is pulled back
+    no_look = SelfGuidance(move={"square": (0.25, 0.0)}, keep=["circle"], steps=1.0,
+                           weights=GuideWeights(centroid=50, shape=50, keep=10, appearance=0))
+    without = guide_generated(m, prompt, no_look, steps=STEPS, cfg=3.0, seed=1)
+    assert (guided.latents[1] - without.latents[1]).abs().max() > 1e-4  # the look term acts
+    looks = donor_looks(m, plain.latents[:1], prompt, ["circle"], sg, inversion="ddim",
+                        steps=STEPS, cfg=3.0)
+    assert sorted(looks) == list(range(STEPS))  # the window: every step
+    assert looks[0]["circle"].shape == (m.network.config.caption_projection_dim
+                                        if kind == "sd3" else m.network.inner_dim,)
 
 
 def test_the_energy_falls_along_its_gradient():
@@ -239,7 +247,7 @@ def test_a_look_transferred_from_the_image_itself_is_the_held_look():
     w = GuideWeights(centroid=20, shape=20, keep=10, appearance=20)
     common = dict(inversion="ddim", steps=STEPS, cfg=3.0)
     held = guide(m, z, "a red square on a blue circle",
-                 SelfGuidance(move={"square": (0.2, 0.0)}, keep=["square", "circle"],
+                 SelfGuidance(move={"square": (0.2, 0.0)}, keep=["circle"],
                               steps=1.0, weights=w), **common)
     own = guide(m, z, "a red square on a blue circle",
                 SelfGuidance(move={"square": (0.2, 0.0)}, transfer={"square": "square"},
@@ -256,7 +264,8 @@ def test_a_look_transferred_from_the_image_itself_is_the_held_look():
     looks = donor_looks(m, other, "a green circle", ["circle"], SelfGuidance(keep=["circle"]),
                         **common)
     channels = m.network.config.block_out_channels[0]  # the last decoder block's
-    assert sorted(looks) == list(range(STEPS)) and looks[0]["circle"].shape == (channels,)
+    assert sorted(looks) == [0, 1]  # the default window, (0, 0.6) of the 4 steps
+    assert looks[0]["circle"].shape == (channels,)
 
 
 def test_a_transfer_without_donor_or_with_a_missing_donor_word_is_refused():
@@ -269,6 +278,10 @@ def test_a_transfer_without_donor_or_with_a_missing_donor_word_is_refused():
         guide(m, z, "a red square", sg, steps=STEPS, donor=(z, "a red square"))
     with pytest.raises(ValueError, match="both from this image"):
         SelfGuidance(restyle={"square": "circle"}, transfer={"square": "circle"})
+    with pytest.raises(ValueError, match="weights.appearance=0 turns off"):
+        SelfGuidance(transfer={"square": "circle"}, weights=OFF)
+    with pytest.raises(ValueError, match="pass donor_looks="):
+        sg.bind(m, "a red square", "a red square")
 
 
 def test_a_non_finite_guided_step_is_named():

@@ -125,7 +125,8 @@ class PropertyRecorder(Controller):
     """Cross-attention maps and one module's activations of the current call, with gradients.
 
     Acts only on calls made with gradients enabled (a loss-guided call), so a sampling step
-    outside the guidance window costs nothing. :meth:`take` returns and forgets them:
+    outside the guidance window costs nothing; ``always`` records every call (a reader that
+    guides nothing, e.g. of a donor image's looks). :meth:`take` returns and forgets them:
     ``maps`` is a list of (R, h, w, T) per site (R latent rows of the ``half``), ``features``
     (R, C, H, W) or None.
     """
@@ -135,11 +136,12 @@ class PropertyRecorder(Controller):
 
     def __init__(self, *, resolutions: Collection[int] | None = None,
                  places: Collection[str] = ("down", "mid", "up"),
-                 feature_module: str | None = None, half: str = "cond"):
+                 feature_module: str | None = None, half: str = "cond", always: bool = False):
         self.resolutions = None if resolutions is None else set(resolutions)  # site sides
         self.places = tuple(places)  # UNet parts whose cross-attention is read
         self.feature_module = feature_module  # module path whose output is psi
         self.half = half  # guidance half whose rows are read
+        self.always = always  # record without gradients too
         self.maps: list[Tensor] = []
         self.features: Tensor | None = None
 
@@ -154,7 +156,7 @@ class PropertyRecorder(Controller):
                 f"{'/'.join(self.places)} blocks, which this model lacks")
 
     def active(self, call: AttnCall | StepInfo) -> bool:
-        return torch.is_grad_enabled()
+        return self.always or torch.is_grad_enabled()
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
         m = p[call.layout.half_rows(self.half)].mean(1)  # (R, N, T), mean over heads

@@ -160,6 +160,7 @@ def edit_case(
 
     out: dict[str, tuple[np.ndarray, float]] = {}
     inversions: dict[str, tuple[object, float]] = {}
+    donors: dict[str, dict] = {}  # a colour case's donor looks, per inversion
     for m in chosen:
         if case.edit_type not in m.edit_types:
             continue
@@ -190,9 +191,12 @@ def edit_case(
             spec = selfguide_spec(case, **options)
             looks = None
             if spec.transfer:  # a colour case: the look of a rendered donor's object
-                scene, donor_prompt, word = donor_scene(case)
-                looks = donor_looks(model, render(scene).image, donor_prompt,
-                                    [word], spec, inversion=m.inversion, steps=steps, cfg=cfg)
+                if m.inversion not in donors:
+                    scene, donor_prompt, word = donor_scene(case)
+                    donors[m.inversion] = donor_looks(
+                        model, render(scene).image, donor_prompt, [word], spec,
+                        inversion=m.inversion, steps=steps, cfg=cfg)
+                looks = donors[m.inversion]
             plugin = spec.bind(model, case.source_prompt, target, looks)
             res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:
@@ -323,12 +327,12 @@ def headline(rows: list[dict]) -> dict:
     outside the edit over regenerating without control (``none``) at the same step count.
     Self-guidance on moves and resizes: success per type, the share of cases with everything
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
-    ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, its success
-    with the source caption (guidance alone, ``selfguide_colour_success``) and with the target
-    caption (``selfguide_look_colour_success``). The flow editors (FlowEdit; RF-Solver's
+    ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, the same
+    with the source caption (guidance alone, ``selfguide_kept_colour_*``) and with the target
+    caption (``selfguide_look_colour_*``). The flow editors (FlowEdit; RF-Solver's
     feature sharing on its inversion; RF-Inversion's controlled ODEs) on colour edits: success
     and the dB kept outside the edit over regeneration without control after Direct Inversion
-    (``{editor}_colour_*``)."""
+    (``{flowedit,rf_solver,rf_inversion}_colour_*``)."""
     figures = {}
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
@@ -350,10 +354,13 @@ def headline(rows: list[dict]) -> dict:
         figures[f"{key}_colour_gain_db"] = (None if row is None or none is None
                                             else row["bg_psnr"] - none["bg_psnr"])
     # colour via appearance (a donor's look): guidance alone, and with the target caption
-    for key, method in (("selfguide_colour_success", "selfguide (caption kept)"),
-                        ("selfguide_look_colour_success", "selfguide look")):
+    none = _get(rows, "none", SELFGUIDE_INVERSION, "color")
+    for key, method in (("selfguide_kept_colour", "selfguide (caption kept)"),
+                        ("selfguide_look_colour", "selfguide look")):
         row = _get(rows, method, SELFGUIDE_INVERSION, "color")
-        figures[key] = None if row is None else row["success"]
+        figures[f"{key}_success"] = None if row is None else row["success"]
+        figures[f"{key}_gain_db"] = (None if row is None or none is None
+                                     else row["bg_psnr"] - none["bg_psnr"])
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]

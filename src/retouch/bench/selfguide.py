@@ -37,8 +37,8 @@ def donor_scene(case: EditCase) -> tuple[Scene, str, str]:
     target colour as a big centred object of the next shape, alone on the source's background
     and fill style; ``word`` (its shape) names it."""
     obj = case.source.objects[case.object_index]
-    shape = SHAPES[(SHAPES.index(obj.shape) + 1) % len(SHAPES)] if obj.shape in SHAPES else (
-        SHAPES[0])
+    k = SHAPES.index(obj.shape) + 1 if obj.shape in SHAPES else 0
+    shape = SHAPES[k % len(SHAPES)]
     donor = replace(case.source, objects=(replace(
         obj, shape=shape, color=case.target.objects[case.object_index].color, size="big",
         position="center", dx=0.0, dy=0.0, scale=1.0),))
@@ -56,6 +56,9 @@ def selfguide_spec(case: EditCase, *, weights: dict, steps) -> SelfGuidance:
         edit = {"transfer": {word: donor_scene(case)[2]}}
     elif case.edit_type == "position":
         edit = {"move": {word: case.offset}}
-    else:
+    elif case.edit_type == "size":
         edit = {"resize": {word: case.factor}}
+    else:
+        raise ValueError(f"self-guidance edits position, size and colour cases, not "
+                         f"{case.edit_type!r} ones")
     return SelfGuidance(**edit, keep=keep, weights=GuideWeights(**weights), steps=steps)

@@ -14,8 +14,10 @@ SDEdit and FlowEdit the VAE round trip), the attention masks the edit used --
 
 ``--blend changed`` turns on local blending on the words that differ between the captions
 (``--blend SRC:TGT`` names them); ``--option KEY=VALUE`` passes any editor option (values are
-read as JSON when they parse, e.g. ``--option cross_steps=0.6``). Combinations that cannot run
-(local blending with EDICT) are refused before any work, naming the valid ones.
+read as JSON when they parse, e.g. ``--option cross_steps=0.6``); FlowEdit takes
+``final_steps`` (the paper's n_min), ``averages`` (n_avg) and ``source_cfg``, SDEdit none.
+Combinations that cannot run (local blending with EDICT) are refused before any work, naming
+the valid ones.
 
 Input rules: those of :func:`retouch.images.prepare_image`. Wire-in: ``register(subparsers)``.
 """
@@ -41,7 +43,7 @@ DIRECT_EDITORS = {"sdedit": 0.6, "flowedit": 0.85}
 #: The ``--option`` keys each of them takes (FlowEdit: ``n_min``, ``n_avg``, source guidance).
 DIRECT_OPTIONS = {"sdedit": (), "flowedit": ("final_steps", "averages", "source_cfg")}
 
-__all__ = ["register", "run_edit", "parse_options", "DIRECT_EDITORS"]
+__all__ = ["register", "run_edit", "parse_options", "DIRECT_EDITORS", "DIRECT_OPTIONS"]
 
 
 def parse_options(pairs: list[str] | None) -> dict:
@@ -177,7 +179,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="SDEdit / FlowEdit strength in [0, 1] (default 0.6 / 0.85)")
     p.add_argument("--blend", default=None, metavar="changed|SRC:TGT",
                    help="P2P local blending on these words")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="editor option")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="editor option (FlowEdit: final_steps, averages, source_cfg)")
     p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_edit)

@@ -10,11 +10,14 @@ image that shares its noise:
 
 from ``tau`` at ``strength`` of the way up the grid down to clean. Nothing is inverted, so
 there is no inversion error to carry; where the two prompts agree the velocities cancel and the
-image stays. With identical prompts and guidance the edit is the image exactly.
+image stays. With identical prompts and guidance (and ``final_steps`` = 0) the edit is the
+image exactly.
 
 The last ``final_steps`` of the grid (the paper's ``n_min``) may instead sample plainly under
 the target prompt, from the noisy edited point ``z_tar`` of the first of them: fine detail the
-difference of velocities cannot add, at the price of the image's exact details there.
+difference of velocities cannot add, at the price of the image's exact details there. With
+``final_steps`` = every step run it is SDEdit in the flow view (the source prompt, its guidance
+and ``averages`` then unused).
 
 Written in the flow view (``z = x / (alpha + sigma)``, ``v = (z - x0_hat) / tau``), so it runs
 on rectified-flow models (SD3, Flux: the paper's setting) and on VP models alike.
@@ -82,7 +85,8 @@ def flowedit(
     if run == 0 and strength > 0:
         raise ValueError(f"strength={strength:g} of {steps} steps runs no step (it needs at "
                          f"least 1/{steps}): raise strength or steps")
-    if not 0 <= final_steps <= run:
+    final_steps = count("final_steps", final_steps, minimum=0)
+    if final_steps > run:
         raise ValueError(f"final_steps={final_steps} must be in [0, {run}] (the {run} steps "
                          f"strength={strength:g} runs of {steps}): lower it")
     times = [float(t) for t in model.time_grid(steps)][steps - run:]

@@ -53,6 +53,7 @@ from ..attention.properties import (
 from ..attention.sites import Window, check_window, controller_sites, describe_sites
 from ..attention.tokens import segments, token_ids, word_positions
 from ..checks import finite
+from ..denoiser import halves_of
 from ..guidance import LossGuidance
 from ..samplers import step_at
 from .edit import ROLES, EditResult, edit, edit_generated
@@ -87,6 +88,21 @@ class GuideWeights:
     def zero(self) -> bool:
         """Whether every term is off (the edit is then exactly the unguided one)."""
         return all(getattr(self, f.name) == 0 for f in fields(self))
+
+
+def check_words(prompt: str, words: Sequence[str]) -> None:
+    """Refuse a word the prompt does not hold (naming the prompt's words), or holds more than
+    once (it would name two objects)."""
+    have = _words(prompt)
+    tokens = _tokens(prompt)
+    for w in words:
+        if not set(_words(w)) <= have or not _words(w):
+            raise ValueError(f"self-guidance names {w!r}, which is not a word of the prompt "
+                             f"{prompt!r}; name one of: {', '.join(sorted(have))}")
+        if tokens.count(w.lower()) > 1:
+            raise ValueError(f"self-guidance names {w!r}, which occurs "
+                             f"{tokens.count(w.lower())} times in {prompt!r}: name the "
+                             "object by a word or phrase that occurs once (e.g. its colour)")
 
 
 def _tokens(prompt: str) -> list[str]:
@@ -151,7 +167,10 @@ class SelfGuidance:
         self.feature_module = feature_module
         if not self.edited and not self.keep:
             raise ValueError("self-guidance needs something to do: name a word to move, "
-                             "resize or restyle (or to keep)")
+                             "resize, restyle or transfer a look to (or to keep)")
+        if (self.restyle or self.transfer) and not self.weights.appearance:
+            raise ValueError("restyle and transfer act through the appearance term, which "
+                             "weights.appearance=0 turns off: give appearance > 0")
 
     @property
     def edited(self) -> list[str]:
@@ -165,18 +184,9 @@ class SelfGuidance:
         return list(dict.fromkeys([*self.edited, *self.restyle.values(), *self.keep]))
 
     def check_prompt(self, prompt: str) -> None:
-        """Refuse a word the prompt does not hold (naming the prompt's words), or holds more
-        than once (it would name two objects)."""
-        have = _words(prompt)
-        tokens = _tokens(prompt)
-        for w in self.words:
-            if not set(_words(w)) <= have or not _words(w):
-                raise ValueError(f"self-guidance names {w!r}, which is not a word of the prompt "
-                                 f"{prompt!r}; name one of: {', '.join(sorted(have))}")
-            if tokens.count(w.lower()) > 1:
-                raise ValueError(f"self-guidance names {w!r}, which occurs "
-                                 f"{tokens.count(w.lower())} times in {prompt!r}: name the "
-                                 "object by a word or phrase that occurs once (e.g. its colour)")
+        """Refuse a word of :attr:`words` that ``prompt`` lacks or repeats
+        (:func:`check_words`)."""
+        check_words(prompt, self.words)
 
     def bind(self, model, source: str, target: str,
              donor_looks: Mapping[int, Mapping[str, Tensor]] | None = None) -> BoundGuidance:
@@ -185,7 +195,8 @@ class SelfGuidance:
         self.check_prompt(source)
         if self.transfer and donor_looks is None:
             raise ValueError(f"self-guidance transfers looks from a donor image "
-                             f"({self.transfer}): give guide(..., donor=(image, prompt))")
+                             f"({self.transfer}): pass donor_looks= (from donor_looks(), or "
+                             "guide(..., donor=(image, prompt)))")
         return BoundGuidance(self, model, source, target, donor_looks)
 
 
@@ -211,6 +222,14 @@ def _positions(tokenizer, prompt: str, word: str) -> list[int]:
     return pos
 
 
+def _occurs(tokenizer, prompt: str, word: str) -> bool:
+    try:
+        word_positions(tokenizer, prompt, word)
+    except ValueError:
+        return False
+    return True
+
+
 def _occurs_once(tokenizer, prompt: str, word: str) -> bool:
     try:
         pos = word_positions(tokenizer, prompt, word)
@@ -233,15 +252,18 @@ class BoundGuidance:
         self.positions = {}  # word -> (source positions, target positions)
         for w in spec.words:
             src = _positions(tok, source, w)
+            # A word the target lacks (swapped for one of as many tokens) or repeats (as a
+            # recoloured object's colour may be) keeps its aligned positions.
             if _occurs_once(tok, target, w):
                 tgt = _positions(tok, target, w)
-            elif same_length:  # a word swapped for one of as many tokens (or now repeated,
-                tgt = src  # as a recoloured object's colour may be): the aligned positions
+            elif same_length:
+                tgt = src
             else:
+                how = "repeats" if _occurs(tok, target, w) else "lacks"
                 raise ValueError(
-                    f"self-guidance names {w!r}, which the target prompt {target!r} lacks, and "
+                    f"self-guidance names {w!r}, which the target prompt {target!r} {how}, and "
                     "the two prompts have different token counts, so its aligned place is "
-                    "unknown: keep the word in the target prompt")
+                    "unknown: keep the word, once, in the target prompt")
             self.positions[w] = (src, tgt)
         self.controllers = [] if spec.weights.zero else [self.recorder]
         self.terms: dict[str, float] = {}  # the last guided call's energy terms
@@ -331,7 +353,6 @@ class BoundGuidance:
                 f"{self.terms}): lower the weights or check the prompt's words")
         return total
 
-
     def _donor_look(self, word: str) -> Tensor:
         looks = self.donor_looks.get(self.step)
         if looks is None or word not in looks:
@@ -340,8 +361,10 @@ class BoundGuidance:
         return looks[word]
 
 
-def _recorder(spec: SelfGuidance, network, *, looks: bool) -> PropertyRecorder:
-    """The recorder of ``spec``'s maps (and, if ``looks``, activations) on ``network``."""
+def _recorder(spec: SelfGuidance, network, *, looks: bool, always: bool = False
+              ) -> PropertyRecorder:
+    """The recorder of ``spec``'s maps (and, if ``looks``, activations) on ``network``
+    (``always``: in every call, not only guided ones)."""
     sites = controller_sites(network)
     have = {s.resolution for s in sites if s.kind == "cross"}
     resolutions = {coarse_resolution(sites)} if spec.resolutions is None else spec.resolutions
@@ -349,7 +372,7 @@ def _recorder(spec: SelfGuidance, network, *, looks: bool) -> PropertyRecorder:
         raise ValueError(f"self-guidance reads cross-attention at resolutions "
                          f"{sorted(resolutions)}; this model has {describe_sites(sites)}")
     module = (spec.feature_module or _default_feature_module(network)) if looks else None
-    return PropertyRecorder(resolutions=resolutions, feature_module=module)
+    return PropertyRecorder(resolutions=resolutions, feature_module=module, always=always)
 
 
 def _tokenizer(model):
@@ -359,47 +382,46 @@ def _tokenizer(model):
 
 
 class _LookRecording:
-    """An :class:`~retouch.recipes.edit.EditPlugin` that records, at each step of an edit's
-    source row, the look of some words (their :func:`appearance`), changing nothing."""
+    """An :class:`~retouch.recipes.edit.EditPlugin` that records, at each step of ``window``
+    in an edit's source row, the look of some words (their :func:`appearance`), changing
+    nothing (its recorder reads without gradients)."""
 
     def __init__(self, spec: SelfGuidance, model, prompt: str, words: Sequence[str]):
         tok = _tokenizer(model)
         self.positions = {w: _positions(tok, prompt, w) for w in words}
-        self.recorder = _recorder(spec, model.network, looks=True)
+        self.recorder = _recorder(spec, model.network, looks=True, always=True)
         self.controllers = [self.recorder]
+        self.window = spec.steps
         self.looks: dict[int, dict[str, Tensor]] = {}
 
     def wrap(self, denoiser, times: Tensor):
         grid = [float(t) for t in times]
+        n = len(grid) - 1
         plugin = self
 
-        class Recording:  # the denoiser, run with gradients on so the recorder reads
+        class Recording:  # the denoiser, reading the looks its call recorded
             schedule = denoiser.schedule
-            halves = getattr(denoiser, "halves", ("cond",))
+            halves = halves_of(denoiser)
 
             def __call__(self, x: Tensor, t: float):
-                with torch.enable_grad():
-                    pred = denoiser(x.detach(), t)
-                plugin._keep(step_at(grid, t))
-                return _detached(pred)
+                pred = denoiser(x, t)
+                maps, feats = plugin.recorder.take()
+                step = step_at(grid, t)
+                if (step is not None and step not in plugin.looks and t == grid[step]
+                        and in_window(step, n, plugin.window)):
+                    plugin.looks[step] = plugin._looks(maps, feats)
+                return pred
 
         return Recording()
 
-    def _keep(self, step: int | None) -> None:
-        maps, feats = self.recorder.take()
-        if step is None or not maps or feats is None:
-            return
-        feats = _feature_grid(feats, maps).detach()
+    def _looks(self, maps: list[Tensor], feats: Tensor | None) -> dict[str, Tensor]:
+        if not maps or feats is None:
+            raise RuntimeError("the donor's reconstruction recorded no attention maps or "
+                               "activations: it did not run through attention control")
+        feats = _feature_grid(feats, maps)
         src = BatchLayout(ROLES).latent_rows("source")[0]
-        self.looks.setdefault(step, {w: appearance(
-            _site_shape([m[src, ..., p].sum(-1).detach() for m in maps], feats)[None],
-            feats[src:src + 1])[0] for w, p in self.positions.items()})
-
-
-def _detached(pred):
-    if isinstance(pred, Tensor):
-        return pred.detach()
-    return type(pred)(**{k: v.detach() for k, v in vars(pred).items()})
+        return {w: appearance(_site_shape([m[src, ..., p].sum(-1) for m in maps], feats)[None],
+                              feats[src:src + 1])[0] for w, p in self.positions.items()}
 
 
 def donor_looks(
@@ -421,7 +443,7 @@ def donor_looks(
     reconstruction after ``inversion`` on ``steps`` steps with ``guidance``'s sites and
     feature module. Costs one inversion and one reconstruction of the donor."""
     model.check_prompt(prompt)
-    SelfGuidance(keep=list(words)).check_prompt(prompt)
+    check_words(prompt, words)
     recording = _LookRecording(guidance, model, prompt, words)
     edit(model, image, prompt, prompt, inversion=inversion, editor="none", steps=steps, cfg=cfg,
          seed=seed, inversion_options=inversion_options, plugin=recording, progress=progress)
@@ -513,16 +535,15 @@ def guide(
     takes looks from (inverted the same way)."""
     target = prompt if target_prompt is None else target_prompt
     model.check_prompt(prompt)
-    guidance.check_prompt(prompt)
-    looks = None
-    if guidance.transfer:
-        if donor is None:
-            raise ValueError(f"self-guidance transfers looks from a donor image "
-                             f"({guidance.transfer}): give donor=(image, prompt)")
-        looks = donor_looks(model, donor[0], donor[1], list(guidance.transfer.values()),
-                            guidance, inversion=inversion, steps=steps, cfg=cfg, seed=seed,
-                            inversion_options=inversion_options, progress=progress)
-    plugin = guidance.bind(model, prompt, target, looks)
+    if guidance.transfer and donor is None:
+        raise ValueError(f"self-guidance transfers looks from a donor image "
+                         f"({guidance.transfer}): give donor=(image, prompt)")
+    plugin = guidance.bind(model, prompt, target, {} if guidance.transfer else None)
+    if guidance.transfer:  # after the guidance's own checks: the donor costs a run
+        plugin.donor_looks = donor_looks(
+            model, donor[0], donor[1], list(guidance.transfer.values()), guidance,
+            inversion=inversion, steps=steps, cfg=cfg, seed=seed,
+            inversion_options=inversion_options, progress=progress)
     return edit(model, image, prompt, target, inversion=inversion, editor=editor, steps=steps,
                 cfg=cfg, seed=seed, inversion_options=inversion_options, plugin=plugin,
                 progress=progress, **editor_options)
