@@ -30,6 +30,31 @@ def test_the_reference_is_generated_as_it_would_be_alone(kind):
     assert np.abs(shared[1:].astype(int) - alone[1:].astype(int)).max() > 1  # the others move
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("shift", [0.0, -1.0])  # SDPA, and the probabilities path
+def test_the_reference_is_generated_as_alone_on_joint_attention(kind, shift):
+    """On an MMDiT the image keys share the joint softmax with the text keys: the appended
+    reference keys leave the text's share as it was, so the reference row is unchanged."""
+    from retouch.attention import guidance_halves
+    from retouch.models.flux import FluxModel
+    from retouch.models.sd3 import SD3Model
+    from retouch.samplers import sample
+    from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    model = SD3Model(tiny_sd3_pipeline()) if kind == "sd3" else FluxModel(tiny_flux_pipeline())
+    den = model.denoiser(PROMPTS, cfg=3.0)
+    times = model.time_grid(4)
+    noise = torch.randn(model.latent_shape(3), generator=torch.Generator().manual_seed(1))
+    layout = BatchLayout(("reference", "image", "image"), guidance_halves(den))
+    with torch.no_grad():
+        alone = sample(den, noise, times, progress=False)
+        with attention_control(model.network, [SharedAttention(score_shift=shift)],
+                               layout=layout) as session:
+            shared = sample(session.denoiser(den, times), noise, times, progress=False)
+    torch.testing.assert_close(shared[0], alone[0], rtol=1e-5, atol=1e-5)
+    assert (shared[1:] - alone[1:]).abs().max() > 1e-3  # the others take the reference's
+
+
 def test_sharing_with_no_weight_on_the_reference_changes_nothing():
     model = tiny_model("sd1")
     off = style_aligned(model, PROMPTS, steps=4, cfg=3.0, seed=2, adain_queries=False,

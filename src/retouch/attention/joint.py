@@ -16,7 +16,10 @@ controllers written for UNets act on its two *views*:
   queries and keys reach controllers with their rotary positions applied.
 
 A rewritten block goes back scaled by the share of the joint softmax row it had, so each row
-still sums to 1 and the other block is untouched. The text queries' probabilities are never
+still sums to 1 and the other block is untouched. A self-view controller may append image keys
+(StyleAligned's reference tokens); the text keys then keep their share of the softmax (their
+scores raised by the log of the ratio, :func:`_text_bias`), so a reference attending to a copy
+of its own tokens is computed exactly as alone, as on a UNet. The text queries' probabilities are never
 rewritten, but they read the keys and values as the controllers left them: a controller that
 gives the target the source's image keys and values changes what its text stream reads too.
 Both views of a site run in one :class:`JointControlProcessor`, which follows diffusers'
@@ -54,13 +57,16 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-def _renormalised(p: Tensor, image: slice, text: slice, views: dict[str, list]) -> Tensor:
-    """The joint probabilities (B, H, N, N) with the image queries' blocks passed through their
+def _renormalised(p: Tensor, image: slice, text: slice, views: dict[str, list],
+                  key_image: slice, key_text: slice) -> Tensor:
+    """The joint probabilities (B, H, N, K) with the image queries' blocks passed through their
     readers: ``views[kind]`` = [(controller, call)] for "self" (image keys) and "cross" (text
-    keys). ``image`` and ``text`` are the two contiguous token ranges, in either order."""
+    keys). ``image`` and ``text`` are the two contiguous query ranges, in either order;
+    ``key_image`` and ``key_text`` the key ranges (the image's longer when a controller
+    appended keys)."""
     rows = p[:, :, image]
     blocks = {}
-    for kind, keys in (("self", image), ("cross", text)):
+    for kind, keys in (("self", key_image), ("cross", key_text)):
         part = rows[..., keys]
         if views[kind]:
             mass = part.sum(-1, keepdim=True)  # the block's share of each softmax row
@@ -73,6 +79,20 @@ def _renormalised(p: Tensor, image: slice, text: slice, views: dict[str, list]) 
     rows = torch.cat([blocks[first], blocks[second]], -1)
     ordered = [rows, p[:, :, text]] if image.start == 0 else [p[:, :, text], rows]
     return torch.cat(ordered, 2)
+
+
+def _text_bias(keys: int, text: slice, ratio: float, dtype, device) -> Tensor:
+    """An additive score bias (1, 1, 1, keys): ``log(ratio)`` on the text keys, 0 elsewhere.
+
+    A self-view controller that appends image keys (StyleAligned's reference tokens: ``ratio``
+    = image keys / image tokens) would otherwise shift every query's softmax mass from the text
+    to the image. Raising the text scores by ``log(ratio)`` keeps the text keys' share as it
+    was when the appended keys copy the row's own (the reference row is then computed exactly
+    as alone, as on a UNet's self-attention) and as it would be for image keys of the same
+    scores in general."""
+    bias = torch.zeros(1, 1, 1, keys, dtype=dtype, device=device)
+    bias[..., text] = torch.log(torch.tensor(ratio, dtype=torch.float64)).item()
+    return bias
 
 
 class JointControlProcessor:
@@ -180,16 +200,25 @@ class JointControlProcessor:
         order = (lambda img, txt: [txt, img]) if self.flux else (lambda img, txt: [img, txt])
         query = torch.cat(order(qi, q[:, :, words]), 2)
         key, value = torch.cat(order(ki, kt), 2), torch.cat(order(vi, vt), 2)
+        m_img = ki.shape[2]  # image keys: more than n_img when a controller appended some
+        key_image = slice(n_txt, n_txt + m_img) if self.flux else slice(0, m_img)
+        key_words = slice(0, n_txt) if self.flux else slice(m_img, m_img + n_txt)
+        bias = None
+        if m_img != n_img:  # keep the text keys' share: see _text_bias
+            bias = _text_bias(key.shape[2], key_words, m_img / n_img, query.dtype, query.device)
         readers = {kind: [(c, call) for c, call in active
                           if c.uses_probs and call.site.kind == kind] for kind in ("self", "cross")}
         if readers["self"] or readers["cross"]:
             # SDPA's scale 1/sqrt(d), at least float32 (float64 stays exact).
             dtype = torch.promote_types(query.dtype, torch.float32)
             scores = (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) * query.shape[-1] ** -0.5
-            p = _renormalised(scores.softmax(-1), image, words, readers)
+            if bias is not None:
+                scores = scores + bias.to(dtype)
+            p = _renormalised(scores.softmax(-1), image, words, readers, key_image, key_words)
             out = (p @ value.to(dtype)).to(query.dtype)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                 dropout_p=0.0)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[-1])
         out = out.to(query.dtype)
         if single:  # Flux's single stream: no output projection here
