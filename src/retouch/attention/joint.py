@@ -19,12 +19,12 @@ A rewritten block goes back scaled by the share of the joint softmax row it had,
 still sums to 1 and the other block is untouched. A self-view controller may append image keys
 (StyleAligned's reference tokens); the text keys then keep their share of the softmax (their
 scores raised by the log of the ratio, :func:`_text_bias`), so a reference attending to a copy
-of its own tokens is computed exactly as alone, as on a UNet. The text queries' probabilities are never
-rewritten, but they read the keys and values as the controllers left them: a controller that
-gives the target the source's image keys and values changes what its text stream reads too.
-Both views of a site run in one :class:`JointControlProcessor`, which follows diffusers'
-``JointAttnProcessor2_0`` step by step (with no controller acting, that processor itself runs;
-Flux's sites follow ``FluxAttnProcessor`` likewise). A controller selects a view by
+of its own tokens is computed exactly as alone, as on a UNet. The text queries' probabilities
+are never rewritten, but they read the keys and values as the controllers left them: a
+controller that gives the target the source's image keys and values changes what its text stream
+reads too. Both views of a site run in one :class:`JointControlProcessor`, which follows
+diffusers' ``JointAttnProcessor2_0`` step by step (with no controller acting, that processor
+itself runs; Flux's sites follow ``FluxAttnProcessor`` likewise). A controller selects a view by
 its kind, as on a UNet (:func:`site_views`).
 
 References: Esser et al. 2024 (SD3, MMDiT joint attention); Black Forest Labs 2024 (Flux);
