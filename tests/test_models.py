@@ -82,6 +82,33 @@ def test_demo_writes_a_self_contained_gallery(tiny_toy_pipeline, tmp_path):
     assert "src='http" not in html and "data:image/png;base64," in html  # self-contained
 
 
+def test_demo_flowedit_section_runs_on_a_flow_model(tiny_flow_pipeline):
+    """The demo's FlowEdit section on the shipped flow model, here on a tiny one."""
+    from retouch.models.pipeline import PipelineModel
+    from retouch.report.demo import _flowedit_section
+
+    section = _flowedit_section(PipelineModel.load(tiny_flow_pipeline), n=2)
+    assert "flow model" in section.title and len(section.figures) == 2
+    assert "--model toyworld-flow" in section.see
+
+
+def test_model_names_the_shipped_models_and_an_existing_path_wins(tmp_path, monkeypatch):
+    from retouch.models.loading import ModelFolderError, check_model_folder
+    from retouch.toyworld.folder import model_folder, shipped_name, toyworld_model_dir
+
+    assert model_folder(None) == toyworld_model_dir() == model_folder("toyworld")
+    assert model_folder("toyworld-flow") == toyworld_model_dir("toyworld-flow")
+    assert shipped_name(model_folder("toyworld-flow")) == "toyworld-flow"
+    assert shipped_name(tmp_path) is None and shipped_name(None) is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toyworld-flow").mkdir()  # a user's own folder of that name is read instead
+    assert model_folder("toyworld-flow").resolve() == tmp_path / "toyworld-flow"
+    with pytest.raises(ValueError, match="no shipped model is called 'flux'"):
+        toyworld_model_dir("flux")
+    with pytest.raises(ModelFolderError, match="does not exist.*toyworld, toyworld-flow"):
+        check_model_folder(model_folder("toyworld-flux"))
+
+
 def test_only_toyworld_json_says_whether_a_model_learnt_the_extended_words(tmp_path):
     from pathlib import Path
 

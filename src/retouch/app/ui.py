@@ -20,6 +20,7 @@ import numpy as np
 
 from ..checks import EXPECTED_ERRORS, count, finite
 from ..models.pipeline import PipelineModel
+from ..toyworld.folder import shipped_name
 
 __all__ = ["TABS", "build_app", "serve"]
 
@@ -243,8 +244,8 @@ def build_app(model: PipelineModel):
     except ImportError as exc:
         raise ValueError("the web UI needs Gradio: pip install 'retouch[ui]'") from exc
 
-    name = "the shipped ToyWorld model" if model.vocabulary is not None and model.folder and \
-        model.folder.name == "weights" else str(model.folder)
+    shipped = shipped_name(model.folder)
+    name = f"the shipped ToyWorld model ({shipped})" if shipped else str(model.folder)
     with gr.Blocks(title="retouch") as app:
         gr.Markdown(f"# retouch\nDiffusion editing, inversion and attention on {name}.")
         for title, add in TABS:

@@ -150,22 +150,21 @@ def _cmd_tune_decoder(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from ..toyworld.folder import toyworld_model_dir
     from ..training.export import export_pipeline
 
-    dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else toyworld_model_dir())
+    dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else None)
     print(f"exported {args.run} to {dest}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .arguments import OneLineParser, number, whole
+    from .arguments import OneLineParser, add_model_argument, number, whole
 
     p = OneLineParser(prog="retouch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-image with retouch's own sampling loop")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    add_model_argument(g)
     g.add_argument("--steps", type=whole(1), default=25)
     g.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
     g.add_argument("--seed", type=whole(0), default=0)
@@ -177,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: an HTML gallery of what retouch does")
     d.add_argument("--out", default="demo")
-    d.add_argument("--model", default=None)
+    add_model_argument(d)
     d.set_defaults(func=_cmd_demo)
 
     a = sub.add_parser("attention", help="per-word cross-attention heatmaps and segments")
     a.add_argument("--prompt", required=True)
     a.add_argument("--image", default=None, help="read the model's attention on this image")
     a.add_argument("--tokens", nargs="*", default=None, help="words to map (default: all)")
-    a.add_argument("--model", default=None)
+    add_model_argument(a)
     a.add_argument("--steps", type=whole(1), default=25)
     a.add_argument("--cfg", type=number, default=5.0)
     a.add_argument("--seed", type=whole(0), default=0)
@@ -192,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_attention)
 
     u = sub.add_parser("ui", help="the web UI (Gradio): generate, invert, edit, attention")
-    u.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    add_model_argument(u)
     u.add_argument("--port", type=whole(1), default=7860)
     u.add_argument("--host", default="127.0.0.1", help="address to listen on")
     u.set_defaults(func=_cmd_ui)
@@ -201,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help=f"one of: {', '.join(sorted(BENCHMARKS))}")
     b.add_argument("--quick", action="store_true", help="about a minute on 2 CPU cores")
     b.add_argument("--out", default="bench")
-    b.add_argument("--model", default=None, help="model folder, for benchmarks that use one")
+    add_model_argument(b, "for benchmarks that use a model")
     b.add_argument("--cases", type=whole(1), default=None,
                    help="editing: ToyBench cases (they cycle through the edit types)")
     b.add_argument("--steps", type=whole(2), default=None, help="editing: sampling steps")
@@ -281,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     td.set_defaults(func=_cmd_tune_decoder)
     ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")
     ex.add_argument("run")
-    ex.add_argument("--dest", default=None, help="default: the package's shipped weights")
+    ex.add_argument("--dest", default=None,
+                    help="default: the package's shipped model of the run's kind "
+                    "(toyworld, or toyworld-flow for an sd3 run)")
     ex.set_defaults(func=_cmd_export)
     return p
 

@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 
 __all__ = ["OneLineParser", "number", "whole", "fraction", "notes_to_stderr",
-           "add_run_arguments"]
+           "add_run_arguments", "add_model_argument"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,5 +83,11 @@ def add_run_arguments(p, *, seed: bool = True) -> None:
     p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
     if seed:
         p.add_argument("--seed", type=whole(0), default=0)
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    add_model_argument(p)
     p.add_argument("--out", required=True, help="output folder")
+
+
+def add_model_argument(p, purpose: str = "") -> None:
+    """``--model``: a diffusers folder or a shipped model's name."""
+    p.add_argument("--model", default=None, help=(purpose + "; " if purpose else "") +
+                   "a diffusers folder, or a shipped model: toyworld (default), toyworld-flow")

@@ -160,7 +160,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.cli.arguments import fraction, number, whole
+    from retouch.cli.arguments import add_model_argument, fraction, number, whole
     from retouch.inversion.api import METHODS
     from retouch.recipes.editors import EDITORS
 
@@ -181,7 +181,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="P2P local blending on these words")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="editor option (FlowEdit: final_steps, averages, source_cfg)")
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    add_model_argument(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_edit)
     return p

@@ -116,7 +116,7 @@ def run_invert(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``invert`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
-    from retouch.cli.arguments import number, whole
+    from retouch.cli.arguments import add_model_argument, number, whole
     from retouch.inversion.api import METHODS
 
     p = subparsers.add_parser(
@@ -131,7 +131,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg", type=number, default=None, help="guidance scale of the reconstruction (default 1)"
     )
-    p.add_argument("--model", default=None, help="diffusers folder (default: shipped ToyWorld)")
+    add_model_argument(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--from-inversion",

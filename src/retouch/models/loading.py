@@ -59,7 +59,8 @@ def check_model_folder(folder: Path) -> dict:
         raise ModelFolderError(f"the model {folder} is a file; pass the diffusers folder that "
                                "holds model_index.json (single-file checkpoints are not read)")
     if not folder.is_dir():
-        raise ModelFolderError(f"model folder {folder} does not exist")
+        raise ModelFolderError(f"model folder {folder} does not exist; pass a diffusers folder "
+                               "or a shipped model's name (toyworld, toyworld-flow)")
     if not index_path.is_file():
         raise ModelFolderError(
             f"{folder} is not a diffusers pipeline folder: model_index.json is missing "
@@ -145,11 +146,9 @@ def load_pipeline(
     """A diffusers pipeline from a local folder (default: the shipped ToyWorld model)."""
     import diffusers
 
-    if model is None:
-        from ..toyworld.folder import toyworld_model_dir
+    from ..toyworld.folder import model_folder
 
-        model = toyworld_model_dir()
-    folder = Path(model)
+    folder = model_folder(model)
     index = check_model_folder(folder)
     cls = getattr(diffusers, index["_class_name"])
     # Parts the folder leaves out ([null, null], e.g. SD3 without T5) are passed as None.

@@ -18,7 +18,7 @@ from ..checks import finite, finite_tensor, note, prompt_list
 from ..grids import discrete_grid
 from ..guidance import CFGDenoiser
 from ..schedules import Schedule
-from ..toyworld.folder import check_prompt, toyworld_model_dir, toyworld_vocabulary
+from ..toyworld.folder import check_prompt, model_folder, toyworld_vocabulary
 from .conditioning import Conditioning
 from .loading import load_pipeline
 from .unet import UNetDenoiser
@@ -52,13 +52,14 @@ class PipelineModel:
 
     @classmethod
     def load(cls, model: str | Path | None = None, **kw) -> PipelineModel:
-        """Load a local diffusers folder (default: the shipped ToyWorld model) with the
-        adapter of its family (``_class_name`` in ``model_index.json``)."""
+        """Load a local diffusers folder (default: the shipped ToyWorld model; the name
+        ``toyworld-flow`` loads the shipped flow model) with the adapter of its family
+        (``_class_name`` in ``model_index.json``)."""
         from .flux import FluxModel
         from .sd3 import SD3Model
         from .sdxl import SDXLModel
 
-        folder = Path(model) if model is not None else toyworld_model_dir()
+        folder = model_folder(model)
         pipe = load_pipeline(folder, **kw)  # the class model_index.json's _class_name names
         adapters = {"StableDiffusionPipeline": cls, "StableDiffusionXLPipeline": SDXLModel,
                     "StableDiffusion3Pipeline": SD3Model, "FluxPipeline": FluxModel}

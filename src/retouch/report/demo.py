@@ -6,7 +6,8 @@ Sections: text-to-image with checker verdicts; samplers on one prompt; inversion
 against the renderer's ground truth; the same edits by FlowEdit (no inversion); self-guided
 moves and resizes; on an extended-vocabulary
 model, a clip with keyframe attention and warped noise, and appearance transfers by
-cross-image attention; panoramas (MultiDiffusion, SyncDiffusion) and region layouts. Each
+cross-image attention; panoramas (MultiDiffusion, SyncDiffusion) and region layouts; with the
+shipped UNet model, FlowEdit on the shipped flow model (an SD3 transformer) too. Each
 section is small, so the whole demo runs in a minute or two on 2 CPU cores.
 """
 
@@ -21,9 +22,10 @@ import numpy as np
 from ..metrics import psnr
 from ..models.pipeline import PipelineModel
 from ..recipes.generate import generate
+from ..schedules import FlowSchedule
 from ..toyworld import checker
 from ..toyworld.dataset import vocabulary
-from ..toyworld.folder import toyworld_extended
+from ..toyworld.folder import shipped_name, toyworld_extended
 from ..toyworld.render import render
 from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
@@ -186,6 +188,7 @@ def _flowedit_section(model: PipelineModel, n: int = 4) -> Section:
     from ..recipes.flowedit import flowedit
     from ..toyworld.editbench import make_cases, score_edit
 
+    flow_model = isinstance(model.schedule, FlowSchedule)
     figures, wins = [], 0
     for case in make_cases(n, seed=DEMO_SEED, edit_types=("color", "background", "shape",
                                                            "size")):
@@ -199,6 +202,19 @@ def _flowedit_section(model: PipelineModel, n: int = 4) -> Section:
             (f"{case.words[0]} → {case.words[1]}: success {verdict['success']}, preserved "
              f"{verdict['preserved']}, outside the edit {kept_db:.1f} dB"),
             ok=verdict["success"] and verdict["preserved"]))
+    if flow_model:
+        title = "FlowEdit on the ToyWorld flow model (an SD3 transformer)"
+        text = ("The same edits by FlowEdit on the shipped rectified-flow model "
+                "(`--model toyworld-flow`: a tiny SD3 transformer with joint text-image "
+                "attention, trained on ToyWorld), where FlowEdit follows the model's own "
+                "velocities (strength 0.85, 25 steps, CFG 5). Each row: source | renderer's "
+                f"ground truth | edit. The checker judged {wins} of {len(figures)} right with "
+                "everything else kept.")
+        see = ("Benchmark: retouch bench editing --quick --model toyworld-flow --types color "
+               "(benchmarks/editing-flow-model/editing.md: FlowEdit's colour edits on 24 "
+               "cases). Reproduce: retouch edit IMAGE --model toyworld-flow --source ... "
+               "--target ... --editor flowedit --out fe/")
+        return Section(title, text, figures, see=see)
     text = (
         "The same kind of edits by FlowEdit, which inverts nothing: the edited latent starts at "
         "the image's and follows the difference between the target and source captions' "
@@ -370,4 +386,6 @@ def run_demo(out: Path, *, model: str | None = None, n: int = 16) -> Path:
     ]
     if toyworld_extended(tw.folder):  # colours, styles and backgrounds to share
         sections += [_video_section(tw), _transfer_section(tw)]
+    if shipped_name(tw.folder) == "toyworld":  # the shipped flow model edits too
+        sections.append(_flowedit_section(PipelineModel.load("toyworld-flow")))
     return write_gallery(Path(out) / "index.html", "retouch demo", sections)

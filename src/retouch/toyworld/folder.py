@@ -1,5 +1,7 @@
-"""A ToyWorld model folder's policy: where the shipped model lives, its vocabulary (prompts
-outside it are refused, naming the words) and whether it learnt the extended words.
+"""A ToyWorld model folder's policy: where the shipped models live (the UNet model, the
+default, and the SD3-transformer flow model, by the names ``toyworld`` and ``toyworld-flow``),
+its vocabulary (prompts outside it are refused, naming the words) and whether it learnt the
+extended words.
 
 The folder itself is a plain diffusers pipeline; ``toyworld.json`` beside its parts carries
 the vocabulary. Safe loading of any folder is :mod:`retouch.models.loading`'s business.
@@ -11,12 +13,37 @@ from pathlib import Path
 
 from ..files import read_json
 
-__all__ = ["toyworld_model_dir", "toyworld_vocabulary", "toyworld_extended", "check_prompt"]
+__all__ = ["SHIPPED_MODELS", "toyworld_model_dir", "model_folder", "shipped_name",
+           "toyworld_vocabulary", "toyworld_extended", "check_prompt"]
+
+#: The pipelines shipped inside the package: name -> folder beside this file.
+SHIPPED_MODELS = {"toyworld": "weights", "toyworld-flow": "flow_weights"}
 
 
-def toyworld_model_dir() -> Path:
-    """The ToyWorld pipeline shipped inside the package."""
-    return Path(__file__).resolve().parent / "weights"
+def toyworld_model_dir(name: str = "toyworld") -> Path:
+    """A ToyWorld pipeline shipped inside the package (default: the UNet model)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model is called {name!r}; the shipped ones are "
+                         f"{', '.join(SHIPPED_MODELS)}")
+    return Path(__file__).resolve().parent / SHIPPED_MODELS[name]
+
+
+def model_folder(model: str | Path | None) -> Path:
+    """The folder ``--model`` names: a path; or a shipped model's name (``toyworld``,
+    ``toyworld-flow``) when no such path exists; None is the shipped UNet model."""
+    if model is None:
+        return toyworld_model_dir()
+    if str(model) in SHIPPED_MODELS and not Path(model).exists():
+        return toyworld_model_dir(str(model))
+    return Path(model)
+
+
+def shipped_name(folder: str | Path | None) -> str | None:
+    """The name of the shipped model living in ``folder``, or None for any other folder."""
+    if folder is None:
+        return None
+    here = Path(folder).resolve()
+    return next((name for name in SHIPPED_MODELS if toyworld_model_dir(name) == here), None)
 
 
 def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:

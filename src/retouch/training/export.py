@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..toyworld import configs
+from ..toyworld.folder import toyworld_model_dir
 from ..toyworld.scene import VOCABULARY
 from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import load, unprefixed
@@ -66,10 +67,12 @@ def _config(run: Path) -> TrainConfig:
     return cfg
 
 
-def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = True) -> Path:
+def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
+                    ema: bool = True) -> Path:
     """Write the run's EMA weights (or with ``ema=False`` its raw weights, e.g. to measure a
     short pilot that the EMA would still average with its start) as a plain diffusers
-    pipeline folder (SD, or SD3 for a flow run)."""
+    pipeline folder (SD, or SD3 for a flow run) at ``dest`` (default: the package's shipped
+    model of the run's kind, ``toyworld`` or ``toyworld-flow``)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
@@ -83,6 +86,8 @@ def export_pipeline(run: Path, dest: Path, *, fp16: bool = True, ema: bool = Tru
                                 f"no {' and '.join(p.name for p in needed)}); pass a run folder")
     vae, unet, text, tokenizer, scale = load_components(run, ema=ema)
     cfg = _config(Path(run))
+    if dest is None:
+        dest = toyworld_model_dir("toyworld-flow" if cfg.arch == "sd3" else "toyworld")
     vae.register_to_config(scaling_factor=scale)
     if cfg.arch == "sd3":
         from .flow import flow_pipeline
