@@ -248,5 +248,7 @@ def test_video_scores_of_the_true_renders():
     s = clip_scores(frames, clip, prompt)
     assert s["adherence"] == 1.0 and s["inconsistency"] == 0.0 and s["flicker"] == 0.0
     assert s["warp_error"] < 0.01  # the step is 1.1 pixels, warped by 1
+    assert s["motion"] == pytest.approx(1.0, abs=0.15)  # the checker's fitted centres
     still = clip_scores(np.stack([frames[0]] * 5), clip, prompt)
     assert still["flicker"] == 0.0 and still["warp_error"] > s["warp_error"]
+    assert still["motion"] == 0.0

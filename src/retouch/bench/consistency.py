@@ -182,7 +182,7 @@ def _video_section(video: dict, clips: int, frames: int) -> str:
         f"warped ÷ independent noise flicker: {_fmt(head['warped_flicker_ratio'])}.\n\n"
         + write_markdown_table(rows, ["method", "adherence", "inconsistency", "changed_color",
                                       "changed_size", "changed_style", "changed_background",
-                                      "flicker", "warp_error", "seconds_per_frame",
+                                      "flicker", "warp_error", "motion", "seconds_per_frame",
                                       "nfe_per_frame"]))
 
 

@@ -16,6 +16,10 @@ consistency method must make them agree. For each method (a keyframe scheme and 
   (the checker's masks of both frames and the clip's true object, dilated by 2 pixels);
 * ``warp_error``: the mean absolute difference between frame ``t + 1`` and frame ``t`` moved by
   the clip's known flow (backward warp, whole pixels);
+* ``motion``: how far the object moved from the first frame to the last (the checker's fitted
+  centre) as a share of the clip's true displacement: 1 follows the motion, 0 is a still clip
+  (the prompt names no motion, so a still clip is consistent; this says which methods carry
+  the motion); clips whose first or last frame holds no readable object count as 0;
 * seconds and network evaluations (NFE, counting each CFG half) per frame.
 """
 
@@ -100,7 +104,17 @@ def clip_scores(frames: np.ndarray, clip: Clip, prompt: str) -> dict[str, float]
         warp.append(np.abs(f[t + 1] - _warp(f[t], step_px, true[t + 1])).mean())
     return {"adherence": float(np.mean(adhere)), "inconsistency": float(np.mean(inconsistent)),
             "flicker": float(np.mean(flicker)), "warp_error": float(np.mean(warp)),
-            **per_attribute}
+            "motion": _motion(readings, clip), **per_attribute}
+
+
+def _motion(readings, clip: Clip) -> float:
+    """The first object's centre shift, first to last frame, along the clip's motion, as a
+    share of the true shift (0 when either frame holds no object)."""
+    if not (readings[0].objects and readings[-1].objects):
+        return 0.0
+    true = np.asarray(clip.step) * (len(readings) - 1)
+    moved = np.subtract(readings[-1].objects[0].center, readings[0].objects[0].center)
+    return float(moved @ true / (true @ true))
 
 
 def measure_video(model, *, clips: int, frames: int, seed: int = 0):
