@@ -315,6 +315,31 @@ def test_regional_prompting_over_the_whole_canvas_with_no_base_is_its_sub_prompt
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+def test_regional_prompting_puts_its_windows_side_by_side_by_default():
+    model = tiny_model("sd1")
+    layout = RegionLayout.from_dict({"width": 32, "height": 16, "split": "1,1", "base": PROMPT,
+                                     "prompts": ["a blue circle", PROMPT]})
+    window = model.latent_shape(1)[-1]
+    a = regions(model, layout, method="regional", steps=3, output="latent")
+    b = regions(model, layout, method="regional", stride=window, steps=3, output="latent")
+    assert torch.equal(a, b)
+
+
+def test_the_fusion_benchmark_runs_one_part_alone_and_refuses_unknown_parts(
+        tiny_toy_pipeline, tmp_path):
+    from retouch.bench import fusion as bench
+
+    doc = bench.run(quick=True, out=tmp_path, model=str(tiny_toy_pipeline), parts=("regions",))
+    assert set(doc["headline"]) == {"region_adherence_multidiffusion",
+                                    "region_adherence_regional"}
+    assert json.loads((tmp_path / "fusion.json").read_text())["parts"] == ["regions"]
+    assert "parts run: regions" in (tmp_path / "fusion.md").read_text()
+    assert (tmp_path / "fusion_regions.png").exists() and not (tmp_path / "fusion.png").exists()
+    with pytest.raises(ValueError, match="unknown fusion benchmark part.*seams.*valid: cost"):
+        bench.run(quick=True, out=tmp_path / "x", model=str(tiny_toy_pipeline), parts=("seams",))
+    assert not (tmp_path / "x").exists()
+
+
 def test_splitting_the_windows_over_several_calls_changes_nothing():
     model = tiny_model("sd1")
     a = panorama(model, PROMPT, width=40, stride=4, steps=3, output="latent",

@@ -25,8 +25,9 @@ distance separating pairs the checker calls coherent (same background and style)
 **Regions.** Layouts of one to four native-size regions (a 1x2, 2x1, 1x3 and 2x2 split), each
 region prompting one object (colour and shape) on one shared background; a region's object is
 right when its tile holds an object of that colour and shape and no other tile does. Both
-MultiDiffusion's region masks (bootstrapping 40% of the steps) and regional prompting (base
-prompt: all objects and the background, base ratio 0.3).
+MultiDiffusion's region masks (bootstrapping 40% of the steps, windows every half window) and
+regional prompting (base prompt: all objects and the background, base ratio 0.3; its default
+windows, side by side).
 
 **Grid stacking**: four views of each prompt as one 2x2 canvas (one image to the model, so its
 self-attention spans the views) against four independent images; coherence and adherence as
@@ -38,7 +39,9 @@ widths run first, in increasing order).
 
 Outputs ``fusion.json`` (headline ``coherence_multidiffusion``, ``coherence_sync``,
 ``sync_time_ratio``, ``region_adherence_multidiffusion``, ``region_adherence_regional``,
-``seam_ratio``), ``fusion.md``, ``fusion.png`` (panoramas), ``fusion_regions.png``.
+``seam_ratio``), ``fusion.md``, ``fusion.png`` (panoramas), ``fusion_regions.png``. ``parts``
+(:data:`PARTS`; ``retouch bench fusion --parts regions``) runs some parts alone: the headline
+then holds only their figures.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from ..toyworld.checker import read
 from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 
-__all__ = ["run", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
+__all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
            "seam_ratio", "auc", "SYNC"]
 
 STEPS, CFG = 20, 5.0
@@ -173,15 +176,53 @@ def region_scores(image: np.ndarray, picks: list[tuple[str, str]], size: int) ->
             for k in range(len(picks))]
 
 
-def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+#: The benchmark's parts (``retouch bench fusion --parts regions`` runs one alone).
+PARTS = ("cost", "panoramas", "regions", "grids")
+
+
+def run(*, quick: bool, out: Path, model: str | None = None,
+        parts: tuple[str, ...] | None = None) -> dict:
+    parts = PARTS if parts is None else tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown fusion benchmark part(s) {', '.join(unknown) or '(none)'}; "
+                         f"valid: {', '.join(PARTS)}")
     tw = PipelineModel.load(model)
-    size, window, factor = tw.image_size, tw.unet.config.sample_size, tw.vae_factor
-    stride = window // 2
-    cases = 2 if quick else 32
-    widths = (4,) if quick else (4, 8)
-    steps = 8 if quick else STEPS
+    size, window = tw.image_size, tw.unet.config.sample_size
+    setup = dict(quick=quick, size=size, window=window, stride=window // 2,
+                 steps=8 if quick else STEPS)
     rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
-    prompts = [bench_prompt(rng) for _ in range(cases)]
+    prompts = [bench_prompt(rng) for _ in range(2 if quick else 32)]  # regions draw after these
+    result = {"headline": {}, "quick": quick, "parts": list(parts), "steps": setup["steps"],
+              "cfg": CFG, "stride": setup["stride"], "prompts": [p for p, _, _ in prompts]}
+    sections, figures = {}, {}
+    for part, fn in (("cost", _cost_part), ("panoramas", _panorama_part),
+                     ("regions", _region_part), ("grids", _grid_part)):
+        if part in parts:
+            fields, text, images = fn(tw, prompts, rng, **setup)
+            result["headline"].update(fields.pop("headline"))
+            result.update(fields)
+            sections[part] = text
+            for name, (grid, labels) in images.items():
+                have = figures.setdefault(name, ([], []))
+                have[0].extend(grid)
+                have[1].extend(labels)
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(out / "fusion.json", result)
+    only = "" if parts == PARTS else f" (parts run: {', '.join(parts)})"
+    shown = [sections[p] for p in ("panoramas", "regions", "grids", "cost") if p in sections]
+    atomic_write_text(out / "fusion.md", "# Fusion: panoramas and region layouts on ToyWorld"
+                      f"{only}\n\n" + "\n".join(shown))
+    if "fusion" in figures:
+        image_grid(figures["fusion"][0], out / "fusion.png", columns=1,
+                   labels=figures["fusion"][1], scale=2)
+    if "regions" in figures:
+        image_grid(_pad(figures["regions"][0]), out / "fusion_regions.png", columns=2,
+                   labels=figures["regions"][1], scale=2)
+    return result
+
+
+def _cost_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     cost = []
     for k in (1, 2, 4) if quick else (1, 2, 4, 8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -193,10 +234,18 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         cost.append({"width": f"{k}x", "windows": windows, "seconds": secs,
                      "seconds_per_window": secs / windows, "nfe": 2 * steps,
                      "rows_per_step": 2 * windows, "peak_rss_growth_mb": (after - before) / 1024})
+    text = ("## Cost against width (MultiDiffusion)\n\n"
+            + write_markdown_table(cost, list(cost[0])))
+    return {"headline": {}, "cost": cost}, text, {}
+
+
+def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
+    widths = (4,) if quick else (4, 8)
     methods = {"multidiffusion": dict(stride=stride),
                "syncdiffusion": dict(stride=stride, sync=True),
                "shared anchor attention": dict(stride=stride, share_anchor=True),
                "no overlap": dict(stride=window)}
+    factor = tw.vae_factor
     tally = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     seams = {m: [] for m in methods}
@@ -220,7 +269,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
                 if i < 3 and k == 4:
                     grid.append(image)
                     labels.append(f"{name}: {prompt}")
-    n = cases * len(widths)
+    n = len(prompts) * len(widths)
     means = {}
     for name, rows in tally.items():
         means[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
@@ -234,70 +283,18 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         # a synchronised step adds a forward and a backward pass (both CFG halves)
         means[name]["nfe"] = 2 * (steps + 2 * sync_steps)
     distances = _distance_pairs(tw, md_images, size)
-
-    region_tally = {"multidiffusion": [], "regional": []}
-    region_seconds = {m: 0.0 for m in region_tally}
-    region_grid, region_labels = [], []
-    region_cases = 1 if quick else 8
-    per_split = {}
-    for split_name, split in SPLITS.items():
-        grid_rc = tuple(int(n) for n in split_name.split("x"))
-        for c in range(region_cases):
-            layout, picks = bench_layout(rng, split, size, grid_rc)
-            for method in region_tally:
-                t0 = time.perf_counter()
-                image = regions(tw, layout, method=method, stride=stride, steps=steps, cfg=CFG,
-                                seed=c)
-                region_seconds[method] += time.perf_counter() - t0
-                right = region_scores(image, picks, size)
-                region_tally[method] += right
-                per_split.setdefault((split_name, method), []).extend(right)
-                if c == 0:
-                    region_grid.append(image)
-                    region_labels.append(f"{method} {split_name}")
-    region_means = {m: float(np.mean(v)) for m, v in region_tally.items()}
-
-    grid_tally = {"grid 2x2": [], "independent": []}
-    grid_cases = 2 if quick else 16
-    for i, (prompt, color, shape) in enumerate(prompts[:grid_cases]):
-        stacked = grid_views(tw, prompt, grid=(2, 2), steps=steps, cfg=CFG, seed=i)
-        alone = generate(tw, [prompt] * 4, steps=steps, cfg=CFG, seed=i, progress=False)
-        for name, views in (("grid 2x2", stacked), ("independent", alone)):
-            grid_tally[name].append(panorama_scores(np.concatenate(list(views), 1), color,
-                                                    shape, size))
-        if i == 0:
-            region_grid += [np.concatenate(list(stacked), 1), np.concatenate(list(alone), 1)]
-            region_labels += ["grid 2x2 views", "independent views"]
-    grid_means = {m: {k: float(np.mean([r[k] for r in v])) for k in v[0]}
-                  for m, v in grid_tally.items()}
-
     md, sy = means["multidiffusion"], means["syncdiffusion"]
     headline = {
         "coherence_multidiffusion": md["coherence"], "coherence_sync": sy["coherence"],
         "sync_time_ratio": sy["seconds_per_panorama"] / md["seconds_per_panorama"],
-        "region_adherence_multidiffusion": region_means["multidiffusion"],
-        "region_adherence_regional": region_means["regional"],
         "seam_ratio": md["seam_ratio"],
         "adherence_multidiffusion": md["adherence"], "adherence_sync": sy["adherence"],
         "seam_ratio_no_overlap": means["no overlap"]["seam_ratio"],
         "coherence_shared_anchor": means["shared anchor attention"]["coherence"],
     }
-    result = {"headline": headline, "quick": quick, "panoramas_per_method": n,
-              "steps": steps, "cfg": CFG, "stride": stride, "sync": SYNC,
-              "methods": means, "distances": distances, "regions": region_means,
-              "regions_by_split": {f"{s} {m}": float(np.mean(v)) for (s, m), v in
-                                   per_split.items()},
-              "region_seconds": {m: s / (len(SPLITS) * region_cases)
-                                 for m, s in region_seconds.items()},
-              "grid_views": grid_means, "cost": cost, "prompts": [p for p, _, _ in prompts]}
-    out.mkdir(parents=True, exist_ok=True)
-    write_result(out / "fusion.json", result)
     rows = [{"method": m, **v} for m, v in means.items()]
-    split_rows = [{"layout": s, "multidiffusion": result["regions_by_split"][f"{s} multidiffusion"],
-                   "regional": result["regions_by_split"][f"{s} regional"]} for s in SPLITS]
-    atomic_write_text(out / "fusion.md", (
-        "# Fusion: panoramas and region layouts on ToyWorld\n\n"
-        f"{n} panoramas per method ({cases} prompts naming no background or style, at "
+    text = (
+        f"{n} panoramas per method ({len(prompts)} prompts naming no background or style, at "
         f"{' and '.join(f'{k}x' for k in widths)} the width; windows every {stride} latent "
         f"pixels; {steps} DDIM steps, CFG {CFG}). "
         f"SyncDiffusion: {SYNC}. See `retouch.bench.fusion`.\n\n"
@@ -305,19 +302,69 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
                                       "adherence", "seam_ratio", "seconds_per_panorama", "nfe",
                                       *(f"windows_{k}x" for k in widths)])
         + "\n## Distances against the checker's coherence (tile pairs)\n\n"
-        + write_markdown_table([distances], list(distances))
-        + f"\n## Region layouts ({region_cases} per layout)\n\n"
-        + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"])
-        + f"\n## Grid stacking ({grid_cases} prompts, 4 views each)\n\n"
-        + write_markdown_table([{"method": m, **v} for m, v in grid_means.items()],
-                               ["method", "coherence", "background_one", "style_one",
-                                "adherence"])
-        + "\n## Cost against width (MultiDiffusion)\n\n"
-        + write_markdown_table(cost, list(cost[0]))))
-    image_grid(grid, out / "fusion.png", columns=1, labels=labels, scale=2)
-    image_grid(_pad(region_grid), out / "fusion_regions.png", columns=2, labels=region_labels,
-               scale=2)
-    return result
+        + write_markdown_table([distances], list(distances)))
+    fields = {"headline": headline, "panoramas_per_method": n, "sync": SYNC, "methods": means,
+              "distances": distances}
+    return fields, text, {"fusion": (grid, labels)}
+
+
+def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
+    """MultiDiffusion's region masks with half-window overlaps; regional prompting with its
+    default windows (side by side)."""
+    strides = {"multidiffusion": stride, "regional": None}
+    tally = {m: [] for m in strides}
+    seconds = {m: 0.0 for m in strides}
+    grid, labels = [], []
+    cases = 1 if quick else 8
+    per_split = {}
+    for split_name, split in SPLITS.items():
+        grid_rc = tuple(int(n) for n in split_name.split("x"))
+        for c in range(cases):
+            layout, picks = bench_layout(rng, split, size, grid_rc)
+            for method in tally:
+                t0 = time.perf_counter()
+                image = regions(tw, layout, method=method, stride=strides[method], steps=steps,
+                                cfg=CFG, seed=c)
+                seconds[method] += time.perf_counter() - t0
+                right = region_scores(image, picks, size)
+                tally[method] += right
+                per_split.setdefault((split_name, method), []).extend(right)
+                if c == 0:
+                    grid.append(image)
+                    labels.append(f"{method} {split_name}")
+    means = {m: float(np.mean(v)) for m, v in tally.items()}
+    by_split = {f"{s} {m}": float(np.mean(v)) for (s, m), v in per_split.items()}
+    split_rows = [{"layout": s, "multidiffusion": by_split[f"{s} multidiffusion"],
+                   "regional": by_split[f"{s} regional"]} for s in SPLITS]
+    text = (f"## Region layouts ({cases} per layout; MultiDiffusion windows every {stride} "
+            "latent pixels, regional prompting's side by side)\n\n"
+            + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"]))
+    fields = {"headline": {"region_adherence_multidiffusion": means["multidiffusion"],
+                           "region_adherence_regional": means["regional"]},
+              "regions": means, "regions_by_split": by_split,
+              "region_seconds": {m: s / (len(SPLITS) * cases) for m, s in seconds.items()}}
+    return fields, text, {"regions": (grid, labels)}
+
+
+def _grid_part(tw, prompts, rng, *, quick, size, window, stride, steps):
+    tally = {"grid 2x2": [], "independent": []}
+    cases = 2 if quick else 16
+    grid, labels = [], []
+    for i, (prompt, color, shape) in enumerate(prompts[:cases]):
+        stacked = grid_views(tw, prompt, grid=(2, 2), steps=steps, cfg=CFG, seed=i)
+        alone = generate(tw, [prompt] * 4, steps=steps, cfg=CFG, seed=i, progress=False)
+        for name, views in (("grid 2x2", stacked), ("independent", alone)):
+            tally[name].append(panorama_scores(np.concatenate(list(views), 1), color, shape,
+                                               size))
+        if i == 0:
+            grid += [np.concatenate(list(stacked), 1), np.concatenate(list(alone), 1)]
+            labels += ["grid 2x2 views", "independent views"]
+    means = {m: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for m, v in tally.items()}
+    text = (f"## Grid stacking ({cases} prompts, 4 views each)\n\n"
+            + write_markdown_table([{"method": m, **v} for m, v in means.items()],
+                                   ["method", "coherence", "background_one", "style_one",
+                                    "adherence"]))
+    return {"headline": {}, "grid_views": means}, text, {"regions": (grid, labels)}
 
 
 def _pad(images: list[np.ndarray]) -> list[np.ndarray]:

@@ -90,9 +90,10 @@ def _cmd_bench(args) -> None:
     t0 = time.time()
     types = None if args.types is None else tuple(args.types.split(","))
     names = None if args.methods is None else tuple(args.methods.split(","))
+    parts = None if args.parts is None else tuple(args.parts.split(","))
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
                                ("steps", args.steps), ("edit_types", types),
-                               ("method_names", names)) if v is not None}
+                               ("method_names", names), ("parts", parts)) if v is not None}
     accepted = inspect.signature(module.run).parameters
     flag = {"edit_types": "types", "method_names": "methods"}
     refused = [f"--{flag.get(k, k)}" for k in extra if k not in accepted]
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=None, metavar="M1,M2",
                    help="editing: only these rows, by method or method/inversion "
                         "(e.g. flowedit,p2p/rf_solver,none/direct)")
+    b.add_argument("--parts", default=None, metavar="P1,P2",
+                   help="fusion: only these parts (cost, panoramas, regions, grids)")
     b.set_defaults(func=_cmd_bench)
 
     from .edit import register as register_edit

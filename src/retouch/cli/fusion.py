@@ -117,7 +117,8 @@ def register(subparsers) -> None:
     r.add_argument("layout", help="layout JSON file")
     r.add_argument("--method", choices=("multidiffusion", "regional"), default="multidiffusion")
     r.add_argument("--stride", type=whole(1), default=None,
-                   help="window stride in latent pixels (default: a quarter window)")
+                   help="window stride in latent pixels (default: a quarter window for "
+                        "multidiffusion, one window for regional)")
     r.add_argument("--bootstrap", type=fraction, default=0.4,
                    help="multidiffusion: share of early steps bootstrapped")
     r.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")

@@ -348,7 +348,8 @@ def _fusion_section(model: PipelineModel) -> Section:
             ok=bool(s["coherence"])))
     layout, picks = bench_layout(rng, "1,1,1", size, (1, 3))
     for method in ("multidiffusion", "regional"):
-        image = regions(model, layout, method=method, stride=stride, steps=20, cfg=5.0,
+        image = regions(model, layout, method=method, steps=20, cfg=5.0,
+                        stride=stride if method == "multidiffusion" else None,
                         seed=DEMO_SEED)
         right = region_scores(image, picks, size)
         figures.append(Figure(image, (
