@@ -27,7 +27,8 @@ region prompting one object (colour and shape) on one shared background; a regio
 right when its tile holds an object of that colour and shape and no other tile does. Both
 MultiDiffusion's region masks (bootstrapping 40% of the steps, windows every half window) and
 regional prompting (base prompt: all objects and the background, base ratio 0.3; its default
-windows, side by side).
+windows, side by side); and the seam ratio (as for panoramas) on the columns where regions
+meet.
 
 **Grid stacking**: four views of each prompt as one 2x2 canvas (one image to the model, so its
 self-attention spans the views) against four independent images; coherence and adherence as
@@ -314,6 +315,7 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     strides = {"multidiffusion": stride, "regional": None}
     tally = {m: [] for m in strides}
     seconds = {m: 0.0 for m in strides}
+    seams = {m: [] for m in strides}
     grid, labels = [], []
     cases = 1 if quick else 8
     per_split = {}
@@ -328,21 +330,31 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
                 seconds[method] += time.perf_counter() - t0
                 right = region_scores(image, picks, size)
                 tally[method] += right
+                borders = [k * size for k in range(1, grid_rc[1])]
+                if borders:
+                    seams[method].append(seam_ratio(image, borders))
                 per_split.setdefault((split_name, method), []).extend(right)
                 if c == 0:
                     grid.append(image)
                     labels.append(f"{method} {split_name}")
     means = {m: float(np.mean(v)) for m, v in tally.items()}
+    seam_means = {m: float(np.mean(valid)) if (valid := [x for x in v if x is not None])
+                  else None for m, v in seams.items()}
     by_split = {f"{s} {m}": float(np.mean(v)) for (s, m), v in per_split.items()}
     split_rows = [{"layout": s, "multidiffusion": by_split[f"{s} multidiffusion"],
                    "regional": by_split[f"{s} regional"]} for s in SPLITS]
     text = (f"## Region layouts ({cases} per layout; MultiDiffusion windows every {stride} "
             "latent pixels, regional prompting's side by side)\n\n"
-            + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"]))
+            + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"])
+            + "\nSeam ratio on the columns where regions meet (layouts split into columns; 1: "
+            "no seam): " + ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} -"
+                              for m, v in seam_means.items())
+            + "\n")
     fields = {"headline": {"region_adherence_multidiffusion": means["multidiffusion"],
                            "region_adherence_regional": means["regional"]},
               "regions": means, "regions_by_split": by_split,
-              "region_seconds": {m: s / (len(SPLITS) * cases) for m, s in seconds.items()}}
+              "region_seconds": {m: s / (len(SPLITS) * cases) for m, s in seconds.items()},
+              "region_seam_ratio": seam_means}
     return fields, text, {"regions": (grid, labels)}
 
 
