@@ -66,3 +66,33 @@ def test_editing_headline_reads_the_flow_and_look_rows():
     assert h["selfguide_kept_colour_gain_db"] == pytest.approx(4.0)  # over none, same inversion
     assert h["selfguide_look_colour_success"] == 0.75
     assert h["selfguide_look_colour_gain_db"] == pytest.approx(-0.5)
+
+
+def test_editing_headline_reads_the_caption_free_self_guidance_rows():
+    rows = [{"method": "selfguide (caption free)", "inversion": "ddpm_edit_friendly",
+             "edit_type": t, "success": s, "preserved": p, "bg_psnr": 30.0}
+            for t, s, p in (("position", 0.8, 0.9), ("color", 0.5, 1.0))]
+    h = headline(rows)
+    assert (h["selfguide_free_position_success"], h["selfguide_free_position_preserved"]) == (
+        0.8, 0.9)
+    assert h["selfguide_free_colour_success"] == 0.5
+    assert h["selfguide_free_size_success"] is None
+
+
+def test_a_caption_free_of_the_edit_drops_only_the_edited_attribute():
+    from retouch.bench.selfguide import free_caption
+    from retouch.toyworld.editbench import make_cases
+    from retouch.toyworld.scene import caption, parse_caption
+
+    for case in make_cases(9, seed=3, edit_types=("position", "size", "color")):
+        free = parse_caption(free_caption(case))
+        full = parse_caption(caption(case.source).text)
+        attr = case.edit_type
+        assert all(attr not in o for o in free["objects"])
+        assert free["objects"] == [{k: v for k, v in o.items() if k != attr}
+                                   for o in full["objects"]]
+        assert {k: v for k, v in free.items() if k != "objects"} == {
+            k: v for k, v in full.items() if k != "objects"}
+    shape = make_cases(1, seed=3, edit_types=("shape",))[0]
+    with pytest.raises(ValueError, match="not 'shape'"):
+        free_caption(shape)

@@ -26,7 +26,11 @@ steps quick, 25 full). Methods (:func:`methods`):
   object); on colour edits ``selfguide look`` (target caption) and ``selfguide (caption
   kept)`` take the edited object's look from a rendered donor (one object of the target colour
   and another shape: :func:`~retouch.bench.selfguide.donor_scene`), the paper's appearance
-  transfer from a real image; ``none`` with the same inversion is the edit without guidance;
+  transfer from a real image; ``selfguide (caption free)`` inverts and edits under the source
+  caption without the edited attribute's words (:func:`~retouch.bench.selfguide.free_caption`),
+  so guidance alone must make the edit and the caption does not pin the object where it was
+  (the paper's captions do not say where objects are; ToyBench's do); ``none`` with the same
+  inversion is the edit without guidance;
 * ``none``: re-generation from the inverted noise with the target caption (no control);
   ``none/rf_inversion`` is RF-Inversion's edit (its controlled ODEs, no attention control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
@@ -70,7 +74,13 @@ from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
 from .common import atomic_write_text, image_grid, write_markdown_table, write_result
 from .overhead import processor_overhead
-from .selfguide import SELFGUIDE, SELFGUIDE_INVERSION, donor_scene, selfguide_spec
+from .selfguide import (
+    SELFGUIDE,
+    SELFGUIDE_INVERSION,
+    donor_scene,
+    free_caption,
+    selfguide_spec,
+)
 
 __all__ = ["run", "Method", "methods", "edit_case", "score_case", "aggregate",
            "processor_overhead", "COLUMNS"]
@@ -120,6 +130,8 @@ def methods(quick: bool) -> list[Method]:
                edit_types=("position", "size")),
         Method("selfguide (caption kept)", SELFGUIDE_INVERSION, "selfguide",
                {**SELFGUIDE, "caption_kept": True}, edit_types=("position", "size", "color")),
+        Method("selfguide (caption free)", SELFGUIDE_INVERSION, "selfguide",
+               {**SELFGUIDE, "caption_free": True}, edit_types=("position", "size", "color")),
         Method("selfguide look", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("color",)),
         Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size", "color")),
@@ -175,19 +187,29 @@ def edit_case(
                            steps=steps, cfg=cfg, seed=SEED, **m.options)
             out[m.label] = (res.edited, time.perf_counter() - t0)
             continue
-        if m.inversion not in inversions:
-            inv = invert(model, case.source_image, case.source_prompt, method=m.inversion,
-                         steps=steps, cfg=cfg, progress=False)
-            inversions[m.inversion] = (inv, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-        inv, inv_seconds = inversions[m.inversion]
         options = dict(m.options)
+        # "caption free": the source caption without the edited attribute's word, for the
+        # inversion and the edit, so the caption neither pins the object nor makes the edit
+        source = free_caption(case) if options.pop("caption_free", False) else (
+            case.source_prompt)
+        if m.editor == "selfguide" and source != case.source_prompt:
+            try:
+                selfguide_spec(case, **options).check_prompt(source)
+            except ValueError:  # its words name two objects once the attribute is gone
+                continue
+        if (m.inversion, source) not in inversions:
+            inv = invert(model, case.source_image, source, method=m.inversion,
+                         steps=steps, cfg=cfg, progress=False)
+            inversions[m.inversion, source] = (inv, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        inv, inv_seconds = inversions[m.inversion, source]
         if m.editor == "masactrl":
             options = {**_masactrl_options(model.network, steps), **options}
         if m.editor == "selfguide":
-            # "caption kept": the paper's setting, where guidance alone must move the object
-            target = case.source_prompt if options.pop("caption_kept", False) else (
-                case.target_prompt)
+            # "caption kept" / "caption free": the paper's setting, where guidance alone must
+            # move the object
+            kept = options.pop("caption_kept", False) or source != case.source_prompt
+            target = source if kept else case.target_prompt
             spec = selfguide_spec(case, **options)
             looks = None
             if spec.transfer:  # a colour case: the look of a rendered donor's object
@@ -197,7 +219,7 @@ def edit_case(
                         model, render(scene).image, donor_prompt, [word], spec,
                         inversion=m.inversion, steps=steps, cfg=cfg)
                 looks = donors[m.inversion]
-            plugin = spec.bind(model, case.source_prompt, target, looks)
+            plugin = spec.bind(model, source, target, looks)
             res = edit_inverted(model, inv, target, editor="none", plugin=plugin)
         else:
             res = edit_inverted(model, inv, case.target_prompt, editor=m.editor, **options)
@@ -329,10 +351,11 @@ def headline(rows: list[dict]) -> dict:
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
     ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, the same
     with the source caption (guidance alone, ``selfguide_kept_colour_*``) and with the target
-    caption (``selfguide_look_colour_*``). The flow editors (FlowEdit; RF-Solver's
-    feature sharing on its inversion; RF-Inversion's controlled ODEs) on colour edits: success
-    and the dB kept outside the edit over regeneration without control after Direct Inversion
-    (``{flowedit,rf_solver,rf_inversion}_colour_*``)."""
+    caption (``selfguide_look_colour_*``); guidance alone under a caption free of the edited
+    attribute: ``selfguide_free_{position,size,colour}_{success,preserved}``. The flow
+    editors (FlowEdit; RF-Solver's feature sharing on its inversion; RF-Inversion's controlled
+    ODEs) on colour edits: success and the dB kept outside the edit over regeneration without
+    control after Direct Inversion (``{flowedit,rf_solver,rf_inversion}_colour_*``)."""
     figures = {}
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
@@ -361,6 +384,11 @@ def headline(rows: list[dict]) -> dict:
         figures[f"{key}_success"] = None if row is None else row["success"]
         figures[f"{key}_gain_db"] = (None if row is None or none is None
                                      else row["bg_psnr"] - none["bg_psnr"])
+    # guidance alone, the caption free of the edited attribute (the paper's setting)
+    for edit_type, name in (("position", "position"), ("size", "size"), ("color", "colour")):
+        row = _get(rows, "selfguide (caption free)", SELFGUIDE_INVERSION, edit_type)
+        figures[f"selfguide_free_{name}_success"] = None if row is None else row["success"]
+        figures[f"selfguide_free_{name}_preserved"] = None if row is None else row["preserved"]
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]
@@ -425,7 +453,9 @@ def _markdown(result: dict, *, quick: bool) -> str:
         f"takes no callbacks). MasaCtrl (position and size only): S = "
         f"{st['masactrl']['start_step']}, L = {st['masactrl']['start_layer']}. SDEdit: strength "
         f"{st['sdedit_strength']}. Self-guidance ({SELFGUIDE_INVERSION} inversion, towards "
-        f"the target caption or, in the `caption kept` row, the source's): the object moved by "
+        f"the target caption or, in the `caption kept` row, the source's; in the `caption free` "
+        f"row the source's without the edited attribute's words, for inversion and edit): "
+        f"the object moved by "
         f"the case's exact offset or scaled by its exact factor, or on colour edits taking the "
         f"look of a rendered donor's object of the target colour, others held; weights "
         f"{st['selfguide']['weights']}, steps {st['selfguide']['steps']}; `none` with the same "

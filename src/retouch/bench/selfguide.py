@@ -10,13 +10,15 @@ objects with a caption edit on ToyWorld (Direct Inversion and BDIA were tried be
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, replace
 
 from ..recipes.guide import DEFAULT_STEPS, GuideWeights, SelfGuidance
 from ..toyworld.editbench import EditCase
 from ..toyworld.scene import SHAPES, Scene, caption
 
-__all__ = ["SELFGUIDE", "SELFGUIDE_INVERSION", "object_word", "selfguide_spec", "donor_scene"]
+__all__ = ["SELFGUIDE", "SELFGUIDE_INVERSION", "object_word", "selfguide_spec", "donor_scene",
+           "free_caption"]
 
 SELFGUIDE_INVERSION = "ddpm_edit_friendly"  # the inversion of the selfguide rows and the demo
 SELFGUIDE = dict(weights=asdict(GuideWeights()), steps=DEFAULT_STEPS)  # the rows' settings
@@ -43,6 +45,22 @@ def donor_scene(case: EditCase) -> tuple[Scene, str, str]:
         obj, shape=shape, color=case.target.objects[case.object_index].color, size="big",
         position="center", dx=0.0, dy=0.0, scale=1.0),))
     return donor, caption(donor).text, shape
+
+
+#: The caption word a case's edit changes (dropped by :func:`free_caption`).
+EDITED_WORD = {"position": "position", "size": "size", "color": "color"}
+
+
+def free_caption(case: EditCase) -> str:
+    """The source caption without the words of the attribute the case edits (every object's:
+    the grammar drops an attribute for all objects), so that the caption neither pins the
+    object where it is nor names what the edit changes: the setting of the self-guidance paper,
+    whose captions do not say where objects are."""
+    attr = EDITED_WORD.get(case.edit_type)
+    if attr is None:
+        raise ValueError(f"a caption free of the edit is defined for "
+                         f"{', '.join(EDITED_WORD)} edits, not {case.edit_type!r} ones")
+    return caption(case.source, drop={attr: 1.0}, rng=random.Random(0)).text
 
 
 def selfguide_spec(case: EditCase, *, weights: dict, steps) -> SelfGuidance:
