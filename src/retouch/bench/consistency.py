@@ -166,7 +166,8 @@ def _transfer_section(transfer: dict, cases: int) -> str:
         "position (see `retouch.bench.transfer`). Success: the structure's shape and position "
         "with the appearance's colour and fill style.\n\n"
         + write_markdown_table(rows, ["method", "success", "structure_kept", "appearance_taken",
-                                      "background_taken", "seconds_per_transfer"]))
+                                      "colour_taken", "style_taken", "background_taken",
+                                      "seconds_per_transfer"]))
 
 
 def _video_section(video: dict, clips: int, frames: int) -> str:

@@ -15,7 +15,9 @@ the structure's size, shape and position, so the look must come from the appeara
 
 Per row: ``success`` (shape and position of the structure, colour and style of the appearance,
 as the checker reads them), ``structure_kept``, ``appearance_taken`` (colour and style),
-``background_taken``, seconds per transfer.
+``background_taken``, seconds per transfer; ``colour_taken`` and ``style_taken`` split the
+look. The output prompt cannot leave the fill style free: in ToyWorld's grammar a caption
+without a style word means solid, so a striped or outlined look must beat the text.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def transfer_marks(image: np.ndarray, a, b) -> dict[str, bool]:
     r = read(image)
     o = r.objects[0] if len(r.objects) == 1 else None
     kept = o is not None and o.shape == a.objects[0].shape and o.position == a.objects[0].position
-    taken = o is not None and o.color == b.objects[0].color and r.style == b.style
-    return {"success": kept and taken, "structure_kept": kept, "appearance_taken": taken,
+    colour = o is not None and o.color == b.objects[0].color
+    style = o is not None and r.style == b.style
+    return {"success": kept and colour and style, "structure_kept": kept,
+            "appearance_taken": colour and style, "colour_taken": colour, "style_taken": style,
             "background_taken": r.background == b.background}
 
 
