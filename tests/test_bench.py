@@ -96,3 +96,22 @@ def test_a_caption_free_of_the_edit_drops_only_the_edited_attribute():
     shape = make_cases(1, seed=3, edit_types=("shape",))[0]
     with pytest.raises(ValueError, match="not 'shape'"):
         free_caption(shape)
+
+
+def test_transfer_marks_split_the_look_into_colour_and_style():
+    import random
+
+    from retouch.bench.transfer import transfer_marks, transfer_pair
+    from retouch.toyworld.render import render
+
+    rng = random.Random(5)
+    for _ in range(4):
+        a, b = transfer_pair(rng)
+        ideal = a.replace(0, color=b.objects[0].color).replace(style=b.style,
+                                                                background=b.background)
+        marks = transfer_marks(render(ideal).image, a, b)
+        assert marks == {"success": True, "structure_kept": True, "appearance_taken": True,
+                         "colour_taken": True, "style_taken": True, "background_taken": True}
+        marks = transfer_marks(render(a).image, a, b)  # the structure image itself
+        assert marks["structure_kept"] and not marks["colour_taken"]
+        assert not marks["success"] and not marks["appearance_taken"]
