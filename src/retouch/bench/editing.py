@@ -76,6 +76,7 @@ from .common import atomic_write_text, image_grid, write_markdown_table, write_r
 from .overhead import processor_overhead
 from .selfguide import (
     SELFGUIDE,
+    SELFGUIDE_FREE,
     SELFGUIDE_INVERSION,
     donor_scene,
     free_caption,
@@ -131,7 +132,8 @@ def methods(quick: bool) -> list[Method]:
         Method("selfguide (caption kept)", SELFGUIDE_INVERSION, "selfguide",
                {**SELFGUIDE, "caption_kept": True}, edit_types=("position", "size", "color")),
         Method("selfguide (caption free)", SELFGUIDE_INVERSION, "selfguide",
-               {**SELFGUIDE, "caption_free": True}, edit_types=("position", "size", "color")),
+               {**SELFGUIDE_FREE, "caption_free": True},
+               edit_types=("position", "size", "color")),
         Method("selfguide look", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("color",)),
         Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size", "color")),
@@ -315,7 +317,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     rows = aggregate(records, order)
     overhead = processor_overhead(pm, repeats=REPEATS[quick])
     settings = {"cases": len(cases), "edit_types": list(types), "steps": steps, "cfg": CFG,
-                "seed": SEED, "selfguide": SELFGUIDE,
+                "seed": SEED, "selfguide": SELFGUIDE, "selfguide_free": SELFGUIDE_FREE,
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,
                 "masactrl": _masactrl_options(pm.network, steps),
@@ -458,7 +460,9 @@ def _markdown(result: dict, *, quick: bool) -> str:
         f"the object moved by "
         f"the case's exact offset or scaled by its exact factor, or on colour edits taking the "
         f"look of a rendered donor's object of the target colour, others held; weights "
-        f"{st['selfguide']['weights']}, steps {st['selfguide']['steps']}; `none` with the same "
+        f"{st['selfguide']['weights']} (the `caption free` row: size "
+        f"{st.get('selfguide_free', SELFGUIDE_FREE)['weights']['size']:g}), steps "
+        f"{st['selfguide']['steps']}; `none` with the same "
         f"inversion is that edit without guidance. Edit types: "
         f"{', '.join(st.get('edit_types', EDIT_TYPES))}. `seconds`: median per case, "
         "inversion + edit."
