@@ -277,3 +277,23 @@ def test_bench_plumbing_on_two_cases(tiny_toy_pipeline):
     assert by[("ceiling", "all")]["seconds"] != by[("ceiling", "all")]["seconds"]  # NaN: no edit
     o = processor_overhead(pm, repeats=1, forwards=1)
     assert o["ratio_no_controller"] > 0 and o["ratio_store"] > 0
+
+
+def test_the_bench_runs_edict_at_its_own_steps_and_guidance(tiny_toy_pipeline, monkeypatch):
+    from retouch.bench.editing import CFG, EDICT_CFG, EDICT_STEPS, edit_case, methods
+    from retouch.models.pipeline import PipelineModel
+    from retouch.toyworld.editbench import make_cases
+
+    seen = []
+    real = retouch.inversion.invert
+
+    def spy(model, image, prompt, *, method, steps, cfg, **options):
+        seen.append((method, steps, cfg))
+        return real(model, image, prompt, method=method, steps=steps, cfg=cfg, **options)
+
+    monkeypatch.setattr(retouch.inversion, "invert", spy)
+    chosen = [m for m in methods(quick=False) if m.label in ("p2p/edict", "p2p/direct")]
+    case = make_cases(1, seed=1, edit_types=("color",))[0]
+    edits = edit_case(PipelineModel.load(tiny_toy_pipeline), case, chosen, steps=EDIT_STEPS)
+    assert {"p2p/edict", "p2p/direct"} <= set(edits)
+    assert sorted(seen) == [("direct", EDIT_STEPS, CFG), ("edict", EDICT_STEPS, EDICT_CFG)]
