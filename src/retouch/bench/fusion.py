@@ -210,7 +210,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
                 have[1].extend(labels)
     out.mkdir(parents=True, exist_ok=True)
     write_result(out / "fusion.json", result)
-    only = "" if parts == PARTS else f" (parts run: {', '.join(parts)})"
+    only = "" if set(parts) == set(PARTS) else f" (parts run: {', '.join(parts)})"
     shown = [sections[p] for p in ("panoramas", "regions", "grids", "cost") if p in sections]
     atomic_write_text(out / "fusion.md", "# Fusion: panoramas and region layouts on ToyWorld"
                       f"{only}\n\n" + "\n".join(shown))
