@@ -195,7 +195,7 @@ def test_style_weights_and_cli_defaults():
     args = parser.parse_args(["toyworld", "train", "--style-weight", "striped=1.5"])
     assert args.style_weight == [("striped", 1.5)]
     for name in ("seed", "vae_steps", "unet_steps", "batch", "lr", "grounding_weight",
-                 "coverage_loss", "coverage_weight", "partial_captions"):
+                 "coverage_loss", "coverage_weight", "partial_captions", "unet_depth"):
         assert getattr(args, name) == getattr(TrainConfig, name), name
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld", "train", "--style-weight", "striped"])
@@ -217,6 +217,30 @@ def test_training_continues_from_an_exported_pipeline(tiny_toy_pipeline, tmp_pat
     shipped = UNet2DConditionModel.from_pretrained(str(tiny_toy_pipeline), subfolder="unet")
     for k, v in shipped.float().state_dict().items():
         assert torch.equal(saved[f"unet.{k}"], v), k
+
+
+def test_a_deeper_unet_grown_from_a_trained_one_computes_the_same_function(tiny_toy_pipeline):
+    """--unet-depth 2 with --init-from a depth-1 model: the new transformer layers start as
+    identities, so the grown UNet's output equals the source's exactly; other mismatches are
+    refused."""
+    from diffusers import UNet2DConditionModel
+
+    from retouch.toyworld.configs import unet_config
+    from retouch.training.growth import load_grown
+
+    source = UNet2DConditionModel.from_pretrained(str(tiny_toy_pipeline), subfolder="unet").float()
+    grown = UNet2DConditionModel(**unet_config(32, depth=2))
+    new = load_grown(grown, source.state_dict())
+    assert len(new) == 7  # the attention blocks: two down, one mid, two in each of two up
+    assert all(b.endswith("transformer_blocks.1") for b in new)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 700])
+    text = torch.randn(2, 7, 128)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text).sample, source(x, t, text).sample)
+    with pytest.raises(ValueError, match="only more transformer layers"):
+        load_grown(UNet2DConditionModel(**unet_config(32)), grown.state_dict())
+    with pytest.raises(ValueError, match="differ in more than depth"):
+        load_grown(UNet2DConditionModel(**unet_config(64)), source.state_dict())
 
 
 def test_decoder_tuning_keeps_the_encoder_and_resumes(tiny_toy_run, tmp_path):

@@ -136,6 +136,7 @@ def _cmd_train(args) -> None:
         cooldown=tuple(args.cooldown) if args.cooldown else None,
         style_weights={style: w for style, w in args.style_weight} or None,
         arch=args.arch,
+        unet_depth=args.unet_depth,
     )
     train(cfg, resume=args.resume)
 
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="STYLE=WEIGHT",
                     help="sample scenes of a fill style WEIGHT times as often, e.g. "
                          "striped=1.5 (repeatable)")
+    tr.add_argument("--unet-depth", type=whole(1), default=1, metavar="N",
+                    help="transformer layers per UNet attention block; more than --init-from's "
+                         "model has grows it, the new layers starting as identities")
     tr.add_argument("--arch", default="unet", choices=("unet", "sd3"),
                     help="the denoiser: an SD1-style UNet, or a tiny SD3 transformer trained "
                          "by rectified flow (start it from a trained model's VAE and text "

@@ -40,7 +40,9 @@ def vae_config() -> dict:
     )
 
 
-def unet_config(width: int = 64) -> dict:
+def unet_config(width: int = 64, depth: int = 1) -> dict:
+    """The ToyWorld UNet: ``width`` channels in its first block, ``depth`` transformer layers
+    in each attention block (diffusers' ``transformer_layers_per_block``)."""
     return dict(
         sample_size=LATENT_SIZE,
         in_channels=4,
@@ -53,6 +55,7 @@ def unet_config(width: int = 64) -> dict:
         # diffusers quirk: for UNet2DConditionModel this is the number of heads, not their size.
         attention_head_dim=4,
         norm_num_groups=32,
+        transformer_layers_per_block=depth,
     )
 
 

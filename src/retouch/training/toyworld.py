@@ -64,6 +64,9 @@ class TrainConfig:
     coverage_weight: float = 0.0  # its weight (> 0 exactly when coverage_loss is set)
     grounding_resolutions: tuple[int, ...] = (16, 8)  # latent sides whose attention is grounded
     unet_width: int = 64  # channels of the first UNet block (configs.unet_config)
+    # Transformer layers per UNet attention block. With init_from a shallower model, the new
+    # layers start as identities (growth.load_grown), so the run starts from its function.
+    unet_depth: int = 1
     init_from: str | None = None  # diffusers folder whose weights start the run (skips VAE stage)
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
@@ -89,7 +92,7 @@ def build_models(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int):
 
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**configs.vae_config())
-    unet = UNet2DConditionModel(**configs.unet_config(cfg.unet_width))
+    unet = UNet2DConditionModel(**configs.unet_config(cfg.unet_width, cfg.unet_depth))
     text = CLIPTextModel(
         CLIPTextConfig(
             **configs.text_config(vocab_size, bos_id=bos_id, eos_id=eos_id, layers=cfg.text_layers)
@@ -225,7 +228,8 @@ def _tokenizer(out: Path):
 
 
 # Options a resumed run must keep, with the value a run recorded before the option existed.
-_RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "text_layers": False,
+_RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "unet_depth": 1,
+             "text_layers": False,
              "extended": False, "coverage_loss": None, "coverage_weight": 0.0,
              "partial_captions": 0.0, "arch": "unet"}
 _RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors",
@@ -318,7 +322,9 @@ def _init_from_pipeline(out: Path, folder: Path, vae, unet, text, *, vae_done: b
     src = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").float()
     vae.load_state_dict(src.state_dict())
     if unet is not None:  # a flow run takes the VAE and the text encoder only
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(
+        from .growth import load_grown
+
+        load_grown(unet, UNet2DConditionModel.from_pretrained(
             str(folder), subfolder="unet").float().state_dict())
     text.load_state_dict(
         CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float().state_dict()
