@@ -16,6 +16,7 @@ from retouch.fusion import (
     SyncDiffusion,
     VAEFeatureDistance,
     View,
+    colour_statistics,
     lpips_distance,
     split_boxes,
     window_boxes,
@@ -236,6 +237,23 @@ def test_the_syncdiffusion_step_lowers_the_distance_to_the_anchor_and_keeps_the_
     shifted = sync.shift(fused, crops, float(times[1]), 1, 1)
     assert torch.equal(shifted[1], crops[1])  # the middle view is the anchor
     assert loss(shifted) < loss(crops)
+
+
+def test_the_colour_distance_reads_colours_not_layout():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    shuffled = a.flatten(2)[:, :, torch.randperm(256, generator=g)].reshape(a.shape)
+    torch.testing.assert_close(colour_statistics(a, shuffled), torch.zeros(2), atol=1e-6, rtol=0)
+    red, blue = torch.full((1, 3, 8, 8), -1.0), torch.full((1, 3, 8, 8), -1.0)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    assert float(colour_statistics(red, blue)[0]) == pytest.approx(8.0)  # two means differ by 2
+    model = tiny_model("sd1")
+    torch.testing.assert_close(  # as SyncDiffusion's distance by name, it changes the panorama
+        _fused_sample(model, sync_diffusion(model, distance="colour", weight=0.0)),
+        _fused_sample(model, None), rtol=0, atol=1e-5)
+    assert not torch.allclose(_fused_sample(model, sync_diffusion(model, distance="colour",
+                                                                  weight=50.0)),
+                              _fused_sample(model, None), atol=1e-4)
 
 
 def test_syncdiffusion_refuses_samplers_that_cannot_renoise_and_bad_settings():

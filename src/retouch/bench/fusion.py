@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fusion import RegionLayout, VAEFeatureDistance, window_boxes
+from ..fusion import RegionLayout, VAEFeatureDistance, colour_statistics, window_boxes
 from ..models.pipeline import PipelineModel
 from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
 from ..recipes.generate import generate
@@ -68,10 +68,11 @@ __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "r
 
 STEPS, CFG = 20, 5.0
 #: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
-#: steps of 50 (here 4 of 20). The paper's weight 20 is LPIPS's; with the VAE distance it
-#: wrecks the panorama, so the weight was chosen among 2, 5, 10 and 20 on 6 other prompts
-#: (4x canvases: coherence 0.67 at 2, 0.33 at 5, 0 at 10; MultiDiffusion 0.17).
-SYNC = dict(weight=2.0, decay=0.95, steps=4, distance="vae")
+#: steps of 50 (here 4 of 20). The distance is the decoded images' colour statistics
+#: (``colour``); its weight 1 was chosen on other prompts (random.Random(0)), 16 of them at 4x and
+#: 8x: coherence 0.41 at weight 1, 0.34 at 2 (0.31 with 8 synchronised steps), MultiDiffusion
+#: 0.25; the VAE-feature distance plus the colour one 0.38. The paper's weight 20 is LPIPS's.
+SYNC = dict(weight=1.0, decay=0.95, steps=4, distance="colour")
 #: Region layouts by grid (rows x columns): RPG splits of the canvas into native-size tiles.
 SPLITS = {"1x2": "1,1", "2x1": "1;1", "1x3": "1,1,1", "2x2": "1,1,1;1,1,1"}
 
@@ -135,7 +136,7 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
 def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, float | None]:
     """AUC of each default distance for the checker's tile-pair coherence (see module doc)."""
     distances = {name: VAEFeatureDistance(model.vae, statistics=name == "vae-stats")
-                 for name in ("vae", "vae-stats")}
+                 for name in ("vae", "vae-stats")} | {"colour": colour_statistics}
     scores = {name: [] for name in distances}
     labels = []
     for image in images:

@@ -101,7 +101,8 @@ def register(subparsers) -> None:
                    help="window stride in latent pixels (default: a quarter window)")
     p.add_argument("--sync", action="store_true", help="SyncDiffusion toward the middle window")
     p.add_argument("--sync-weight", type=number, default=None,
-                   help="gradient step weight (default: 2 for vae, 20 for lpips)")
+                   help="gradient step weight (default: 2 for vae, vae-stats and colour, "
+                        "20 for lpips)")
     p.add_argument("--sync-steps", type=whole(0), default=None,
                    help="synchronise the first N steps")
     p.add_argument("--distance", choices=tuple(DISTANCES), default=None,

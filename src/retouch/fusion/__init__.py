@@ -13,9 +13,15 @@ The recipes over these are in :mod:`retouch.recipes.fusion`.
 
 from retouch.fusion.denoiser import Bootstrap, FusedDenoiser
 from retouch.fusion.layout import LAYOUT_KEYS, Region, RegionLayout, split_boxes
-from retouch.fusion.sync import LPIPS_FILES, SyncDiffusion, VAEFeatureDistance, lpips_distance
+from retouch.fusion.sync import (
+    LPIPS_FILES,
+    SyncDiffusion,
+    VAEFeatureDistance,
+    colour_statistics,
+    lpips_distance,
+)
 from retouch.fusion.views import View, coverage, window_boxes
 
 __all__ = ["Bootstrap", "FusedDenoiser", "LAYOUT_KEYS", "LPIPS_FILES", "Region", "RegionLayout",
-           "SyncDiffusion", "VAEFeatureDistance", "View", "coverage", "lpips_distance",
-           "split_boxes", "window_boxes"]
+           "SyncDiffusion", "VAEFeatureDistance", "View", "colour_statistics", "coverage",
+           "lpips_distance", "split_boxes", "window_boxes"]

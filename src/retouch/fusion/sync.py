@@ -13,7 +13,10 @@ The paper's distance is LPIPS, whose backbone needs pretrained weights that reto
 download: :func:`lpips_distance` uses them when they are on disk. The default needs nothing:
 :class:`VAEFeatureDistance` compares the model's own VAE-encoder features the LPIPS way
 (unit-normalised channels, squared differences, spatial mean, summed over blocks), or their
-per-channel statistics (``statistics=True``, a layout-free style distance).
+per-channel statistics (``statistics=True``, a layout-free style distance);
+:func:`colour_statistics` compares the decoded images' own colours (each RGB channel's mean
+and standard deviation over the image): layout-free, it pulls each view toward the anchor's
+background and palette and leaves its content alone.
 
 References: Lee et al. 2023 (SyncDiffusion, NeurIPS; eq. 7-8, Sec. 5 settings); Zhang et al.
 2018 (LPIPS).
@@ -31,7 +34,8 @@ from torch import Tensor
 from ..checks import count, finite
 from ..denoiser import x0_of
 
-__all__ = ["SyncDiffusion", "VAEFeatureDistance", "lpips_distance", "LPIPS_FILES"]
+__all__ = ["SyncDiffusion", "VAEFeatureDistance", "colour_statistics", "lpips_distance",
+           "LPIPS_FILES"]
 
 Distance = Callable[[Tensor, Tensor], Tensor]  # images (N, 3, H, W) in [-1, 1] x2 -> (N,)
 
@@ -63,6 +67,13 @@ class VAEFeatureDistance:
                 fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
                 total = total + ((fa - fb) ** 2).sum(1).mean((1, 2))
         return total
+
+
+def colour_statistics(a: Tensor, b: Tensor) -> Tensor:
+    """Squared differences of each RGB channel's mean and standard deviation over the image,
+    summed over channels: (N,) for images (N, 3, H, W) (see the module doc)."""
+    a, b = a.float(), b.float()
+    return ((a.mean((2, 3)) - b.mean((2, 3))) ** 2 + (a.std((2, 3)) - b.std((2, 3))) ** 2).sum(1)
 
 
 #: The torchvision weights LPIPS's backbones load, by ``net`` (in ``torch.hub.get_dir()``'s

@@ -36,6 +36,7 @@ from ..fusion import (
     SyncDiffusion,
     VAEFeatureDistance,
     View,
+    colour_statistics,
     lpips_distance,
     window_boxes,
 )
@@ -47,9 +48,10 @@ __all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "p
            "regions", "sync_diffusion"]
 
 #: SyncDiffusion's distances by name (``vae``: the default, needs no download) and the default
-#: weight of each: the paper's 20 for LPIPS; 2 for the VAE distances, chosen on ToyWorld
-#: panoramas (20 wrecks them: see :mod:`retouch.bench.fusion`); tune it for another model.
-DISTANCES = {"vae": 2.0, "vae-stats": 2.0, "lpips": 20.0}
+#: weight of each: the paper's 20 for LPIPS; 2 for the VAE distances and 1 for the colour
+#: statistics, chosen on ToyWorld panoramas (20 wrecks them: see :mod:`retouch.bench.fusion`);
+#: tune it for another model.
+DISTANCES = {"vae": 2.0, "vae-stats": 2.0, "colour": 1.0, "lpips": 20.0}
 
 
 def sync_diffusion(model, *, distance: str = "vae", **options) -> SyncDiffusion:
@@ -60,8 +62,12 @@ def sync_diffusion(model, *, distance: str = "vae", **options) -> SyncDiffusion:
         raise ValueError(f"unknown SyncDiffusion distance {distance!r}; valid: "
                          f"{', '.join(DISTANCES)}")
     options.setdefault("weight", DISTANCES[distance])
-    d = (lpips_distance(device=model.device) if distance == "lpips" else
-         VAEFeatureDistance(model.vae, statistics=distance == "vae-stats"))
+    if distance == "lpips":
+        d = lpips_distance(device=model.device)
+    elif distance == "colour":
+        d = colour_statistics
+    else:
+        d = VAEFeatureDistance(model.vae, statistics=distance == "vae-stats")
     return SyncDiffusion(model.decode_tensor, d, **options)
 
 
