@@ -315,12 +315,15 @@ def test_extending_the_vocabulary_tunes_the_vae_then_the_unet(tiny_toy_pipeline,
 
 def test_bench_breaks_adherence_down_by_requested_style():
     from retouch.bench.toyworld import _by_style
+    from retouch.toyworld.scene import parse_caption
 
-    scenes = [Scene(objects=(_scene().objects[0],), style=s)
-              for s in ("solid", "striped", "striped", "outlined")]
+    # the styles the prompts ask for, as the bench reads them from partially specified prompts
+    prompts = ["a blue circle", "a striped square", "a big striped circle on the left",
+               "a outlined triangle"]
+    styles = [parse_caption(p)["style"] for p in prompts]
     scores = [{"style": True, "all": True}, {"style": True, "all": False},
               {"style": False, "all": False}, {"style": True, "all": True}]
-    assert _by_style(scores, scenes) == {
+    assert _by_style(scores, styles) == {
         "solid": {"style": 1.0, "all": 1.0, "n": 1},
         "outlined": {"style": 1.0, "all": 1.0, "n": 1},
         "striped": {"style": 0.5, "all": 0.0, "n": 2},

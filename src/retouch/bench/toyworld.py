@@ -137,7 +137,8 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes)
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))
     coverage = measure_coverage(tw, _subset(data, 32 if quick else 64))
-    partial = prompt_adherence(tw, prompts=partial_prompts(n // 2, extended=extended))[0]
+    partials = partial_prompts(n // 2, extended=extended)
+    partial, partial_scores = prompt_adherence(tw, prompts=partials)[:2]
     result = {
         "adherence": adherence,
         "partial_adherence": partial,
@@ -148,7 +149,9 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         "coverage": coverage,
     }
     if extended:  # and does the model still follow core-vocabulary prompts?
-        result["by_style"] = _by_style(scores, data.scenes)
+        result["by_style"] = _by_style(scores, [s.style for s in data.scenes])
+        result["partial_by_style"] = _by_style(partial_scores,
+                                               [parse_caption(p)["style"] for p in partials])
         result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes)[0]
     result = {"headline": headline(result, extended=extended), **result}
     write_result(out / "toyworld.json", result)
@@ -158,8 +161,9 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
              for k, v in result.get(group, {}).items()]
     rows += [{"metric": f"coverage.{maps}.{k}", "value": v}
              for maps, measured in coverage.items() for k, v in measured.items()]
-    rows += [{"metric": f"by_style.{style}.{k}", "value": v}
-             for style, measured in result.get("by_style", {}).items()
+    rows += [{"metric": f"{group}.{style}.{k}", "value": v}
+             for group in ("by_style", "partial_by_style")
+             for style, measured in result.get(group, {}).items()
              for k, v in measured.items()]
     rows += [{"metric": k, "value": result[k]}
              for k in ("vae_psnr", "vae_checker_all", "seconds_per_image", "attention_mass")]
@@ -188,11 +192,11 @@ def headline(result: dict, *, extended: bool) -> dict:
     }
 
 
-def _by_style(scores: list[dict], scenes) -> dict[str, dict]:
+def _by_style(scores: list[dict], styles: list[str]) -> dict[str, dict]:
     """Style and all-attributes accuracy, and prompt count, per requested fill style."""
     out = {}
     for style in STYLES:
-        picked = [s for s, scene in zip(scores, scenes) if scene.style == style]
+        picked = [s for s, asked in zip(scores, styles, strict=True) if asked == style]
         if picked:
             out[style] = {k: float(np.mean([bool(s[k]) for s in picked])) for k in ("style", "all")}
             out[style]["n"] = len(picked)
