@@ -46,7 +46,7 @@ def run_panorama(args: argparse.Namespace) -> None:
     if args.sync:
         options = {k: v for k, v in (("weight", args.sync_weight), ("steps", args.sync_steps))
                    if v is not None}
-        sync = sync_diffusion(model, distance=args.distance or "vae", **options)
+        sync = sync_diffusion(model, distance=args.distance or "colour", **options)
     image = panorama(model, args.prompt, width=args.width, height=height, stride=args.stride,
                      sync=sync, share_anchor=args.share_anchor, steps=args.steps,
                      cfg=args.cfg, seed=args.seed, sampler=args.sampler, progress=True)
@@ -55,7 +55,7 @@ def run_panorama(args: argparse.Namespace) -> None:
                               "cfg", "seed", "sampler")) | {"height": height}
     if sync is not None:
         report |= {"sync_weight": sync.weight, "sync_steps": sync.steps,
-                   "distance": args.distance or "vae", "sync_losses": sync.losses}
+                   "distance": args.distance or "colour", "sync_losses": sync.losses}
     atomic_write_text(out / "panorama.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'panorama.png'}")
 
@@ -106,7 +106,9 @@ def register(subparsers) -> None:
     p.add_argument("--sync-steps", type=whole(0), default=None,
                    help="synchronise the first N steps")
     p.add_argument("--distance", choices=tuple(DISTANCES), default=None,
-                   help="SyncDiffusion's distance (default vae: needs no download)")
+                   help="SyncDiffusion's distance (default colour: the decoded images' colour "
+                        "statistics; vae and colour need no download, lpips needs weights "
+                        "on disk)")
     p.add_argument("--share-anchor", action="store_true",
                    help="every window also attends to the middle window (shared attention)")
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")

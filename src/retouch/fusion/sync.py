@@ -10,13 +10,16 @@ fused (:class:`FusedDenoiser`). The decoded images are not clamped to [-1, 1] (t
 clamps before LPIPS), so the gradient also flows through pixels out of range.
 
 The paper's distance is LPIPS, whose backbone needs pretrained weights that retouch cannot
-download: :func:`lpips_distance` uses them when they are on disk. The default needs nothing:
+download: :func:`lpips_distance` uses them when they are on disk. Two distances need nothing:
 :class:`VAEFeatureDistance` compares the model's own VAE-encoder features the LPIPS way
 (unit-normalised channels, squared differences, spatial mean, summed over blocks), or their
 per-channel statistics (``statistics=True``, a layout-free style distance);
 :func:`colour_statistics` compares the decoded images' own colours (each RGB channel's mean
 and standard deviation over the image): layout-free, it pulls each view toward the anchor's
-background and palette and leaves its content alone.
+background and palette and leaves its content alone. The recipe's default
+(:func:`retouch.recipes.fusion.sync_diffusion`) is the colour distance: on ToyWorld panoramas
+it matched the VAE distance's coherence with one background more often and better per-window
+adherence (:mod:`retouch.bench.fusion`).
 
 References: Lee et al. 2023 (SyncDiffusion, NeurIPS; eq. 7-8, Sec. 5 settings); Zhang et al.
 2018 (LPIPS).
@@ -91,11 +94,12 @@ def lpips_distance(net: str = "vgg", device=None) -> Distance:
         import lpips
     except ImportError as exc:
         raise ValueError("the LPIPS distance needs the lpips package (pip install lpips, which "
-                         f"needs torchvision) and {path}; or use the default VAE distance") from exc
+                         f"needs torchvision) and {path}; or use the default colour "
+                         "distance") from exc
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS-{net} needs torchvision's pretrained weights at {path} "
                                 "(retouch never downloads): copy the file there, or use the "
-                                "default VAE distance")
+                                "default colour distance")
     model = lpips.LPIPS(net=net, verbose=False).to(device).eval().requires_grad_(False)
     return lambda a, b: model(a, b).flatten()
 
@@ -103,9 +107,9 @@ def lpips_distance(net: str = "vgg", device=None) -> Distance:
 @dataclass
 class SyncDiffusion:
     """The SyncDiffusion gradient step (see the module doc). ``decode`` maps latents to images
-    in [-1, 1] with gradients (``model.decode_tensor``); ``distance`` defaults to
-    :class:`VAEFeatureDistance` of the model's VAE; ``anchor`` is a view index (default: the
-    middle view)."""
+    in [-1, 1] with gradients (``model.decode_tensor``); ``distance`` maps two image batches
+    to one distance per row (:func:`colour_statistics`, a :class:`VAEFeatureDistance`, LPIPS);
+    ``anchor`` is a view index (default: the middle view)."""
 
     decode: Callable[[Tensor], Tensor]
     distance: Distance

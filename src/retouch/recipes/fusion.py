@@ -47,14 +47,16 @@ from .editors import p2p_editor
 __all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "panorama_edit",
            "regions", "sync_diffusion"]
 
-#: SyncDiffusion's distances by name (``vae``: the default, needs no download) and the default
+#: SyncDiffusion's distances by name (``colour``, the default, and the VAE ones need no
+#: download; on ToyWorld panoramas ``colour`` matches ``vae``'s coherence with one background
+#: more often and better per-window adherence, :mod:`retouch.bench.fusion`) and the default
 #: weight of each: the paper's 20 for LPIPS; 2 for the VAE distances and 1 for the colour
 #: statistics, chosen on ToyWorld panoramas (20 wrecks them: see :mod:`retouch.bench.fusion`);
 #: tune it for another model.
 DISTANCES = {"vae": 2.0, "vae-stats": 2.0, "colour": 1.0, "lpips": 20.0}
 
 
-def sync_diffusion(model, *, distance: str = "vae", **options) -> SyncDiffusion:
+def sync_diffusion(model, *, distance: str = "colour", **options) -> SyncDiffusion:
     """A :class:`SyncDiffusion` for ``model`` (its VAE decodes; ``distance`` by name, with its
     default weight from :data:`DISTANCES`); ``options``: ``weight``, ``decay``, ``steps``,
     ``anchor``."""
