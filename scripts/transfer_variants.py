@@ -1,0 +1,55 @@
+"""Cross-image attention settings against the colour the appearance transfer fails to take
+(issue 16), on pairs the consistency benchmark does not use (``random.Random(100)``).
+
+    python scripts/transfer_variants.py N VARIANT...
+
+N pairs (``bench.transfer.transfer_pair``), each transferred as the benchmark's
+``cross-image attention`` row does (25 DDIM steps, CFG 5, swap guidance 3.5, DDIM inversion),
+with the attention options of each VARIANT (:data:`VARIANTS`); prints the checker's means
+(``bench.transfer.transfer_marks``) and seconds per transfer.
+"""
+
+import random
+import sys
+import time
+
+import numpy as np
+
+from retouch.bench.transfer import CFG, LOOK, STEPS, transfer_marks, transfer_pair
+from retouch.models.pipeline import PipelineModel
+from retouch.recipes.transfer import appearance_transfer
+from retouch.toyworld.render import render
+from retouch.toyworld.scene import caption
+
+VARIANTS = {
+    "default": {},
+    "early": dict(windows={0: (0.0, 0.9), 1: (0.0, 0.9)}),
+    "contrast3": dict(contrast=3.0),
+    "nostructure": dict(structure_every=0),
+    "early_nostruct_c3": dict(windows={0: (0.0, 1.0), 1: (0.0, 1.0)}, structure_every=0,
+                              contrast=3.0),
+    "adain_all": dict(adain_steps=(0.0, 1.0)),
+}
+
+
+def main(n: int, names: list[str]) -> None:
+    model = PipelineModel.load(None)
+    rng = random.Random(100)
+    pairs = [transfer_pair(rng) for _ in range(n)]
+    for name in names:
+        options = dict(VARIANTS[name])
+        adain = options.pop("adain_steps", (0.2, 1.0))
+        marks, t0 = [], time.time()
+        for i, (a, b) in enumerate(pairs):
+            out = appearance_transfer(
+                model, render(a).image, render(b).image, structure_prompt=caption(a).text,
+                appearance_prompt=caption(b).text,
+                output_prompt=caption(a, drop=LOOK, rng=random.Random(i)).text, steps=STEPS,
+                cfg=CFG, swap_guidance=3.5, adain_steps=adain, **options).output
+            marks.append(transfer_marks(out, a, b))
+        means = {k: round(float(np.mean([m[k] for m in marks])), 3) for k in marks[0]}
+        print(name, means, f"{(time.time() - t0) / n:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2:])
