@@ -72,7 +72,11 @@ def test_editing_headline_reads_the_caption_free_self_guidance_rows():
     rows = [{"method": "selfguide (caption free)", "inversion": "ddpm_edit_friendly",
              "edit_type": t, "success": s, "preserved": p, "bg_psnr": 30.0}
             for t, s, p in (("position", 0.8, 0.9), ("color", 0.5, 1.0))]
+    rows.append({"method": "none", "inversion": "ddpm_edit_friendly", "edit_type": "position",
+                 "success": 0.9, "preserved": 0.8, "bg_psnr": 28.5})
     h = headline(rows)
+    assert h["selfguide_free_position_gain_db"] == pytest.approx(1.5)  # over regeneration
+    assert h["selfguide_free_colour_gain_db"] is None  # no none row for colour
     assert (h["selfguide_free_position_success"], h["selfguide_free_position_preserved"]) == (
         0.8, 0.9)
     assert h["selfguide_free_colour_success"] == 0.5

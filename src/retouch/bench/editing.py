@@ -362,7 +362,8 @@ def headline(rows: list[dict]) -> dict:
     ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, the same
     with the source caption (guidance alone, ``selfguide_kept_colour_*``) and with the target
     caption (``selfguide_look_colour_*``); guidance alone under a caption free of the edited
-    attribute: ``selfguide_free_{position,size,colour}_{success,preserved}``. The flow
+    attribute: ``selfguide_free_{position,size,colour}_{success,preserved,gain_db}`` (the dB
+over the same inversion's ``none`` row, which regenerates with the target caption). The flow
     editors (FlowEdit; RF-Solver's feature sharing on its inversion; RF-Inversion's controlled
     ODEs) on colour edits: success and the dB kept outside the edit over regeneration without
     control after Direct Inversion (``{flowedit,rf_solver,rf_inversion}_colour_*``)."""
@@ -395,10 +396,14 @@ def headline(rows: list[dict]) -> dict:
         figures[f"{key}_gain_db"] = (None if row is None or none is None
                                      else row["bg_psnr"] - none["bg_psnr"])
     # guidance alone, the caption free of the edited attribute (the paper's setting)
+    # and its fidelity outside the edit over regeneration with the target caption (no control)
     for edit_type, name in (("position", "position"), ("size", "size"), ("color", "colour")):
         row = _get(rows, "selfguide (caption free)", SELFGUIDE_INVERSION, edit_type)
+        none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
         figures[f"selfguide_free_{name}_success"] = None if row is None else row["success"]
         figures[f"selfguide_free_{name}_preserved"] = None if row is None else row["preserved"]
+        figures[f"selfguide_free_{name}_gain_db"] = (None if row is None or none is None
+                                                     else row["bg_psnr"] - none["bg_psnr"])
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]
