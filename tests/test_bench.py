@@ -119,3 +119,34 @@ def test_transfer_marks_split_the_look_into_colour_and_style():
         marks = transfer_marks(render(a).image, a, b)  # the structure image itself
         assert marks["structure_kept"] and not marks["colour_taken"]
         assert not marks["success"] and not marks["appearance_taken"]
+
+
+def test_the_consistency_benchmark_runs_one_part_alone_and_refuses_unknown_parts(
+        tiny_toy_pipeline, tmp_path, monkeypatch):
+    import shutil
+
+    import numpy as np
+
+    from retouch.bench import consistency as bench
+    from retouch.bench.transfer import ROWS
+
+    folder = tmp_path / "extended"  # plumbing only: the tiny model learnt nothing either way
+    shutil.copytree(tiny_toy_pipeline, folder)
+    info = json.loads((folder / "toyworld.json").read_text())
+    (folder / "toyworld.json").write_text(json.dumps({**info, "extended": True}))
+    marks = dict.fromkeys(("success", "structure_kept", "appearance_taken", "colour_taken",
+                           "style_taken", "background_taken", "seconds_per_transfer"), 0.5)
+    tile = np.zeros((8, 8, 3), np.uint8)
+    monkeypatch.setattr(bench, "measure_transfer", lambda model, cases: (
+        {row: marks for row in ROWS}, [[tile] * (2 + len(ROWS))] * cases))
+    out = tmp_path / "out"
+    doc = bench.run(quick=True, out=out, model=str(folder), parts=("transfer",))
+    assert set(doc["headline"]) == {"transfer_success", "transfer_success_adain_only",
+                                    "transfer_success_p2p_edit"}
+    assert doc["settings"]["transfer_cases"] == 2 and "video" not in doc
+    assert json.loads((out / "consistency.json").read_text())["parts"] == ["transfer"]
+    assert "Parts run: transfer" in (out / "consistency.md").read_text()
+    assert (out / "consistency_transfer.png").exists() and not (out / "consistency.png").exists()
+    with pytest.raises(ValueError, match="unknown consistency benchmark part.*motion.*valid: st"):
+        bench.run(quick=True, out=tmp_path / "x", model=str(folder), parts=("motion",))
+    assert not (tmp_path / "x").exists()

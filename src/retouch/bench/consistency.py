@@ -25,6 +25,8 @@ StyleAligned, with the baselines' beside them; ``video_inconsistency_ratio``,
 ``video_adherence``, ``warped_flicker_ratio`` for clips, :mod:`retouch.bench.video`;
 ``transfer_success`` for appearance transfer, :mod:`retouch.bench.transfer`),
 ``consistency.md``, ``consistency.png``, ``consistency_video.png``, ``consistency_transfer.png``.
+``parts`` (:data:`PARTS`; ``retouch bench consistency --parts transfer``) runs some parts alone:
+each draws its own cases, so a part run alone gives the figures it gives in a full run.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .video import METHODS as VIDEO_METHODS
 from .video import headline as video_headline
 from .video import measure_video
 
-__all__ = ["run"]
+__all__ = ["run", "PARTS"]
 
 STYLES = ("striped", "outlined")
 MODES = {"shared": dict(share=True), "plain": dict(share=False),
@@ -68,11 +70,47 @@ def _batch(rng: random.Random, style: str):
     return ref, prompts
 
 
-def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+#: The benchmark's parts (``retouch bench consistency --parts video`` runs one alone).
+PARTS = ("style", "video", "transfer")
+
+
+def run(*, quick: bool, out: Path, model: str | None = None,
+        parts: tuple[str, ...] | None = None) -> dict:
+    """Run the benchmark (``parts``: some of :data:`PARTS`, default all; the headline then
+    holds only the parts run); writes ``consistency.{json,md}`` and the parts' figures."""
+    parts = PARTS if parts is None else tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown consistency benchmark part(s) "
+                         f"{', '.join(unknown) or '(none)'}; valid: {', '.join(PARTS)}")
     tw = PipelineModel.load(model)
     if not toyworld_extended(tw.folder):
         raise ValueError("bench consistency needs a ToyWorld model trained on the extended "
                          "vocabulary (striped, outlined); the shipped model is one")
+    result = {"headline": {}, "parts": list(parts),
+              "settings": {"steps": 25, "cfg": 5.0, "model": model or "shipped ToyWorld"}}
+    sections, figures = [], {}
+    for part, fn in (("style", _style_part), ("video", _video_part),
+                     ("transfer", _transfer_part)):
+        if part in parts:
+            fields, text, part_figures = fn(tw, quick)
+            result["headline"].update(fields.pop("headline"))
+            result["settings"].update(fields.pop("settings"))
+            result.update(fields)
+            sections.append(text)
+            figures.update(part_figures)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(out / "consistency.json", result)
+    only = "" if set(parts) == set(PARTS) else f"Parts run: {', '.join(parts)}.\n\n"
+    atomic_write_text(out / "consistency.md", "# Consistency on ToyWorld\n\n" + only
+                      + "\n\n".join(sections))
+    for name, (images, columns, labels) in figures.items():
+        image_grid(images, out / name, columns=columns, labels=labels, scale=2)
+    return result
+
+
+def _style_part(tw, quick: bool):
     cases = 4 if quick else 12
     rng = random.Random(0)
     tally = {m: {k: [] for k in ("agree", "style", "background", "leak", "adhere", "solid")}
@@ -109,11 +147,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             if case < 2:
                 grid.append([*images["shared"], *images["plain"][1:]])
     means = {m: {k: float(np.mean(v)) for k, v in t.items()} for m, t in tally.items()}
-    clips, frames = (2, 4) if quick else (12, 8)
-    video, video_grid, clip_prompts = measure_video(tw, clips=clips, frames=frames)
-    transfer_cases = 2 if quick else 24
-    transfer, transfer_grid = measure_transfer(tw, cases=transfer_cases)
-    result = {
+    fields = {
         "headline": {
             "style_agreement": means["shared"]["agree"],
             "content_leakage": means["shared"]["leak"],
@@ -121,27 +155,17 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             "style_agreement_plain": means["plain"]["agree"],
             "style_agreement_shared_noise": means["shared_noise"]["agree"],
             "reference_max_pixel_change": ref_change,
-            **video_headline(video),
-            "transfer_success": transfer["cross-image attention"]["success"],
-            "transfer_success_adain_only": transfer["adain only"]["success"],
-            "transfer_success_p2p_edit": transfer["p2p edit"]["success"],
         },
         "modes": means,
-        "video": video,
-        "transfer": transfer,
         "reference_right": float(np.mean(ref_right)),
-        "settings": {"cases_per_style": cases, "styles": list(STYLES), "images_per_batch": 4,
-                     "steps": 25, "cfg": 5.0, "model": model or "shipped ToyWorld",
-                     "clips": clips, "frames_per_clip": frames, "clip_prompts": clip_prompts,
-                     "transfer_cases": transfer_cases},
+        "settings": {"cases_per_style": cases, "styles": list(STYLES), "images_per_batch": 4},
     }
-    write_result(out / "consistency.json", result)
     rows = [{"mode": m, "style and background": v["agree"], "style": v["style"],
              "background": v["background"], "content leakage": v["leak"],
              "batch adherence": v["adhere"], "read solid": v["solid"]}
             for m, v in means.items()]
-    atomic_write_text(out / "consistency.md", (
-        "# Consistency: StyleAligned batches on ToyWorld\n\n"
+    text = (
+        "## StyleAligned batches\n\n"
         f"{len(STYLES) * cases} batches: a reference naming its fill style and background, and 3 "
         "prompts naming neither (25 DDIM steps, CFG 5). Shares of the 3 other images per batch. "
         f"The reference changed by at most {ref_change}/255 between the shared and the plain "
@@ -150,23 +174,47 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         "grammar a caption without a style word means solid, so the text asks for solid while "
         "the shared attention carries the reference's striped or outlined fill.\n\n"
         + write_markdown_table(rows, ["mode", "style and background", "style", "background",
-                                      "content leakage", "batch adherence", "read solid"])
-        + _video_section(video, clips, frames) + _transfer_section(transfer, transfer_cases)))
+                                      "content leakage", "batch adherence", "read solid"]))
     names = ["reference", "shared 1", "shared 2", "shared 3", "plain 1", "plain 2", "plain 3"]
-    image_grid([im for r in grid for im in r], out / "consistency.png", columns=len(names),
-               labels=names * len(grid), scale=2)
-    image_grid([f for row in video_grid for f in row], out / "consistency_video.png",
-               columns=frames, labels=[m for m in VIDEO_METHODS for _ in range(frames)], scale=2)
-    image_grid([im for row in transfer_grid for im in row], out / "consistency_transfer.png",
-               columns=2 + len(TRANSFER_ROWS),
-               labels=["structure", "appearance", *TRANSFER_ROWS] * len(transfer_grid), scale=2)
-    return result
+    figures = {"consistency.png": ([im for r in grid for im in r], len(names),
+                                   names * len(grid))}
+    return fields, text, figures
+
+
+def _video_part(tw, quick: bool):
+    clips, frames = (2, 4) if quick else (12, 8)
+    video, video_grid, clip_prompts = measure_video(tw, clips=clips, frames=frames)
+    fields = {"headline": video_headline(video), "video": video,
+              "settings": {"clips": clips, "frames_per_clip": frames,
+                           "clip_prompts": clip_prompts}}
+    figures = {"consistency_video.png": (
+        [f for row in video_grid for f in row], frames,
+        [m for m in VIDEO_METHODS for _ in range(frames)])}
+    return fields, _video_section(video, clips, frames), figures
+
+
+def _transfer_part(tw, quick: bool):
+    cases = 2 if quick else 24
+    transfer, transfer_grid = measure_transfer(tw, cases=cases)
+    fields = {
+        "headline": {
+            "transfer_success": transfer["cross-image attention"]["success"],
+            "transfer_success_adain_only": transfer["adain only"]["success"],
+            "transfer_success_p2p_edit": transfer["p2p edit"]["success"],
+        },
+        "transfer": transfer,
+        "settings": {"transfer_cases": cases},
+    }
+    figures = {"consistency_transfer.png": (
+        [im for row in transfer_grid for im in row], 2 + len(TRANSFER_ROWS),
+        ["structure", "appearance", *TRANSFER_ROWS] * len(transfer_grid))}
+    return fields, _transfer_section(transfer, cases), figures
 
 
 def _transfer_section(transfer: dict, cases: int) -> str:
     rows = [{"method": m, **v} for m, v in transfer.items()]
     return (
-        f"\n\n# Appearance transfer: cross-image attention on ToyWorld renders\n\n{cases} pairs "
+        f"## Appearance transfer: cross-image attention on ToyWorld renders\n\n{cases} pairs "
         "of one-object scenes; the output prompt names only the structure's size, shape and "
         "position (see `retouch.bench.transfer`). Success: the structure's shape and position "
         "with the appearance's colour and fill style.\n\n"
@@ -179,7 +227,7 @@ def _video_section(video: dict, clips: int, frames: int) -> str:
     rows = [{"method": m, **v} for m, v in video.items()]
     head = video_headline(video)
     return (
-        f"\n\n# Video: keyframe attention and noise models on ToyWorld clips\n\n{clips} clips of "
+        f"## Video: keyframe attention and noise models on ToyWorld clips\n\n{clips} clips of "
         f"{frames} frames, one object moving 0.12 of the image across its region; every frame's "
         "prompt names only the shape and position (see `retouch.bench.video`). Inconsistency: "
         "frames whose colour, shape, size, style or background differ from frame 1's. Best "

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="editing: only these rows, by method or method/inversion "
                         "(e.g. flowedit,p2p/rf_solver,none/direct)")
     b.add_argument("--parts", default=None, metavar="P1,P2",
-                   help="fusion: only these parts (cost, panoramas, regions, grids)")
+                   help="fusion: only these parts (cost, panoramas, regions, grids); "
+                   "consistency: (style, video, transfer)")
     b.set_defaults(func=_cmd_bench)
 
     from .edit import register as register_edit
