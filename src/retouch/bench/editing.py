@@ -14,7 +14,8 @@ steps quick, 25 full). Methods (:func:`methods`):
   self-attention window 0.4, and local blending on the edited word (the token that differs,
   threshold 0.3 of the max-normalised map, from 20 % of the steps, 3x3 max-pool), as the paper
   does -- except with EDICT, whose loop takes no callbacks; ``p2p (no blend)`` with Direct
-  Inversion is the ablation that shows where blending helps;
+  Inversion is the ablation that shows where blending helps, and with edit-friendly DDPM
+  inversion (full run) the best P2P found on ToyWorld;
 * ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
   S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
   self-attention layer finer than the coarsest level;
@@ -31,7 +32,8 @@ steps quick, 25 full). Methods (:func:`methods`):
   caption without the edited attribute's words (:func:`~retouch.bench.selfguide.free_caption`),
   so guidance alone must make the edit and the caption does not pin the object where it was
   (the paper's captions do not say where objects are; ToyBench's do); ``none`` with the same
-  inversion is the edit without guidance;
+  inversion is the edit without guidance (on every edit type: regeneration from that
+  inversion);
 * ``none``: re-generation from the inverted noise with the target caption (no control);
   ``none/rf_inversion`` is RF-Inversion's edit (its controlled ODEs, no attention control);
 * ``sdedit``: noise to strength 0.6, denoise with the target caption (no inversion);
@@ -133,6 +135,10 @@ def methods(quick: bool) -> list[Method]:
         # the paper's 50 steps and a guidance of 3 (retouch.recipes.edit.check_loop)
         Method("p2p", "edict", "p2p", quick=False, steps=EDICT_STEPS, cfg=EDICT_CFG),
         Method("p2p", "null_text", "p2p", BLEND, quick=False),
+        # edit-friendly DDPM inversion is exact too; without blending (its noise maps already
+        # keep the unedited image; the one-cell blend masks cut edits short) it is the best P2P
+        # on ToyWorld (benchmarks/editing-p2p-tuning.md)
+        Method("p2p (no blend)", SELFGUIDE_INVERSION, "p2p", quick=False),
         Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
         Method("selfguide", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("position", "size")),
@@ -143,7 +149,7 @@ def methods(quick: bool) -> list[Method]:
                edit_types=("position", "size", "color")),
         Method("selfguide look", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
                edit_types=("color",)),
-        Method("none", SELFGUIDE_INVERSION, "none", edit_types=("position", "size", "color")),
+        Method("none", SELFGUIDE_INVERSION, "none"),
         Method("none", "direct", "none"),
         Method("sdedit", "-", "sdedit", {"strength": SDEDIT_STRENGTH}),
         Method("flowedit", "-", "flowedit", {"strength": FLOWEDIT_STRENGTH}),
