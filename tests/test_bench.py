@@ -46,6 +46,17 @@ def test_editing_headline_is_p2p_against_regeneration():
     h = headline(rows)
     assert h["p2p_colour_success"] == 0.9 and h["p2p_colour_gain_db"] == pytest.approx(2.5)
     assert h["p2p_shape_success"] is None and h["p2p_shape_gain_db"] is None
+    assert h["p2p_ddpm_colour_success"] is None  # no edit-friendly rows
+
+
+def test_editing_headline_reads_p2p_on_edit_friendly_inversion_against_its_regeneration():
+    rows = [{"method": m, "inversion": "ddpm_edit_friendly", "edit_type": "shape",
+             "success": sr, "bg_psnr": db}
+            for m, sr, db in (("p2p (no blend)", 1.0, 33.0), ("none", 0.9, 31.0))]
+    h = headline(rows)
+    assert h["p2p_ddpm_shape_success"] == 1.0
+    assert h["p2p_ddpm_shape_gain_db"] == pytest.approx(2.0)
+    assert h["p2p_shape_success"] is None
 
 
 def test_editing_headline_reads_the_flow_and_look_rows():

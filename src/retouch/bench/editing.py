@@ -362,7 +362,8 @@ def _sheet(examples: dict, labels: list[str]) -> tuple[list[np.ndarray], list[st
 
 def headline(rows: list[dict]) -> dict:
     """P2P (Direct Inversion, exact) on colour and shape edits: success, and the dB it keeps
-    outside the edit over regenerating without control (``none``) at the same step count.
+    outside the edit over regenerating without control (``none``) at the same step count; the
+    same for P2P without blending on edit-friendly DDPM inversion (``p2p_ddpm_*``).
     Self-guidance on moves and resizes: success per type, the share of cases with everything
     else preserved, and per type the dB it keeps outside the edit over the same inversion's
     ``none`` row (``selfguide_{type}_gain_db``); on colour edits, by a donor's look, the same
@@ -379,6 +380,13 @@ over the same inversion's ``none`` row, which regenerates with the target captio
         figures[f"p2p_{name}_success"] = None if p2p is None else p2p["success"]
         figures[f"p2p_{name}_gain_db"] = (None if p2p is None or none is None
                                           else p2p["bg_psnr"] - none["bg_psnr"])
+        # the same for P2P without blending on edit-friendly DDPM inversion, over regeneration
+        # from that inversion
+        p2p = _get(rows, "p2p (no blend)", SELFGUIDE_INVERSION, edit_type)
+        none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
+        figures[f"p2p_ddpm_{name}_success"] = None if p2p is None else p2p["success"]
+        figures[f"p2p_ddpm_{name}_gain_db"] = (None if p2p is None or none is None
+                                               else p2p["bg_psnr"] - none["bg_psnr"])
     for edit_type in ("position", "size"):
         sg = _get(rows, "selfguide", SELFGUIDE_INVERSION, edit_type)
         none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
