@@ -11,6 +11,7 @@ from typing import Any
 from ..files import atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "chosen_parts",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
@@ -20,6 +21,16 @@ __all__ = [
     "loglog_plot",
     "image_grid",
 ]
+
+
+def chosen_parts(bench: str, parts: Sequence[str] | None, valid: Sequence[str]) -> tuple:
+    """A benchmark's ``parts`` to run (default: all of ``valid``), refused by name if unknown."""
+    parts = tuple(valid) if parts is None else tuple(parts)
+    unknown = [p for p in parts if p not in valid]
+    if unknown or not parts:
+        raise ValueError(f"unknown {bench} benchmark part(s) {', '.join(unknown) or '(none)'}; "
+                         f"valid: {', '.join(valid)}")
+    return parts
 
 
 def write_json(path: Path, obj: Any) -> Path:

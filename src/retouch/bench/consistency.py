@@ -41,7 +41,7 @@ from ..recipes.consistency import style_aligned
 from ..toyworld.checker import read, score
 from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import caption, parse_caption, random_scene
-from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .common import atomic_write_text, chosen_parts, image_grid, write_markdown_table, write_result
 from .transfer import ROWS as TRANSFER_ROWS
 from .transfer import measure_transfer
 from .video import METHODS as VIDEO_METHODS
@@ -78,11 +78,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
         parts: tuple[str, ...] | None = None) -> dict:
     """Run the benchmark (``parts``: some of :data:`PARTS`, default all; the headline then
     holds only the parts run); writes ``consistency.{json,md}`` and the parts' figures."""
-    parts = PARTS if parts is None else tuple(parts)
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"unknown consistency benchmark part(s) "
-                         f"{', '.join(unknown) or '(none)'}; valid: {', '.join(PARTS)}")
+    parts = chosen_parts("consistency", parts, PARTS)
     tw = PipelineModel.load(model)
     if not toyworld_extended(tw.folder):
         raise ValueError("bench consistency needs a ToyWorld model trained on the extended "

@@ -61,7 +61,7 @@ from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
 from ..recipes.generate import generate
 from ..toyworld.checker import read
 from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
-from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .common import atomic_write_text, chosen_parts, image_grid, write_markdown_table, write_result
 
 __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
            "seam_ratio", "auc", "SYNC"]
@@ -184,11 +184,7 @@ PARTS = ("cost", "panoramas", "regions", "grids")
 
 def run(*, quick: bool, out: Path, model: str | None = None,
         parts: tuple[str, ...] | None = None) -> dict:
-    parts = PARTS if parts is None else tuple(parts)
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"unknown fusion benchmark part(s) {', '.join(unknown) or '(none)'}; "
-                         f"valid: {', '.join(PARTS)}")
+    parts = chosen_parts("fusion", parts, PARTS)
     tw = PipelineModel.load(model)
     size, window = tw.image_size, tw.unet.config.sample_size
     setup = dict(quick=quick, size=size, window=window, stride=window // 2,
