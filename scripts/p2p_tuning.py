@@ -8,8 +8,7 @@ PSNR outside the edit per variant and edit type, and the dB over ``none/direct``
 
     .venv/bin/python scripts/p2p_tuning.py [CASES] [--model DIR]
 
-60 cases took 13 minutes on one CPU thread beside a training run (20 on the coverage candidate,
-beside a training run and another benchmark).
+60 cases took 13 minutes on one CPU thread beside a training run (20 on the coverage candidate).
 """
 
 import argparse
