@@ -135,9 +135,9 @@ def methods(quick: bool) -> list[Method]:
         # the paper's 50 steps and a guidance of 3 (retouch.recipes.edit.check_loop)
         Method("p2p", "edict", "p2p", quick=False, steps=EDICT_STEPS, cfg=EDICT_CFG),
         Method("p2p", "null_text", "p2p", BLEND, quick=False),
-        # edit-friendly DDPM inversion is exact too; without blending (its noise maps already
-        # keep the unedited image; the one-cell blend masks cut edits short) it is the best P2P
-        # on ToyWorld (benchmarks/editing-p2p-tuning.md)
+        # edit-friendly DDPM inversion is exact too; without blending it is the best P2P on
+        # ToyWorld, with the bench's blend it succeeds less (benchmarks/editing-p2p-ddpm/,
+        # docs/benchmarks.md)
         Method("p2p (no blend)", SELFGUIDE_INVERSION, "p2p", quick=False),
         Method("masactrl", "direct", "masactrl", edit_types=("position", "size")),
         Method("selfguide", SELFGUIDE_INVERSION, "selfguide", SELFGUIDE,
@@ -370,7 +370,7 @@ def headline(rows: list[dict]) -> dict:
     with the source caption (guidance alone, ``selfguide_kept_colour_*``) and with the target
     caption (``selfguide_look_colour_*``); guidance alone under a caption free of the edited
     attribute: ``selfguide_free_{position,size,colour}_{success,preserved,gain_db}`` (the dB
-over the same inversion's ``none`` row, which regenerates with the target caption). The flow
+    over the same inversion's ``none`` row, which regenerates with the target caption). The flow
     editors (FlowEdit; RF-Solver's feature sharing on its inversion; RF-Inversion's controlled
     ODEs) on colour edits: success and the dB kept outside the edit over regeneration without
     control after Direct Inversion (``{flowedit,rf_solver,rf_inversion}_colour_*``)."""
@@ -378,37 +378,32 @@ over the same inversion's ``none`` row, which regenerates with the target captio
     for edit_type, name in (("color", "colour"), ("shape", "shape")):
         p2p, none = _get(rows, "p2p", "direct", edit_type), _get(rows, "none", "direct", edit_type)
         figures[f"p2p_{name}_success"] = None if p2p is None else p2p["success"]
-        figures[f"p2p_{name}_gain_db"] = (None if p2p is None or none is None
-                                          else p2p["bg_psnr"] - none["bg_psnr"])
+        figures[f"p2p_{name}_gain_db"] = _gain_db(p2p, none)
         # the same for P2P without blending on edit-friendly DDPM inversion, over regeneration
         # from that inversion
         p2p = _get(rows, "p2p (no blend)", SELFGUIDE_INVERSION, edit_type)
         none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
         figures[f"p2p_ddpm_{name}_success"] = None if p2p is None else p2p["success"]
-        figures[f"p2p_ddpm_{name}_gain_db"] = (None if p2p is None or none is None
-                                               else p2p["bg_psnr"] - none["bg_psnr"])
+        figures[f"p2p_ddpm_{name}_gain_db"] = _gain_db(p2p, none)
     for edit_type in ("position", "size"):
         sg = _get(rows, "selfguide", SELFGUIDE_INVERSION, edit_type)
         none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
         figures[f"selfguide_{edit_type}_success"] = None if sg is None else sg["success"]
-        figures[f"selfguide_{edit_type}_gain_db"] = (None if sg is None or none is None
-                                                     else sg["bg_psnr"] - none["bg_psnr"])
+        figures[f"selfguide_{edit_type}_gain_db"] = _gain_db(sg, none)
     none = _get(rows, "none", "direct", "color")
     for key, method, inversion in (("flowedit", "flowedit", "-"),
                                    ("rf_solver", "rf_solver", "rf_solver"),
                                    ("rf_inversion", "none", "rf_inversion")):
         row = _get(rows, method, inversion, "color")
         figures[f"{key}_colour_success"] = None if row is None else row["success"]
-        figures[f"{key}_colour_gain_db"] = (None if row is None or none is None
-                                            else row["bg_psnr"] - none["bg_psnr"])
+        figures[f"{key}_colour_gain_db"] = _gain_db(row, none)
     # colour via appearance (a donor's look): guidance alone, and with the target caption
     none = _get(rows, "none", SELFGUIDE_INVERSION, "color")
     for key, method in (("selfguide_kept_colour", "selfguide (caption kept)"),
                         ("selfguide_look_colour", "selfguide look")):
         row = _get(rows, method, SELFGUIDE_INVERSION, "color")
         figures[f"{key}_success"] = None if row is None else row["success"]
-        figures[f"{key}_gain_db"] = (None if row is None or none is None
-                                     else row["bg_psnr"] - none["bg_psnr"])
+        figures[f"{key}_gain_db"] = _gain_db(row, none)
     # guidance alone, the caption free of the edited attribute (the paper's setting)
     # and its fidelity outside the edit over regeneration with the target caption (no control)
     for edit_type, name in (("position", "position"), ("size", "size"), ("color", "colour")):
@@ -416,8 +411,7 @@ over the same inversion's ``none`` row, which regenerates with the target captio
         none = _get(rows, "none", SELFGUIDE_INVERSION, edit_type)
         figures[f"selfguide_free_{name}_success"] = None if row is None else row["success"]
         figures[f"selfguide_free_{name}_preserved"] = None if row is None else row["preserved"]
-        figures[f"selfguide_free_{name}_gain_db"] = (None if row is None or none is None
-                                                     else row["bg_psnr"] - none["bg_psnr"])
+        figures[f"selfguide_free_{name}_gain_db"] = _gain_db(row, none)
     moved = [r for r in rows if (r["method"], r["inversion"]) == ("selfguide",
                                                                   SELFGUIDE_INVERSION)
              and r["edit_type"] in ("position", "size")]
@@ -425,6 +419,12 @@ over the same inversion's ``none`` row, which regenerates with the target captio
                                                        weights=[r["n"] for r in moved]))
                                       if moved else None)
     return figures
+
+
+def _gain_db(row: dict | None, none: dict | None) -> float | None:
+    """The dB ``row`` keeps outside the edit over the baseline row ``none`` (None if either is
+    missing)."""
+    return None if row is None or none is None else row["bg_psnr"] - none["bg_psnr"]
 
 
 def _get(rows, method: str, inversion: str, edit_type: str) -> dict | None:
