@@ -152,8 +152,8 @@ def test_the_consistency_benchmark_runs_one_part_alone_and_refuses_unknown_parts
         {row: marks for row in ROWS}, [[tile] * (2 + len(ROWS))] * cases))
     out = tmp_path / "out"
     doc = bench.run(quick=True, out=out, model=str(folder), parts=("transfer",))
-    assert set(doc["headline"]) == {"transfer_success", "transfer_success_adain_only",
-                                    "transfer_success_p2p_edit"}
+    assert set(doc["headline"]) == {"transfer_success", "transfer_success_ddim",
+                                    "transfer_success_adain_only", "transfer_success_p2p_edit"}
     assert doc["settings"]["transfer_cases"] == 2 and "video" not in doc
     assert json.loads((out / "consistency.json").read_text())["parts"] == ["transfer"]
     assert "Parts run: transfer" in (out / "consistency.md").read_text()

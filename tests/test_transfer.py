@@ -71,6 +71,23 @@ def test_with_every_part_off_the_output_is_the_structures_regeneration():
     assert np.abs(off.output.astype(int) - want.astype(int)).max() <= 1
 
 
+def test_after_edit_friendly_inversion_the_output_follows_the_structures_noise_maps():
+    # Every part off and the structure's own prompt: the output row makes the same calls as the
+    # structure's row with the same noise maps, so it lands on the structure image itself.
+    model = tiny_model("sd1")
+    struct, app = _images()
+    off = appearance_transfer(model, struct, app, structure_prompt="a red square",
+                              appearance_prompt="a blue circle", steps=4, cfg=3.0,
+                              inversion="ddpm_edit_friendly", swap_guidance=1.0,
+                              adain_steps=(1.0, 1.0), cross_image=False)
+    assert np.abs(off.output.astype(int) - off.structure.astype(int)).max() <= 1
+    assert np.abs(off.output.astype(int) - off.appearance.astype(int)).max() > 1
+    with pytest.raises(ValueError, match="sampler='ddpm'.*noise maps"):
+        appearance_transfer(model, struct, app, structure_prompt="a red square",
+                            appearance_prompt="a blue circle", inversion="ddpm_edit_friendly",
+                            sampler="ddpm")
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_transfer_moves_the_output_and_keeps_the_inputs_on_their_inversions(kind):
     model = tiny_model(kind)

@@ -195,6 +195,7 @@ def _transfer_part(tw, quick: bool):
     fields = {
         "headline": {
             "transfer_success": transfer["cross-image attention"]["success"],
+            "transfer_success_ddim": transfer["cross-image attention, DDIM"]["success"],
             "transfer_success_adain_only": transfer["adain only"]["success"],
             "transfer_success_p2p_edit": transfer["p2p edit"]["success"],
         },

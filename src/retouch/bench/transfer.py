@@ -4,12 +4,15 @@ Each case renders two random one-object extended scenes: the structure (its shap
 size should stay) and the appearance (its colour, fill style and background should be taken),
 drawn so that the two differ in colour and in style or background. The output prompt names only
 the structure's size, shape and position, so the look must come from the appearance image. Rows
-(25 DDIM steps, CFG 5, DDIM inversion of both images):
+(25 steps, CFG 5):
 
 * ``cross-image attention``: :func:`retouch.recipes.transfer.appearance_transfer` with the
-  paper's contrast (1.67), swap guidance (3.5) and AdaIN of the latents, but at this bench's 25
-  DDIM steps, CFG 5 and DDIM inversion (the reference: 100 edit-friendly DDPM steps, CFG 1);
-* ``adain only``: the same without cross-image attention (an ablation);
+  paper's contrast (1.67), swap guidance (3.5) and AdaIN of the latents, both images inverted
+  by edit-friendly DDPM and the output on the structure's noise maps, as the reference code
+  does (which runs 100 steps at CFG 1; on 12 pairs of ``scripts/transfer_variants.py``, CFG 1
+  did no better than 5);
+* ``cross-image attention, DDIM``: the same after DDIM inversion, the output sampled by DDIM;
+* ``adain only``: the first row without cross-image attention (an ablation);
 * ``p2p edit``: the plain-edit baseline, a Prompt-to-Prompt edit of the structure image (direct
   inversion) towards its caption with the appearance's colour, style and background words.
 
@@ -35,7 +38,7 @@ from ..toyworld.scene import STYLES, caption, random_scene
 
 __all__ = ["ROWS", "measure_transfer", "transfer_marks", "transfer_pair"]
 
-ROWS = ("cross-image attention", "adain only", "p2p edit")
+ROWS = ("cross-image attention", "cross-image attention, DDIM", "adain only", "p2p edit")
 LOOK = {"color": 1.0, "style": 1.0, "background": 1.0}
 STEPS, CFG = 25, 5.0
 
@@ -57,10 +60,13 @@ def _run(model, row: str, a, b, rng: random.Random) -> np.ndarray:
         return edit(model, structure, caption(a).text, caption(target).text, inversion="direct",
                     editor="p2p", steps=STEPS, cfg=CFG).edited
     out_prompt = caption(a, drop=LOOK, rng=rng).text
+    cross = row != "adain only"
     return appearance_transfer(model, structure, look, structure_prompt=caption(a).text,
                                appearance_prompt=caption(b).text, output_prompt=out_prompt,
-                               steps=STEPS, cfg=CFG, cross_image=row != "adain only",
-                               swap_guidance=3.5 if row != "adain only" else 1.0).output
+                               steps=STEPS, cfg=CFG, cross_image=cross,
+                               swap_guidance=3.5 if cross else 1.0,
+                               inversion="ddim" if row.endswith("DDIM") else
+                               "ddpm_edit_friendly").output
 
 
 def transfer_marks(image: np.ndarray, a, b) -> dict[str, bool]:

@@ -14,9 +14,11 @@ pieces of the paper act on the output row:
   ``max(swap_guidance / 2, 1)`` over those steps (a second network pass per step; 1 turns it off).
 
 The inputs may be inverted with any method: their rows follow the stored trajectories. The
-output row is sampled from the structure's inverted noise with ``sampler`` (seeded by ``seed``
-if it is stochastic); the reference code instead runs edit-friendly DDPM with the structure's
-noise maps and CFG 1, at 100 steps.
+output row starts from the structure's inverted noise. After ``ddpm_edit_friendly`` it follows
+the structure's noise maps ``z_k`` (and offsets) on that inversion's stochastic step, as the
+reference code does (there with CFG 1 at 100 steps); after any other inversion it is sampled
+with ``sampler``. ``seed`` seeds the randomness of both (the edit-friendly noises, a stochastic
+sampler).
 
 References: Alaluf, Garibi et al. 2024 (SIGGRAPH), Sec. 4 and garibida/cross-image-attention
 (``swap_guidance_scale`` 3.5, ``adain_range`` steps 20-100 of 100).
@@ -25,6 +27,7 @@ References: Alaluf, Garibi et al. 2024 (SIGGRAPH), Sec. 4 and garibida/cross-ima
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,7 +38,7 @@ from ..attention.cross_image import CrossImageAttention
 from ..attention.sites import check_window
 from ..checks import count, finite
 from ..denoiser import halves_of
-from ..samplers import get_step, sample
+from ..samplers import ddim_step, get_step, sample
 from ..samplers.callbacks import pin_row
 
 __all__ = ["appearance_transfer", "Transfer", "adain_latents"]
@@ -70,6 +73,20 @@ def _adain_callback(window, num_steps: int):
         return x
 
     return callback
+
+
+def _structure_noise(inv):
+    """``(step, noises, offset callbacks)`` that move the output row along the structure's
+    edit-friendly noise maps (the inputs' rows are pinned, so theirs only need the shape)."""
+    order = [APPEARANCE, STRUCTURE, STRUCTURE]  # inversion rows [appearance, structure]
+    noises = [z[order] for z in inv.noises]
+
+    def add_offset(ctx):
+        x = ctx.x.clone()
+        x[OUTPUT] += inv.offsets[ctx.i][STRUCTURE].to(x)
+        return x
+
+    return partial(ddim_step, eta=inv.options["eta"]), noises, [add_offset]
 
 
 def _swap_guided(den, ctrl: CrossImageAttention, times: Tensor, scale: float):
@@ -115,7 +132,7 @@ def appearance_transfer(
     cfg: float = 5.0,
     swap_guidance: float = 3.5,
     adain_steps: tuple[float, float] = (0.2, 1.0),
-    sampler: str = "ddim",
+    sampler: str | None = None,
     seed: int = 0,
     cross_image: bool = True,
     progress: bool = False,
@@ -124,8 +141,9 @@ def appearance_transfer(
     """The ``structure`` image (PIL / uint8 array) in the look of ``appearance`` (module doc).
     ``output_prompt`` defaults to the structure's; ``options`` go to
     :class:`CrossImageAttention` (``contrast``, ``windows``, ``structure_every``,
-    ``structure_until``)."""
-    from ..inversion import invert
+    ``structure_until``). ``sampler`` (default DDIM) samples the output row after an inversion
+    without noise maps; ``ddpm_edit_friendly`` brings its own."""
+    from ..inversion import invert, method_config
 
     prompts = [appearance_prompt, structure_prompt, output_prompt or structure_prompt]
     for p in prompts:
@@ -138,18 +156,26 @@ def appearance_transfer(
         raise ValueError("cross_image=False runs no cross-image attention, so swap guidance and "
                          f"{', '.join(options) or 'its options'} do nothing: pass "
                          "swap_guidance=1.0 and no attention options")
+    if inversion == "ddpm_edit_friendly" and sampler is not None:
+        raise ValueError(f"sampler={sampler!r}: after ddpm_edit_friendly the output follows the "
+                         "structure's noise maps on that inversion's own step; leave sampler "
+                         "unset, or pick another inversion")
     ctrl = CrossImageAttention(**options)
-    step = get_step(sampler)
+    step = get_step(sampler or "ddim")
     images = [np.asarray(appearance), np.asarray(structure)]
     if images[0].shape != images[1].shape:
         raise ValueError(f"the structure ({images[1].shape}) and appearance ({images[0].shape}) "
                          f"images differ in size; resize one to the other")
+    config = method_config(inversion, {"seed": seed} if inversion == "ddpm_edit_friendly" else {})
     inv = invert(model, np.stack(images), prompts[:2], method=inversion, steps=steps, cfg=cfg,
-                 progress=progress)
+                 config=config, progress=progress)
     traj: Tensor = inv.trajectory  # (steps + 1, 2, C, h, w) on the grid
     times = inv.times
     x = torch.cat([traj[0], traj[0][1:2]]).to(model.device)  # output from the structure's noise
-    callbacks = [pin_row(traj[:, 0], 0), pin_row(traj[:, 1], 1),
+    noises, offsets = None, []
+    if inv.noises is not None:
+        step, noises, offsets = _structure_noise(inv)
+    callbacks = [*offsets, pin_row(traj[:, 0], 0), pin_row(traj[:, 1], 1),
                  _adain_callback(adain_steps, steps)]
     den = model.denoiser(prompts, cfg=cfg)
     layout = BatchLayout(ROLES, guidance_halves(den))
@@ -159,6 +185,6 @@ def appearance_transfer(
         if cross_image:
             guided = _swap_guided(guided, ctrl, times, swap_guidance)
         latents = sample(guided, x, times, step=step, callbacks=callbacks, progress=progress,
-                         generator=torch.Generator().manual_seed(seed))
+                         noises=noises, generator=torch.Generator().manual_seed(seed))
     out = model.decode(latents)
     return Transfer(output=out[2], structure=out[1], appearance=out[0])
