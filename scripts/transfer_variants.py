@@ -45,6 +45,7 @@ def main(n: int, names: list[str]) -> None:
         options = dict(VARIANTS[name])
         adain = options.pop("adain_steps", (0.2, 1.0))
         cfg = options.pop("cfg", CFG)
+        options.setdefault("inversion", "ddim")
         marks, t0 = [], time.time()
         for i, (a, b) in enumerate(pairs):
             out = appearance_transfer(

@@ -62,7 +62,8 @@ def test_with_every_part_off_the_output_is_the_structures_regeneration():
     struct, app = _images()
     off = appearance_transfer(model, struct, app, structure_prompt="a red square",
                               appearance_prompt="a blue circle", steps=4, cfg=3.0,
-                              swap_guidance=1.0, adain_steps=(1.0, 1.0), cross_image=False)
+                              inversion="ddim", swap_guidance=1.0, adain_steps=(1.0, 1.0),
+                              cross_image=False)
     inv = invert(model, struct, "a red square", steps=4, cfg=3.0, progress=False)
     with torch.no_grad():
         x = sample(model.denoiser(["a red square"], cfg=3.0), inv.trajectory[0], inv.times,

@@ -70,7 +70,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--structure-prompt", required=True, help="caption of the structure image")
     p.add_argument("--appearance-prompt", required=True, help="caption of the appearance image")
     p.add_argument("--prompt", default=None, help="caption of the output (default: structure's)")
-    p.add_argument("--inversion", default="ddim", choices=METHODS)
+    p.add_argument("--inversion", default="ddpm_edit_friendly", choices=METHODS,
+                   help="inversion of both images (default: ddpm_edit_friendly, the output on "
+                        "the structure's noise maps; the best in bench consistency)")
     p.add_argument("--contrast", type=number, default=1.67, help="attention contrast")
     p.add_argument("--swap-guidance", type=number, default=3.5, help="1 turns it off")
     add_run_arguments(p, seed=False)

@@ -1,6 +1,8 @@
 """Appearance transfer by cross-image attention: the structure of one image, the look of another.
 
-Both inputs are inverted (any method of :data:`retouch.inversion.METHODS`, one batch) and held on
+Both inputs are inverted (any method of :data:`retouch.inversion.METHODS`, one batch; by default
+edit-friendly DDPM, which ``bench consistency`` found best: success 0.29 against 0.17 after DDIM
+inversion, structure kept 0.96 against 0.83, on 24 pairs) and held on
 their trajectories as the ``appearance`` and ``structure`` rows; the ``output`` row starts from
 the structure's inverted noise and, through :class:`~retouch.attention.CrossImageAttention`,
 reads the appearance's keys and values in the decoder's finest self-attention layers. Two more
@@ -127,7 +129,7 @@ def appearance_transfer(
     structure_prompt: str,
     appearance_prompt: str,
     output_prompt: str | None = None,
-    inversion: str = "ddim",
+    inversion: str = "ddpm_edit_friendly",
     steps: int = 25,
     cfg: float = 5.0,
     swap_guidance: float = 3.5,

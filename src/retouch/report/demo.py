@@ -353,7 +353,7 @@ def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
             "AdaIN of the latents; its prompt names neither. Each row: structure | appearance | "
             f"output. The checker judged {wins} of {n} transfers right.")
     return Section("Appearance transfer between real images", text, figures, see=(
-        "Benchmark: retouch bench consistency (benchmarks/consistency.md, transfer rows). "
+        "Benchmark: retouch bench consistency (benchmarks/consistency-transfer/consistency.md). "
         "Reproduce: retouch transfer STRUCTURE.png APPEARANCE.png --structure-prompt P "
         "--appearance-prompt P --out t/"))
 
