@@ -79,7 +79,7 @@ def _adain_callback(window, num_steps: int):
 
 def _structure_noise(inv):
     """``(step, noises, offset callbacks)`` that move the output row along the structure's
-    edit-friendly noise maps (the inputs' rows are pinned, so theirs only need the shape)."""
+    edit-friendly noise maps (the inputs' rows take their own, which their pinning overrides)."""
     order = [APPEARANCE, STRUCTURE, STRUCTURE]  # inversion rows [appearance, structure]
     noises = [z[order] for z in inv.noises]
 
