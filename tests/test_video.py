@@ -7,7 +7,7 @@ import torch
 from retouch.attention import BatchLayout, FrameAttention, attention_control
 from retouch.attention.frames import keyframe_rows
 from retouch.noise import frame_noise, mixed_noise, shared_noise, warped_noise
-from retouch.recipes.video import edit_clip, generate_clip
+from retouch.recipes.video import edit_clip, generate_clip, renoise, warp_latents
 from retouch.toyworld.clips import moving_clip
 from retouch.toyworld.scene import ObjectSpec, Scene
 from tiny_models import tiny_model
@@ -120,6 +120,58 @@ def test_the_first_frame_is_generated_as_it_would_be_alone(kind, scheme):
     keyed = generate_clip(model, prompts, keyframes=scheme, steps=3, cfg=3.0, seed=1)
     assert np.abs(keyed[0].astype(int) - alone[0].astype(int)).max() <= 1
     assert np.abs(keyed[1:].astype(int) - alone[1:].astype(int)).max() > 1
+
+
+def test_latent_warp_moves_whole_pixels_and_zero_flow_is_the_identity():
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(warp_latents(x, torch.zeros(1, 2, 8, 8)), x)
+    flow = torch.zeros(1, 2, 8, 8)
+    flow[:, 0] = 2.0  # two pixels to the right
+    moved = warp_latents(x, flow)
+    assert torch.equal(moved[..., 2:], x[..., :-2])
+    assert torch.equal(moved[..., :2], x[..., :2].flip(-1))  # reflected at the border
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd3"])
+def test_renoising_gives_the_noisier_times_coefficients(kind):
+    from retouch.schedules import FlowSchedule
+
+    schedule = FlowSchedule() if kind == "sd3" else tiny_model().schedule
+    t, t_up = (0.6, 0.9) if kind == "sd3" else (600.0, 900.0)
+    (alpha, sigma), (alpha_up, sigma_up) = schedule.coeffs(t), schedule.coeffs(t_up)
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    torch.testing.assert_close(renoise(schedule, alpha * ones, t, t_up, zeros),
+                               alpha_up * ones)  # x0's coefficient
+    c = renoise(schedule, zeros, t, t_up, ones)[0]  # the fresh noise's std
+    assert abs(float(c) ** 2 + (alpha_up / alpha * sigma) ** 2 - sigma_up**2) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_motion_dynamics_keep_the_first_frame_and_start_the_rest_from_it(kind):
+    model = tiny_model(kind)
+    prompts = ["a red square", "a blue circle", "a green square"]
+    flows = torch.zeros(2, 2, 8, 8)
+    flows[:, 0] = 1.0
+    common = dict(keyframes="first", steps=10, cfg=3.0, seed=1, flows=flows)
+    plain = generate_clip(model, prompts, **common)
+    moved = generate_clip(model, prompts, dynamics=(0.1, 0.3), **common)
+    assert np.abs(moved[0].astype(int) - plain[0].astype(int)).max() <= 1
+    assert np.abs(moved[1:].astype(int) - plain[1:].astype(int)).max() > 1
+
+
+def test_motion_dynamics_refuse_bad_settings():
+    model = tiny_model("sd1")
+    flows = torch.zeros(2, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"need 0 < T1 < T' < 1"):
+        generate_clip(model, "a red square", frames=3, flows=flows, dynamics=(0.3, 0.1))
+    with pytest.raises(ValueError, match="no step after T'"):
+        generate_clip(model, "a red square", frames=3, flows=flows, dynamics=(0.2, 0.9),
+                      steps=3)
+    with pytest.raises(ValueError, match="noise model 'shared' has nothing to act on"):
+        generate_clip(model, "a red square", frames=3, flows=flows, noise="shared",
+                      dynamics=(0.1, 0.3))
+    with pytest.raises(ValueError, match=r"pass flows \(2, 2, h, w\).*got none"):
+        generate_clip(model, "a red square", frames=3, dynamics=(0.1, 0.3))
 
 
 def test_identical_frames_from_shared_noise_stay_identical():

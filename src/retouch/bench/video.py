@@ -4,8 +4,9 @@ Each clip moves one object of a random extended scene horizontally by 0.12 of th
 (:func:`retouch.toyworld.clips.moving_clip`, it stays in its region). Every frame gets the same
 prompt, which names only the shape and the position (``a circle on the left``), so the model
 picks colour, size, fill style and background itself: independent frames disagree, and a
-consistency method must make them agree. For each method (a keyframe scheme and a noise model;
-25 DDIM steps, CFG 5, all frames in one batch):
+consistency method must make them agree. For each method (a keyframe scheme and a noise model,
+or Text2Video-Zero's motion dynamics along the clip's motion as one global translation, as the
+reference translates the whole latent; 25 DDIM steps, CFG 5, all frames in one batch):
 
 * ``adherence``: the share of frames whose shape, position and object count read as the prompt
   says;
@@ -29,27 +30,31 @@ import random
 import time
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-from ..recipes.video import generate_clip
+from ..recipes.video import T2V_ZERO_DYNAMICS, generate_clip
 from ..toyworld.checker import read, score
 from ..toyworld.clips import Clip, moving_clip
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 
 __all__ = ["METHODS", "bench_clip", "clip_scores", "headline", "measure_video"]
 
-METHODS = {  # name: (keyframe scheme, noise model)
+METHODS = {  # name: (keyframe scheme, noise model or "dynamics")
     "independent": ("none", "independent"),
     "shared noise": ("none", "shared"),
     "mixed noise": ("none", "mixed"),
     "warped noise": ("none", "warped"),
+    "motion dynamics": ("none", "dynamics"),
     "first": ("first", "independent"),
     "first+previous (Pix2Video)": ("first+previous", "independent"),
     "first + warped noise": ("first", "warped"),
     "first+previous + warped noise": ("first+previous", "warped"),
+    "first + motion dynamics (Text2Video-Zero)": ("first", "dynamics"),
 }
-#: The keyframe schemes, alone and with warped noise (first-frame attention is Text2Video-Zero's
-#: cross-frame attention); the headline takes the best of the four, chosen on the same clips.
+#: The keyframe schemes, alone, with warped noise and with motion dynamics (first-frame
+#: attention is Text2Video-Zero's cross-frame attention); the headline takes the best of them,
+#: chosen on the same clips.
 KEYFRAME_ROWS = tuple(m for m, (k, _) in METHODS.items() if k != "none")
 ONLY_SHAPE_AND_POSITION = {a: 1.0 for a in ("size", "color", "style", "background")}
 OFFSET = 0.12  # of the image side, over the clip
@@ -128,10 +133,15 @@ def measure_video(model, *, clips: int, frames: int, seed: int = 0):
     grid = []
     for i, (clip, prompt) in enumerate(cases):
         flows = clip.flows(h)
+        translation = torch.zeros_like(flows)  # the object's step, applied to the whole latent
+        translation[:, 0], translation[:, 1] = clip.step[0] * h, clip.step[1] * h
         for name, (keyframes, noise) in METHODS.items():
+            dynamics = noise == "dynamics"
             t0 = time.perf_counter()
-            out = generate_clip(model, prompt, frames=frames, keyframes=keyframes, noise=noise,
-                                flows=flows, steps=STEPS, cfg=CFG, seed=i)
+            out = generate_clip(model, prompt, frames=frames, keyframes=keyframes,
+                                noise="independent" if dynamics else noise,
+                                flows=translation if dynamics else flows, steps=STEPS, cfg=CFG,
+                                seed=i, dynamics=T2V_ZERO_DYNAMICS if dynamics else None)
             seconds[name] += time.perf_counter() - t0
             tally[name].append(clip_scores(out, clip, prompt))
             if i == 0:

@@ -4,8 +4,11 @@
   self-attention reads keyframes (:class:`~retouch.attention.FrameAttention`: ``first`` as
   Text2Video-Zero, ``first+previous`` as Pix2Video, ``none``) and their start noise follows a
   noise model (:mod:`retouch.noise`: independent, shared, mixed, or warped along a known motion
-  as Chang et al. do; Text2Video-Zero's own motion dynamics instead translate the whole latent
-  after a few DDIM steps, which ``warped`` with a global flow approximates at the start noise).
+  as Chang et al. do). ``dynamics`` adds Text2Video-Zero's motion dynamics: the first frame is
+  denoised alone from ``T`` to ``T'`` (the second fraction of the steps), its latent is warped
+  along the flows to every later frame and noised forward (DDPM) to ``T1`` (the first
+  fraction), and all frames are sampled together from ``T1``; the reference's 50-step defaults
+  ``t1 = 47, t0 = 44`` are :data:`T2V_ZERO_DYNAMICS`.
 * :func:`edit_clip` (video editing of a real clip): every frame is inverted (any method of
   :data:`retouch.inversion.METHODS`, all frames in one batch) and its reconstruction runs as the
   source row of its frame; the target rows follow the target prompts under an editor
@@ -39,12 +42,79 @@ from ..attention.frames import check_scheme
 from ..checks import count, finite, prompt_list
 from ..noise import NOISE_MODELS, frame_noise
 from ..samplers import get_step, sample, start_latents
+from ..schedules import Schedule
 from .edit import check_loop, guided_halves, stepwise_controllers
 from .editors import EDITORS, check_editor
 
-__all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES"]
+__all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES", "T2V_ZERO_DYNAMICS",
+           "warp_latents", "renoise"]
 
 KEYFRAMES = ("none", "first", "first+previous", "previous")
+#: Text2Video-Zero's motion dynamics window as fractions of the steps: ``T1`` after 2 and ``T'``
+#: after 5 of its 50 DDIM steps (``t1 = 47``, ``t0 = 44`` counted from the clean end).
+T2V_ZERO_DYNAMICS = (0.04, 0.1)
+
+
+def warp_latents(x: Tensor, flow: Tensor) -> Tensor:
+    """``x`` (B, C, h, w) moved along ``flow`` (B or 1, 2, h, w; x then y, latent pixels): each
+    pixel takes the value at ``p - flow(p)``, nearest, reflected at the border (the reference's
+    ``grid_sample`` warp)."""
+    b, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype),
+                            indexing="ij")
+    flow = flow.to(x).expand(b, 2, h, w)
+    src_x, src_y = xs.to(x) - flow[:, 0], ys.to(x) - flow[:, 1]
+    grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="reflection",
+                                           align_corners=False)
+
+
+def renoise(schedule: Schedule, x: Tensor, t: float, t_up: float, eps: Tensor) -> Tensor:
+    """The forward process from ``x_t`` to the noisier ``x_{t_up}``: ``a x + sqrt(sigma_up^2 -
+    a^2 sigma^2) eps`` with ``a = alpha_up / alpha``, so ``x0``'s coefficient becomes
+    ``alpha_up`` and the noise's variance ``sigma_up^2`` (DDPM's ``prod(alphas[t0:t1])``)."""
+    alpha, sigma = schedule.coeffs(t)
+    alpha_up, sigma_up = schedule.coeffs(t_up)
+    a = alpha_up / alpha
+    return a * x + max(sigma_up**2 - a**2 * sigma**2, 0.0) ** 0.5 * eps
+
+
+def _dynamics_window(dynamics, steps: int) -> tuple[int, int]:
+    """Grid indices ``(k1, k0)`` of ``T1`` and ``T'``, ``0 < k1 < k0 < steps``."""
+    try:
+        f1, f0 = (float(v) for v in dynamics)
+    except (TypeError, ValueError):
+        raise ValueError(f"dynamics must be two fractions of the steps (T1, T'), e.g. "
+                         f"{T2V_ZERO_DYNAMICS}, got {dynamics!r}") from None
+    if not 0 < f1 < f0 < 1:
+        raise ValueError(f"dynamics {dynamics!r}: need 0 < T1 < T' < 1 as fractions of the "
+                         f"steps, e.g. {T2V_ZERO_DYNAMICS}")
+    k1 = max(1, round(f1 * steps))
+    k0 = max(k1 + 1, round(f0 * steps))
+    if k0 >= steps:
+        raise ValueError(f"dynamics {dynamics!r} at {steps} steps leaves no step after T'; "
+                         f"use more steps or smaller fractions")
+    return k1, k0
+
+
+def _motion_start(model, prompt: str, x: Tensor, times: Tensor, flows: Tensor, window,
+                  step, cfg: float, seed: int, noises) -> tuple[Tensor, int]:
+    """Text2Video-Zero's start: every frame's latent at ``T1`` (module doc) and ``k1``."""
+    k1, k0 = _dynamics_window(window, len(times) - 1)
+    den = model.denoiser([prompt], cfg=cfg)
+    with torch.no_grad():
+        first_t1 = sample(den, x[:1], times[:k1 + 1], step=step,
+                          noises=[n[:1] for n in noises[:k1]])
+        first_t0 = sample(den, first_t1, times[k1:k0 + 1], step=step,
+                          noises=[n[:1] for n in noises[k1:k0]])
+    later, current = [], first_t0
+    for flow in flows:  # frame i + 1 from frame i along the flow between them
+        current = warp_latents(current, flow[None])
+        later.append(current)
+    eps = torch.randn((len(later), *x.shape[1:]),
+                      generator=torch.Generator().manual_seed(seed + 2)).to(x)
+    moved = renoise(model.schedule, torch.cat(later), float(times[k0]), float(times[k1]), eps)
+    return torch.cat([first_t1, moved]), k1
 
 
 def _frame_prompts(prompts: str | Sequence[str], frames: int | None) -> list[str]:
@@ -94,13 +164,16 @@ def generate_clip(
     seed: int = 0,
     sampler: str = "ddim",
     chunk: int | None = None,
+    dynamics: tuple[float, float] | None = None,
     progress: bool = False,
     **options,
 ) -> np.ndarray:
     """Frames (F, H, W, 3) uint8 for ``prompts`` (one, or one per frame). ``keyframes``: one
     of :data:`KEYFRAMES`; ``noise``: one of :data:`retouch.noise.NOISE_MODELS` (``mix`` for
     ``mixed``; ``flows`` (F - 1, 2, h, w) in latent pixels for ``warped``, e.g.
-    ``Clip.flows(h)``). ``options`` go to :class:`FrameAttention` (``start_layer``, ``steps``).
+    ``Clip.flows(h)``). ``dynamics``: Text2Video-Zero's motion dynamics along ``flows`` (module
+    doc; e.g. :data:`T2V_ZERO_DYNAMICS`), with independent noise for the first frame.
+    ``options`` go to :class:`FrameAttention` (``start_layer``, ``steps``).
     """
     prompts = _frame_prompts(prompts, frames)
     for p in set(prompts):
@@ -112,12 +185,27 @@ def generate_clip(
     schemes = _check_keyframes(keyframes)
     batches = _chunks(len(prompts), chunk, keyframes)
     step = get_step(sampler)
+    if dynamics is not None:
+        _dynamics_window(dynamics, steps)
+        if noise != "independent":
+            raise ValueError(f"dynamics start every later frame from the first frame's latent, "
+                             f"so the noise model {noise!r} has nothing to act on; use "
+                             f"noise='independent' with dynamics")
+        if flows is None or flows.shape[0] != len(prompts) - 1:
+            got = "none" if flows is None else f"{flows.shape[0]}"
+            raise ValueError(f"dynamics warp the first frame's latent along flows: pass flows "
+                             f"({len(prompts) - 1}, 2, h, w) in latent pixels, e.g. "
+                             f"Clip.flows(h); got {got}")
     times = model.time_grid(steps)
     eps = frame_noise(noise, model.latent_shape(len(prompts)), seed, mix=mix, flows=flows)
     x = start_latents(model.schedule, float(times[0]), eps).to(model.device)
     # Step noises of stochastic samplers drawn once for all frames, so chunks equal one call.
     gen = torch.Generator().manual_seed(seed + 1)
     noises = [torch.randn(x.shape, generator=gen).to(x) for _ in range(steps)]
+    if dynamics is not None:
+        x, k1 = _motion_start(model, prompts[0], x, times, flows, dynamics, step, cfg, seed,
+                              noises)
+        times, noises = times[k1:], noises[k1:]
     out = [None] * len(prompts)
     for rows in batches:
         den = model.denoiser([prompts[i] for i in rows], cfg=cfg)
