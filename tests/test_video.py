@@ -1,5 +1,7 @@
 """Frames: noise models, ToyWorld clips, keyframe attention and the clip recipes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,10 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
                  "1,0", *model, "--out", str(out)]) == 0
     gif = Image.open(out / "clip.gif")
     assert gif.n_frames == 3 and (out / "frame_002.png").exists()
+    moved = tmp_path / "t2v-zero"
+    assert main(["video", "a red circle", "--frames", "3", "--dynamics", "--motion", "1,0",
+                 *model, "--out", str(moved)]) == 0
+    assert json.loads((moved / "video.json").read_text())["dynamics"] is True
     paths = []
     for i, scene in enumerate(moving_clip(SCENE, (0.1, 0.0), frames=2).scenes):
         paths.append(tmp_path / f"in{i}.png")
@@ -285,6 +291,9 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["video", "a red circle", "--noise", "warped", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert "carries the noise along --motion" in capsys.readouterr().err
+    assert main(["video", "a red circle", "--dynamics", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--dynamics moves the first frame's latent along --motion" in capsys.readouterr().err
     assert main(["video", "a red circle", "--keyframes", "last", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()

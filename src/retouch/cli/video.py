@@ -1,10 +1,12 @@
 """The ``retouch video`` sub-command: a clip from an image model, or an edit of a real clip.
 
 ``retouch video PROMPT --frames N [--keyframes first|first+previous|previous|none] [--noise
-independent|shared|mixed|warped] [--mix A] [--motion DX,DY] --out DIR`` generates N frames whose
-self-attention reads the keyframes (Text2Video-Zero: first; Pix2Video: first+previous). With
-``--noise warped`` the start noise moves along ``--motion`` (a global translation of DX, DY
-latent pixels per frame, carried as Chang et al.'s warped noise). ``--input FRAME.png ...`` edits a
+independent|shared|mixed|warped] [--mix A] [--motion DX,DY [--dynamics]] --out DIR`` generates N
+frames whose self-attention reads the keyframes (Text2Video-Zero: first; Pix2Video:
+first+previous). With ``--noise warped`` the start noise moves along ``--motion`` (a global
+translation of DX, DY latent pixels per frame, carried as Chang et al.'s warped noise); with
+``--dynamics`` the first frame's partly denoised latent moves along it instead (Text2Video-Zero's
+motion dynamics). ``--input FRAME.png ...`` edits a
 real clip instead: every frame is inverted under PROMPT (``--inversion``, default ddim) and
 edited towards ``--target`` with ``--editor`` (default p2p: the source's attention maps fused
 into the edit, close to FateZero) and keyframe attention among the edited frames.
@@ -64,7 +66,7 @@ def run_video(args: argparse.Namespace) -> None:
     """Handler of ``retouch video``."""
     from retouch.images import read_image
     from retouch.models.pipeline import PipelineModel
-    from retouch.recipes.video import edit_clip, generate_clip
+    from retouch.recipes.video import T2V_ZERO_DYNAMICS, edit_clip, generate_clip
 
     motion = _motion(args.motion)
     editing = bool(args.input)
@@ -78,8 +80,12 @@ def run_video(args: argparse.Namespace) -> None:
         raise ValueError("--input needs --target (the caption the edited clip should have)")
     if args.noise == "warped" and motion is None:
         raise ValueError("--noise warped carries the noise along --motion DX,DY; give it")
-    if motion is not None and args.noise != "warped":
-        raise ValueError("--motion moves warped noise; use it with --noise warped")
+    if args.dynamics and (motion is None or args.noise != "independent"):
+        raise ValueError("--dynamics moves the first frame's latent along --motion DX,DY: give "
+                         "--motion, and no --noise (each later frame starts from frame 1)")
+    if motion is not None and args.noise != "warped" and not args.dynamics:
+        raise ValueError("--motion moves warped noise or, with --dynamics, the first frame's "
+                         "latent; use it with --noise warped or --dynamics")
     if args.mix is not None and args.noise != "mixed":
         raise ValueError("--mix weighs mixed noise; use it with --noise mixed")
     if args.mix is not None and not (np.isfinite(args.mix) and args.mix >= 0):
@@ -114,13 +120,15 @@ def run_video(args: argparse.Namespace) -> None:
         flows = _global_flows(frames, (h, w), motion) if motion is not None else None
         mix = 1.0 if args.mix is None else args.mix
         clip = generate_clip(model, args.prompt, frames=frames, noise=args.noise, mix=mix,
-                             flows=flows, seed=args.seed, chunk=args.chunk, **common)
+                             flows=flows, seed=args.seed, chunk=args.chunk,
+                             dynamics=T2V_ZERO_DYNAMICS if args.dynamics else None, **common)
     for i, f in enumerate(clip):
         save_image(f, out / f"frame_{i:03d}.png")
     save_gif(clip, out / "clip.gif")
     report = {"prompt": args.prompt, "target": args.target, "frames": frames,
               "keyframes": args.keyframes, "noise": None if editing else args.noise,
-              "mix": args.mix, "motion": motion, "inversion": args.inversion if editing else None,
+              "mix": args.mix, "motion": motion, "dynamics": args.dynamics,
+              "inversion": args.inversion if editing else None,
               "editor": args.editor if editing else None, "steps": args.steps, "cfg": args.cfg,
               "seed": args.seed}
     atomic_write_text(out / "video.json", json.dumps(report, indent=2) + "\n")
@@ -144,7 +152,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mix", type=number, default=None,
                    help="mixed noise weight (Ge et al.; default 1)")
     p.add_argument("--motion", default=None, metavar="DX,DY",
-                   help="latent pixels per frame, for --noise warped")
+                   help="latent pixels per frame, for --noise warped or --dynamics")
+    p.add_argument("--dynamics", action="store_true",
+                   help="Text2Video-Zero's motion dynamics along --motion")
     p.add_argument("--chunk", type=whole(2), default=None, help="frames per model call")
     p.add_argument("--input", nargs="+", default=None, metavar="FRAME", help="edit these frames")
     p.add_argument("--target", default=None, help="with --input: the edited caption")
