@@ -104,9 +104,9 @@ def _motion_start(model, prompt: str, x: Tensor, times: Tensor, flows: Tensor, w
     den = model.denoiser([prompt], cfg=cfg)
     with torch.no_grad():
         first_t1 = sample(den, x[:1], times[:k1 + 1], step=step,
-                          noises=[n[:1] for n in noises[:k1]])
+                          noises=[n[:1] for n in noises[:k1]], progress=False)
         first_t0 = sample(den, first_t1, times[k1:k0 + 1], step=step,
-                          noises=[n[:1] for n in noises[k1:k0]])
+                          noises=[n[:1] for n in noises[k1:k0]], progress=False)
     later, current = [], first_t0
     for flow in flows:  # frame i + 1 from frame i along the flow between them
         current = warp_latents(current, flow[None])
