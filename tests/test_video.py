@@ -132,6 +132,36 @@ def test_latent_warp_moves_whole_pixels_and_zero_flow_is_the_identity():
     moved = warp_latents(x, flow)
     assert torch.equal(moved[..., 2:], x[..., :-2])
     assert torch.equal(moved[..., :2], x[..., :2].flip(-1))  # reflected at the border
+    flow[:, 0] = 0.3  # sub-pixel: the flow rounds to whole pixels, halves up
+    assert torch.equal(warp_latents(x, flow), x)
+    for shift in (0.5, 0.6, 1.4):
+        flow[:, 0] = shift
+        assert torch.equal(warp_latents(x, flow)[..., 1:], x[..., :-1])
+
+
+def test_motion_dynamics_start_later_frames_from_the_first_frames_moved_latent():
+    from retouch.recipes.video import _motion_start
+    from retouch.samplers import ddim_step, sample
+
+    model = tiny_model("sd1")
+    times = model.time_grid(10)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noises = [torch.zeros_like(x)] * 10
+    flows = torch.zeros(3, 2, 8, 8)
+    flows[:, 0] = 0.4  # frame i moves round(0.4 i) = 0, 1, 1 pixels
+    start, k1 = _motion_start(model, "a red square", x, times, flows, (0.1, 0.3), ddim_step, 3.0,
+                              5, noises)
+    assert k1 == 1
+    den = model.denoiser(["a red square"], cfg=3.0)
+    with torch.no_grad():
+        first_t1 = sample(den, x[:1], times[:2], step=ddim_step, progress=False)
+        first_t0 = sample(den, first_t1, times[1:4], step=ddim_step, progress=False)
+    torch.testing.assert_close(start[:1], first_t1)
+    eps = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    want = renoise(model.schedule, warp_latents(first_t0.expand(3, 4, 8, 8), flows.cumsum(0)),
+                   float(times[3]), float(times[1]), eps)
+    torch.testing.assert_close(start[1:], want)
+    assert torch.equal(warp_latents(first_t0, flows[:1] * 2)[..., 1:], first_t0[..., :-1])
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd3"])
@@ -172,8 +202,11 @@ def test_motion_dynamics_refuse_bad_settings():
     with pytest.raises(ValueError, match="noise model 'shared' has nothing to act on"):
         generate_clip(model, "a red square", frames=3, flows=flows, noise="shared",
                       dynamics=(0.1, 0.3))
-    with pytest.raises(ValueError, match=r"pass flows \(2, 2, h, w\).*got none"):
+    with pytest.raises(ValueError, match=r"flows of shape \(2, 2, 8, 8\).*got none"):
         generate_clip(model, "a red square", frames=3, dynamics=(0.1, 0.3))
+    with pytest.raises(ValueError, match=r"Clip.flows\(8\); got \(2, 2, 16, 16\)"):
+        generate_clip(model, "a red square", frames=3, dynamics=(0.1, 0.3),
+                      flows=torch.zeros(2, 2, 16, 16))
 
 
 def test_identical_frames_from_shared_noise_stay_identical():

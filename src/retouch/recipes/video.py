@@ -30,6 +30,7 @@ inversion, blend masks from cross-attention); Ge et al. 2023; Chang et al. 2024 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,24 +56,30 @@ KEYFRAMES = ("none", "first", "first+previous", "previous")
 T2V_ZERO_DYNAMICS = (0.04, 0.1)
 
 
+def _reflect(index: Tensor, size: int) -> Tensor:
+    """Indices outside ``[0, size)`` mirrored at the border (``-1 -> 0``, ``size -> size - 1``)."""
+    m = index % (2 * size)
+    return torch.where(m >= size, 2 * size - 1 - m, m)
+
+
 def warp_latents(x: Tensor, flow: Tensor) -> Tensor:
     """``x`` (B, C, h, w) moved along ``flow`` (B or 1, 2, h, w; x then y, latent pixels): each
-    pixel takes the value at ``p - flow(p)``, nearest, reflected at the border (the reference's
-    ``grid_sample`` warp)."""
-    b, _, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype),
-                            indexing="ij")
-    flow = flow.to(x).expand(b, 2, h, w)
-    src_x, src_y = xs.to(x) - flow[:, 0], ys.to(x) - flow[:, 1]
-    grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)
-    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="reflection",
-                                           align_corners=False)
+    pixel takes the value at ``p - flow(p)``, the flow rounded to whole pixels (halves up: a
+    flow of 0.5 moves by 1), mirrored at the border, as the reference's nearest
+    ``grid_sample`` warp with reflection does."""
+    b, c, h, w = x.shape
+    flow = flow.to(torch.float64).expand(b, 2, h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    src_x = _reflect(xs - torch.floor(flow[:, 0] + 0.5).long(), w)
+    src_y = _reflect(ys - torch.floor(flow[:, 1] + 0.5).long(), h)
+    flat = (src_y * w + src_x).to(x.device).view(b, 1, h * w).expand(b, c, h * w)
+    return x.reshape(b, c, h * w).gather(2, flat).view(b, c, h, w)
 
 
 def renoise(schedule: Schedule, x: Tensor, t: float, t_up: float, eps: Tensor) -> Tensor:
     """The forward process from ``x_t`` to the noisier ``x_{t_up}``: ``a x + sqrt(sigma_up^2 -
     a^2 sigma^2) eps`` with ``a = alpha_up / alpha``, so ``x0``'s coefficient becomes
-    ``alpha_up`` and the noise's variance ``sigma_up^2`` (DDPM's ``prod(alphas[t0:t1])``)."""
+    ``alpha_up`` and the noise's variance ``sigma_up^2`` (the exact forward marginal)."""
     alpha, sigma = schedule.coeffs(t)
     alpha_up, sigma_up = schedule.coeffs(t_up)
     a = alpha_up / alpha
@@ -89,8 +96,8 @@ def _dynamics_window(dynamics, steps: int) -> tuple[int, int]:
     if not 0 < f1 < f0 < 1:
         raise ValueError(f"dynamics {dynamics!r}: need 0 < T1 < T' < 1 as fractions of the "
                          f"steps, e.g. {T2V_ZERO_DYNAMICS}")
-    k1 = max(1, round(f1 * steps))
-    k0 = max(k1 + 1, round(f0 * steps))
+    k1 = max(1, math.floor(f1 * steps + 0.5))  # halves up: 0.1 of 25 steps is step 3
+    k0 = max(k1 + 1, math.floor(f0 * steps + 0.5))
     if k0 >= steps:
         raise ValueError(f"dynamics {dynamics!r} at {steps} steps leaves no step after T'; "
                          f"use more steps or smaller fractions")
@@ -107,13 +114,12 @@ def _motion_start(model, prompt: str, x: Tensor, times: Tensor, flows: Tensor, w
                           noises=[n[:1] for n in noises[:k1]], progress=False)
         first_t0 = sample(den, first_t1, times[k1:k0 + 1], step=step,
                           noises=[n[:1] for n in noises[k1:k0]], progress=False)
-    later, current = [], first_t0
-    for flow in flows:  # frame i + 1 from frame i along the flow between them
-        current = warp_latents(current, flow[None])
-        later.append(current)
-    eps = torch.randn((len(later), *x.shape[1:]),
-                      generator=torch.Generator().manual_seed(seed + 2)).to(x)
-    moved = renoise(model.schedule, torch.cat(later), float(times[k0]), float(times[k1]), eps)
+    # Frame i from frame 1 in one warp by the flows summed up to it: exact for a translation
+    # (the reference's motion field k * delta), an approximation for other flows; rounding
+    # once keeps sub-pixel steps adding up.
+    later = warp_latents(first_t0.expand(len(flows), *first_t0.shape[1:]), flows.cumsum(0))
+    eps = torch.randn(later.shape, generator=torch.Generator().manual_seed(seed + 2)).to(x)
+    moved = renoise(model.schedule, later, float(times[k0]), float(times[k1]), eps)
     return torch.cat([first_t1, moved]), k1
 
 
@@ -191,11 +197,12 @@ def generate_clip(
             raise ValueError(f"dynamics start every later frame from the first frame's latent, "
                              f"so the noise model {noise!r} has nothing to act on; use "
                              f"noise='independent' with dynamics")
-        if flows is None or flows.shape[0] != len(prompts) - 1:
-            got = "none" if flows is None else f"{flows.shape[0]}"
+        want = (len(prompts) - 1, 2, *model.latent_shape(1)[-2:])
+        if flows is None or tuple(flows.shape) != want:
+            got = "none" if flows is None else tuple(flows.shape)
             raise ValueError(f"dynamics warp the first frame's latent along flows: pass flows "
-                             f"({len(prompts) - 1}, 2, h, w) in latent pixels, e.g. "
-                             f"Clip.flows(h); got {got}")
+                             f"of shape {want} (frames - 1, x and y, the latent's size) in "
+                             f"latent pixels, e.g. Clip.flows({want[-1]}); got {got}")
     times = model.time_grid(steps)
     eps = frame_noise(noise, model.latent_shape(len(prompts)), seed, mix=mix, flows=flows)
     x = start_latents(model.schedule, float(times[0]), eps).to(model.device)
