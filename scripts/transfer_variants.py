@@ -33,7 +33,10 @@ VARIANTS = {
     "adain_all": dict(adain_steps=(0.0, 1.0)),
     "cfg1": dict(cfg=1.0),  # the reference code's guidance
     "ef": dict(inversion="ddpm_edit_friendly"),  # the output on the structure's noise maps
-    "ef_cfg1": dict(inversion="ddpm_edit_friendly", cfg=1.0),  # the reference's setting
+    "ef_cfg1": dict(inversion="ddpm_edit_friendly", cfg=1.0),
+    "ef_skip": dict(inversion="ddpm_edit_friendly", skip=0.32),
+    # the reference code's setting: inverted at CFG 3.5, sampled at 1, 32 % of the steps skipped
+    "reference": dict(inversion="ddpm_edit_friendly", inversion_cfg=3.5, cfg=1.0, skip=0.32),
 }
 
 

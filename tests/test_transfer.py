@@ -83,6 +83,11 @@ def test_after_edit_friendly_inversion_the_output_follows_the_structures_noise_m
                               adain_steps=(1.0, 1.0), cross_image=False)
     assert np.abs(off.output.astype(int) - off.structure.astype(int)).max() <= 1
     assert np.abs(off.output.astype(int) - off.appearance.astype(int)).max() > 1
+    skipped = appearance_transfer(model, struct, app, structure_prompt="a red square",
+                                  appearance_prompt="a blue circle", steps=4, cfg=3.0,
+                                  skip=0.5, swap_guidance=1.0, adain_steps=(1.0, 1.0),
+                                  cross_image=False)  # from the structure's latent at step 2
+    assert np.abs(skipped.output.astype(int) - off.structure.astype(int)).max() <= 1
     with pytest.raises(ValueError, match="sampler='ddpm'.*noise maps"):
         appearance_transfer(model, struct, app, structure_prompt="a red square",
                             appearance_prompt="a blue circle", inversion="ddpm_edit_friendly",
@@ -114,6 +119,10 @@ def test_bad_transfer_options_are_refused():
         appearance_transfer(model, struct, app, **common, swap_guidance=0.5)
     with pytest.raises(ValueError, match="differ in size"):
         appearance_transfer(model, struct, app[:8, :8], **common)
+    with pytest.raises(ValueError, match=r"skip must be a share of the steps in \[0, 1\)"):
+        appearance_transfer(model, struct, app, **common, skip=1.0)
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        appearance_transfer(model, struct, app, **common, steps=2, skip=0.9)
 
 
 def test_transfer_cli_writes_the_output(tiny_toy_pipeline, tmp_path, capsys):

@@ -16,18 +16,20 @@ pieces of the paper act on the output row:
   ``max(swap_guidance / 2, 1)`` over those steps (a second network pass per step; 1 turns it off).
 
 The inputs may be inverted with any method: their rows follow the stored trajectories. The
-output row starts from the structure's inverted noise. After ``ddpm_edit_friendly`` it follows
-the structure's noise maps ``z_k`` (and offsets) on that inversion's stochastic step, as the
-reference code does (there with CFG 1 at 100 steps); after any other inversion it is sampled
-with ``sampler``. ``seed`` seeds the randomness of both (the edit-friendly noises, a stochastic
-sampler).
+output row starts from the structure's inverted noise (or, with ``skip``, from the structure's
+latent that many steps in). After ``ddpm_edit_friendly`` it follows the structure's noise maps
+``z_k`` (and offsets) on that inversion's stochastic step, as the reference code does; after
+any other inversion it is sampled with ``sampler``. ``seed`` seeds the randomness of both (the
+edit-friendly noises, a stochastic sampler).
 
 References: Alaluf, Garibi et al. 2024 (SIGGRAPH), Sec. 4 and garibida/cross-image-attention
-(``swap_guidance_scale`` 3.5, ``adain_range`` steps 20-100 of 100).
+(``swap_guidance_scale`` 3.5, ``adain_range`` 20-100 and ``skip_steps`` 32 of 100 steps, the
+inversion at CFG 3.5 and sampling at 1, one generic prompt for all three rows).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,15 +79,16 @@ def _adain_callback(window, num_steps: int):
     return callback
 
 
-def _structure_noise(inv):
+def _structure_noise(inv, start: int):
     """``(step, noises, offset callbacks)`` that move the output row along the structure's
-    edit-friendly noise maps (the inputs' rows take their own, which their pinning overrides)."""
+    edit-friendly noise maps from grid step ``start`` (the inputs' rows take their own, which
+    their pinning overrides)."""
     order = [APPEARANCE, STRUCTURE, STRUCTURE]  # inversion rows [appearance, structure]
-    noises = [z[order] for z in inv.noises]
+    noises = [z[order] for z in inv.noises[start:]]
 
     def add_offset(ctx):
         x = ctx.x.clone()
-        x[OUTPUT] += inv.offsets[ctx.i][STRUCTURE].to(x)
+        x[OUTPUT] += inv.offsets[start + ctx.i][STRUCTURE].to(x)
         return x
 
     return partial(ddim_step, eta=inv.options["eta"]), noises, [add_offset]
@@ -132,6 +135,8 @@ def appearance_transfer(
     inversion: str = "ddpm_edit_friendly",
     steps: int = 25,
     cfg: float = 5.0,
+    inversion_cfg: float | None = None,
+    skip: float = 0.0,
     swap_guidance: float = 3.5,
     adain_steps: tuple[float, float] = (0.2, 1.0),
     sampler: str | None = None,
@@ -144,7 +149,11 @@ def appearance_transfer(
     ``output_prompt`` defaults to the structure's; ``options`` go to
     :class:`CrossImageAttention` (``contrast``, ``windows``, ``structure_every``,
     ``structure_until``). ``sampler`` (default DDIM) samples the output row after an inversion
-    without noise maps; ``ddpm_edit_friendly`` brings its own."""
+    without noise maps; ``ddpm_edit_friendly`` brings its own. ``inversion_cfg`` (default
+    ``cfg``) inverts both images at another guidance (the reference: 3.5, sampling at 1).
+    ``skip``: the share of the steps the output skips, starting from the structure's latent on
+    its trajectory at that step (the reference: 32 of 100); the step windows (``adain_steps``,
+    ``windows``) then count over the steps that run."""
     from ..inversion import invert, method_config
 
     prompts = [appearance_prompt, structure_prompt, output_prompt or structure_prompt]
@@ -152,6 +161,14 @@ def appearance_transfer(
         model.check_prompt(p)
     count("steps", steps)
     finite("cfg", cfg)
+    inversion_cfg = cfg if inversion_cfg is None else inversion_cfg
+    finite("inversion_cfg", inversion_cfg)
+    if not (math.isfinite(skip) and 0 <= skip < 1):
+        raise ValueError(f"skip must be a share of the steps in [0, 1), got {skip}; the "
+                         f"reference skips 0.32")
+    start = math.floor(skip * steps + 0.5)
+    if start >= steps:
+        raise ValueError(f"skip={skip} of {steps} steps leaves no step to run; lower it")
     finite("swap_guidance", swap_guidance, low=1.0)
     check_window(adain_steps, "adain_steps")
     if not cross_image and (swap_guidance != 1.0 or options):
@@ -169,16 +186,16 @@ def appearance_transfer(
         raise ValueError(f"the structure ({images[1].shape}) and appearance ({images[0].shape}) "
                          f"images differ in size; resize one to the other")
     config = method_config(inversion, {"seed": seed} if inversion == "ddpm_edit_friendly" else {})
-    inv = invert(model, np.stack(images), prompts[:2], method=inversion, steps=steps, cfg=cfg,
-                 config=config, progress=progress)
-    traj: Tensor = inv.trajectory  # (steps + 1, 2, C, h, w) on the grid
-    times = inv.times
+    inv = invert(model, np.stack(images), prompts[:2], method=inversion, steps=steps,
+                 cfg=inversion_cfg, config=config, progress=progress)
+    traj: Tensor = inv.trajectory[start:]  # (steps - start + 1, 2, C, h, w) on the grid
+    times = inv.times[start:]
     x = torch.cat([traj[0], traj[0][1:2]]).to(model.device)  # output from the structure's noise
     noises, offsets = None, []
     if inv.noises is not None:
-        step, noises, offsets = _structure_noise(inv)
+        step, noises, offsets = _structure_noise(inv, start)
     callbacks = [*offsets, pin_row(traj[:, 0], 0), pin_row(traj[:, 1], 1),
-                 _adain_callback(adain_steps, steps)]
+                 _adain_callback(adain_steps, steps - start)]
     den = model.denoiser(prompts, cfg=cfg)
     layout = BatchLayout(ROLES, guidance_halves(den))
     controllers = [ctrl] if cross_image else []
