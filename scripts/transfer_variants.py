@@ -8,7 +8,8 @@ N pairs (``bench.transfer.transfer_pair``), each transferred as the benchmark's
 inversion), with the attention options, guidance or inversion of each VARIANT
 (:data:`VARIANTS`); prints the checker's means (``bench.transfer.transfer_marks``) and seconds
 per transfer. On 12 pairs (session 17): default success 0.08 (colour 0.08), cfg1 0.25 (colour
-0.33), ef 0.25 (colour 0.58), ef_cfg1 0.25 (colour 0.50).
+0.33), ef 0.25 (colour 0.58), ef_cfg1 0.25 (colour 0.50), ef_skip 0.08 (colour 0.25, structure
+1.0), reference 0.08 (colour 0.25).
 """
 
 import random

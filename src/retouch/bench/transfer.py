@@ -8,9 +8,11 @@ the structure's size, shape and position, so the look must come from the appeara
 
 * ``cross-image attention``: :func:`retouch.recipes.transfer.appearance_transfer` with the
   paper's contrast (1.67), swap guidance (3.5) and AdaIN of the latents, both images inverted
-  by edit-friendly DDPM and the output on the structure's noise maps, as the reference code
-  does (which runs 100 steps at CFG 1; on 12 pairs of ``scripts/transfer_variants.py``, CFG 1
-  did no better than 5);
+  by edit-friendly DDPM and the output on the structure's noise maps, as in the reference code,
+  but from the first step and at CFG 5 for inversion and sampling (the reference skips 32 of
+  100 steps and inverts at CFG 3.5, samples at 1: on 12 pairs of
+  ``scripts/transfer_variants.py`` that setting succeeded 0.08, skipping alone 0.08, CFG 1
+  alone 0.25, this row's 0.25);
 * ``cross-image attention, DDIM``: the same after DDIM inversion, the output sampled by DDIM;
 * ``adain only``: the first row without cross-image attention (an ablation);
 * ``p2p edit``: the plain-edit baseline, a Prompt-to-Prompt edit of the structure image (direct
