@@ -191,6 +191,13 @@ def test_motion_dynamics_keep_the_first_frame_and_start_the_rest_from_it(kind):
     assert np.abs(moved[1:].astype(int) - plain[1:].astype(int)).max() > 1
 
 
+def test_the_default_dynamics_window_is_the_references_at_50_steps():
+    from retouch.recipes.video import T2V_ZERO_DYNAMICS, dynamics_window
+
+    assert dynamics_window(T2V_ZERO_DYNAMICS, 50) == (2, 5)  # timesteps[-48], timesteps[-45]
+    assert dynamics_window(T2V_ZERO_DYNAMICS, 25) == (1, 3)
+
+
 def test_motion_dynamics_refuse_bad_settings():
     model = tiny_model("sd1")
     flows = torch.zeros(2, 2, 8, 8)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..recipes.video import T2V_ZERO_DYNAMICS, generate_clip
+from ..recipes.video import T2V_ZERO_DYNAMICS, dynamics_window, generate_clip
 from ..toyworld.checker import read, score
 from ..toyworld.clips import Clip, moving_clip
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
@@ -149,8 +149,17 @@ def measure_video(model, *, clips: int, frames: int, seed: int = 0):
     means = {m: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for m, v in tally.items()}
     for m in means:
         means[m]["seconds_per_frame"] = seconds[m] / (clips * frames)
-        means[m]["nfe_per_frame"] = STEPS * 2  # one row per frame in each CFG half
+        means[m]["nfe_per_frame"] = _nfe_per_frame(METHODS[m][1] == "dynamics", frames)
     return means, grid, [p for _, p in cases]
+
+
+def _nfe_per_frame(dynamics: bool, frames: int) -> float:
+    """Network evaluations per frame, counting each CFG half: one row per frame per step; with
+    motion dynamics frame 1 runs ``k0`` steps alone and every frame the last ``STEPS - k1``."""
+    if not dynamics:
+        return STEPS * 2.0
+    k1, k0 = dynamics_window(T2V_ZERO_DYNAMICS, STEPS)
+    return 2.0 * (k0 + frames * (STEPS - k1)) / frames
 
 
 def headline(means: dict) -> dict:

@@ -48,7 +48,7 @@ from .edit import check_loop, guided_halves, stepwise_controllers
 from .editors import EDITORS, check_editor
 
 __all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES", "T2V_ZERO_DYNAMICS",
-           "warp_latents", "renoise"]
+           "warp_latents", "renoise", "dynamics_window"]
 
 KEYFRAMES = ("none", "first", "first+previous", "previous")
 #: Text2Video-Zero's motion dynamics window as fractions of the steps: ``T1`` after 2 and ``T'``
@@ -86,7 +86,7 @@ def renoise(schedule: Schedule, x: Tensor, t: float, t_up: float, eps: Tensor) -
     return a * x + max(sigma_up**2 - a**2 * sigma**2, 0.0) ** 0.5 * eps
 
 
-def _dynamics_window(dynamics, steps: int) -> tuple[int, int]:
+def dynamics_window(dynamics, steps: int) -> tuple[int, int]:
     """Grid indices ``(k1, k0)`` of ``T1`` and ``T'``, ``0 < k1 < k0 < steps``."""
     try:
         f1, f0 = (float(v) for v in dynamics)
@@ -107,7 +107,7 @@ def _dynamics_window(dynamics, steps: int) -> tuple[int, int]:
 def _motion_start(model, prompt: str, x: Tensor, times: Tensor, flows: Tensor, window,
                   step, cfg: float, seed: int, noises) -> tuple[Tensor, int]:
     """Text2Video-Zero's start: every frame's latent at ``T1`` (module doc) and ``k1``."""
-    k1, k0 = _dynamics_window(window, len(times) - 1)
+    k1, k0 = dynamics_window(window, len(times) - 1)
     den = model.denoiser([prompt], cfg=cfg)
     with torch.no_grad():
         first_t1 = sample(den, x[:1], times[:k1 + 1], step=step,
@@ -192,7 +192,7 @@ def generate_clip(
     batches = _chunks(len(prompts), chunk, keyframes)
     step = get_step(sampler)
     if dynamics is not None:
-        _dynamics_window(dynamics, steps)
+        dynamics_window(dynamics, steps)
         if noise != "independent":
             raise ValueError(f"dynamics start every later frame from the first frame's latent, "
                              f"so the noise model {noise!r} has nothing to act on; use "
