@@ -216,6 +216,26 @@ def test_motion_dynamics_refuse_bad_settings():
                       flows=torch.zeros(2, 2, 16, 16))
 
 
+def test_pull_guidance_outside_its_window_changes_nothing_and_inside_draws_frames_together():
+    model = tiny_model("sd1")
+    prompts = ["a red square", "a blue circle", "a green square"]
+    common = dict(keyframes="none", steps=4, cfg=3.0, seed=2)
+    plain = generate_clip(model, prompts, **common)
+    idle = generate_clip(model, prompts, pull=1.0, pull_steps=(1.0, 1.0), **common)
+    assert np.array_equal(idle, plain)
+    pulled = generate_clip(model, prompts, pull=1.0, pull_steps=(0.0, 1.0), **common)
+    assert np.abs(pulled[0].astype(int) - plain[0].astype(int)).max() <= 1  # frame 1 is free
+
+    def gap(frames):
+        return np.abs(np.diff(frames.astype(float), axis=0)).mean()
+
+    assert gap(pulled) < gap(plain)
+    with pytest.raises(ValueError, match="pull must be"):
+        generate_clip(model, prompts, pull=-1.0, **common)
+    with pytest.raises(ValueError, match="a chunk of 2 frames"):
+        generate_clip(model, prompts, pull=1.0, chunk=2, keyframes="first", steps=4)
+
+
 def test_identical_frames_from_shared_noise_stay_identical():
     model = tiny_model("sd1")
     plain = generate_clip(model, "a red square", frames=3, keyframes="none", noise="shared",

@@ -8,7 +8,11 @@
   denoised alone from ``T`` to ``T'`` (the second fraction of the steps), its latent is warped
   along the flows to every later frame and noised forward (DDPM) to ``T1`` (the first
   fraction), and all frames are sampled together from ``T1``; the reference's 50-step defaults
-  ``t1 = 47, t0 = 44`` are :data:`T2V_ZERO_DYNAMICS`.
+  ``t1 = 47, t0 = 44`` are :data:`T2V_ZERO_DYNAMICS`. ``pull`` adds Pix2Video's latent update
+  guidance: in the steps of ``pull_steps`` each frame's clean estimate is pulled towards the
+  previous frame's, ``E = 1/2 sum_j ||x0_j - sg(x0_{j-1})||^2`` through
+  :class:`~retouch.guidance.LossGuidance`, weighted ``pull * alpha^2 / sigma^2`` so that
+  ``pull`` is about the share of the gap one step closes.
 * :func:`edit_clip` (video editing of a real clip): every frame is inverted (any method of
   :data:`retouch.inversion.METHODS`, all frames in one batch) and its reconstruction runs as the
   source row of its frame; the target rows follow the target prompts under an editor
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from ..attention import BatchLayout, FrameAttention, attention_control, guidance_halves
 from ..attention.frames import check_scheme
+from ..attention.sites import check_window, in_window
 from ..checks import count, finite, prompt_list
 from ..noise import NOISE_MODELS, frame_noise
 from ..samplers import get_step, sample, start_latents
@@ -84,6 +89,25 @@ def renoise(schedule: Schedule, x: Tensor, t: float, t_up: float, eps: Tensor) -
     alpha_up, sigma_up = schedule.coeffs(t_up)
     a = alpha_up / alpha
     return a * x + max(sigma_up**2 - a**2 * sigma**2, 0.0) ** 0.5 * eps
+
+
+def _pull_guidance(den, pull: float, window, num_steps: int, times: Tensor):
+    """Pix2Video's latent update guidance around ``den`` (module doc)."""
+    from ..guidance import LossGuidance
+
+    grid = [float(t) for t in times]
+
+    def energy(x0: Tensor, x: Tensor, t: float) -> Tensor:
+        return 0.5 * (x0[1:] - x0[:-1].detach()).pow(2).sum()
+
+    def scale(t: float) -> float:
+        i = min(range(num_steps), key=lambda k: abs(grid[k] - t))
+        if not in_window(i, num_steps, window):
+            return 0.0
+        alpha, sigma = den.schedule.coeffs(t)
+        return pull * alpha**2 / sigma**2
+
+    return LossGuidance(den, energy, scale=scale)
 
 
 def dynamics_window(dynamics, steps: int) -> tuple[int, int]:
@@ -171,6 +195,8 @@ def generate_clip(
     sampler: str = "ddim",
     chunk: int | None = None,
     dynamics: tuple[float, float] | None = None,
+    pull: float = 0.0,
+    pull_steps: tuple[float, float] = (0.0, 0.5),
     progress: bool = False,
     **options,
 ) -> np.ndarray:
@@ -179,6 +205,7 @@ def generate_clip(
     ``mixed``; ``flows`` (F - 1, 2, h, w) in latent pixels for ``warped``, e.g.
     ``Clip.flows(h)``). ``dynamics``: Text2Video-Zero's motion dynamics along ``flows`` (module
     doc; e.g. :data:`T2V_ZERO_DYNAMICS`), with independent noise for the first frame.
+    ``pull``: Pix2Video's latent update guidance in ``pull_steps`` (module doc; 0 is off).
     ``options`` go to :class:`FrameAttention` (``start_layer``, ``steps``).
     """
     prompts = _frame_prompts(prompts, frames)
@@ -203,6 +230,11 @@ def generate_clip(
             raise ValueError(f"dynamics warp the first frame's latent along flows: pass flows "
                              f"of shape {want} (frames - 1, x and y, the latent's size) in "
                              f"latent pixels, e.g. Clip.flows({want[-1]}); got {got}")
+    finite("pull", pull, low=0.0)
+    check_window(pull_steps, "pull_steps")
+    if pull and len(batches) > 1:
+        raise ValueError(f"pull guides each frame towards the previous one, which a chunk of "
+                         f"{chunk} frames may not hold; use chunk=None or pull=0")
     times = model.time_grid(steps)
     eps = frame_noise(noise, model.latent_shape(len(prompts)), seed, mix=mix, flows=flows)
     x = start_latents(model.schedule, float(times[0]), eps).to(model.device)
@@ -219,7 +251,10 @@ def generate_clip(
         controllers = [FrameAttention(s, **options) for s in schemes]
         layout = BatchLayout(("frame",) * len(rows), guidance_halves(den))
         with torch.no_grad(), attention_control(model.network, controllers, layout=layout) as s:
-            latents = sample(s.denoiser(den, times), x[rows], times, step=step,
+            guided = s.denoiser(den, times)
+            if pull:
+                guided = _pull_guidance(guided, pull, pull_steps, len(times) - 1, times)
+            latents = sample(guided, x[rows], times, step=step,
                              progress=progress, noises=[n[rows] for n in noises])
         for j, i in enumerate(rows):
             out[i] = latents[j : j + 1]
