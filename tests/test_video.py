@@ -340,6 +340,10 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["video", "a red circle", "--frames", "3", "--dynamics", "--motion", "1,0",
                  *model, "--out", str(moved)]) == 0
     assert json.loads((moved / "video.json").read_text())["dynamics"] is True
+    pulled = tmp_path / "pix2video"
+    assert main(["video", "a red circle", "--frames", "3", "--keyframes", "first+previous",
+                 "--pull", "1", *model, "--out", str(pulled)]) == 0
+    assert json.loads((pulled / "video.json").read_text())["pull"] == 1.0
     paths = []
     for i, scene in enumerate(moving_clip(SCENE, (0.1, 0.0), frames=2).scenes):
         paths.append(tmp_path / f"in{i}.png")
@@ -354,6 +358,9 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["video", "a red circle", "--dynamics", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert "--dynamics moves the first frame's latent along --motion" in capsys.readouterr().err
+    assert main(["video", "a red circle", "--pull", "-1", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--pull must be a finite number >= 0" in capsys.readouterr().err
     assert main(["video", "a red circle", "--keyframes", "last", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()

@@ -6,7 +6,9 @@ frames whose self-attention reads the keyframes (Text2Video-Zero: first; Pix2Vid
 first+previous). With ``--noise warped`` the start noise moves along ``--motion`` (a global
 translation of DX, DY latent pixels per frame, carried as Chang et al.'s warped noise); with
 ``--dynamics`` the first frame's partly denoised latent moves along it instead (Text2Video-Zero's
-motion dynamics). ``--input FRAME.png ...`` edits a
+motion dynamics). ``--pull W`` adds Pix2Video's latent guidance (each frame's clean estimate
+pulled towards the previous frame's in the first half of the steps; 1 closes about the whole
+gap per step). ``--input FRAME.png ...`` edits a
 real clip instead: every frame is inverted under PROMPT (``--inversion``, default ddim) and
 edited towards ``--target`` with ``--editor`` (default p2p: the source's attention maps fused
 into the edit, close to FateZero) and keyframe attention among the edited frames.
@@ -90,6 +92,10 @@ def run_video(args: argparse.Namespace) -> None:
         raise ValueError("--mix weighs mixed noise; use it with --noise mixed")
     if args.mix is not None and not (np.isfinite(args.mix) and args.mix >= 0):
         raise ValueError(f"--mix must be a finite number >= 0, got {args.mix}")
+    if args.pull is not None and (editing or not (np.isfinite(args.pull) and args.pull >= 0)):
+        raise ValueError(f"--pull must be a finite number >= 0 (1 closes about the whole gap to "
+                         f"the previous frame per step) for a generated clip, got {args.pull}"
+                         + (" with --input" if editing else ""))
     if editing and args.chunk is not None:
         raise ValueError("--chunk splits generated clips; an --input edit runs in one call")
     if args.chunk is not None and args.keyframes not in ("none", "first"):
@@ -121,13 +127,14 @@ def run_video(args: argparse.Namespace) -> None:
         mix = 1.0 if args.mix is None else args.mix
         clip = generate_clip(model, args.prompt, frames=frames, noise=args.noise, mix=mix,
                              flows=flows, seed=args.seed, chunk=args.chunk,
-                             dynamics=T2V_ZERO_DYNAMICS if args.dynamics else None, **common)
+                             dynamics=T2V_ZERO_DYNAMICS if args.dynamics else None,
+                             pull=args.pull or 0.0, **common)
     for i, f in enumerate(clip):
         save_image(f, out / f"frame_{i:03d}.png")
     save_gif(clip, out / "clip.gif")
     report = {"prompt": args.prompt, "target": args.target, "frames": frames,
               "keyframes": args.keyframes, "noise": None if editing else args.noise,
-              "mix": args.mix, "motion": motion, "dynamics": args.dynamics,
+              "mix": args.mix, "motion": motion, "dynamics": args.dynamics, "pull": args.pull,
               "inversion": args.inversion if editing else None,
               "editor": args.editor if editing else None, "steps": args.steps, "cfg": args.cfg,
               "seed": args.seed}
@@ -155,6 +162,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="latent pixels per frame, for --noise warped or --dynamics")
     p.add_argument("--dynamics", action="store_true",
                    help="Text2Video-Zero's motion dynamics along --motion")
+    p.add_argument("--pull", type=number, default=None,
+                   help="Pix2Video's latent guidance weight (e.g. 1; default off)")
     p.add_argument("--chunk", type=whole(2), default=None, help="frames per model call")
     p.add_argument("--input", nargs="+", default=None, metavar="FRAME", help="edit these frames")
     p.add_argument("--target", default=None, help="with --input: the edited caption")
