@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..recipes.video import T2V_ZERO_DYNAMICS, dynamics_window, generate_clip
+from ..recipes.video import PULL_STEPS, T2V_ZERO_DYNAMICS, dynamics_window, generate_clip
 from ..samplers.state import in_window
 from ..toyworld.checker import read, score
 from ..toyworld.clips import Clip, moving_clip
@@ -158,7 +158,7 @@ def measure_video(model, *, clips: int, frames: int, seed: int = 0):
         means[m]["seconds_per_frame"] = seconds[m] / (clips * frames)
         means[m]["nfe_per_frame"] = _nfe_per_frame(METHODS[m][1] == "dynamics", frames)
         if METHODS[m][2]:  # a backward pass through both CFG halves at each guided step
-            guided = sum(in_window(i, STEPS, (0.0, 0.5)) for i in range(STEPS))
+            guided = sum(in_window(i, STEPS, PULL_STEPS) for i in range(STEPS))
             means[m]["backward_per_frame"] = 2 * guided
     return means, grid, [p for _, p in cases]
 

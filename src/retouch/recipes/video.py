@@ -53,12 +53,14 @@ from .edit import check_loop, guided_halves, stepwise_controllers
 from .editors import EDITORS, check_editor
 
 __all__ = ["generate_clip", "edit_clip", "ClipEdit", "KEYFRAMES", "T2V_ZERO_DYNAMICS",
-           "warp_latents", "renoise", "dynamics_window"]
+           "warp_latents", "renoise", "dynamics_window", "PULL_STEPS"]
 
 KEYFRAMES = ("none", "first", "first+previous", "previous")
 #: Text2Video-Zero's motion dynamics window as fractions of the steps: ``T1`` after 2 and ``T'``
 #: after 5 of its 50 DDIM steps (``t1 = 47``, ``t0 = 44`` counted from the clean end).
 T2V_ZERO_DYNAMICS = (0.04, 0.1)
+#: The steps (fractions) in which ``pull`` guides by default: the first half.
+PULL_STEPS = (0.0, 0.5)
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
@@ -196,7 +198,7 @@ def generate_clip(
     chunk: int | None = None,
     dynamics: tuple[float, float] | None = None,
     pull: float = 0.0,
-    pull_steps: tuple[float, float] = (0.0, 0.5),
+    pull_steps: tuple[float, float] = PULL_STEPS,
     progress: bool = False,
     **options,
 ) -> np.ndarray:
