@@ -147,3 +147,25 @@ def test_partial_captions_leave_attributes_out():
     # two-object captions drop each object's size apart: 1/2 (one object) or 1/4 (two)
     assert 0.3 < sum(no_size) / len(no_size) < 0.5
     assert sum(not any(w in t.split() for w in sizes) for t in full) / len(full) < 0.1
+
+
+def test_the_teacher_term_starts_at_zero_and_needs_a_model_to_start_from(tiny_toy_pipeline,
+                                                                          tmp_path):
+    """--teacher-weight holds the UNet's prediction to the --init-from model's: the student
+    starts as the teacher, so the term is zero at the first step and grows once it moves; without
+    --init-from there is no teacher, which is refused before any work."""
+    import json
+
+    from retouch.training.toyworld import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path / "t"), init_from=str(tiny_toy_pipeline), dataset_size=48,
+                      unet_steps=3, batch=2, unet_width=32, lr=1e-2, warmup=1, log_every=1,
+                      checkpoint_every=3, teacher_weight=1.0)
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()
+               if '"teacher"' in line]
+    assert len(records) == 3
+    assert records[0]["teacher"] < 1e-10 < records[-1]["teacher"]
+    with pytest.raises(ValueError, match="--teacher-weight 1.0: the teacher is the --init-from"):
+        train(TrainConfig(out=str(tmp_path / "never"), teacher_weight=1.0), progress=False)
+    assert not (tmp_path / "never").exists()

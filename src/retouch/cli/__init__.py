@@ -130,6 +130,7 @@ def _cmd_train(args) -> None:
         grounding_weight=args.grounding_weight,
         coverage_loss=args.coverage_loss,
         coverage_weight=args.coverage_weight,
+        teacher_weight=args.teacher_weight,
         partial_captions=args.partial_captions,
         init_from=args.init_from,
         extended=args.extended,
@@ -250,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(TokenCompose's pixel loss) or kl (to the mask-uniform distribution)")
     tr.add_argument("--coverage-weight", type=number, default=0.0,
                     help="weight of --coverage-loss (needed with it)")
+    tr.add_argument("--teacher-weight", type=number, default=0.0,
+                    help="hold the UNet's noise prediction to the --init-from model's with this "
+                         "weight (distillation; keeps its adherence while grounding reshapes "
+                         "attention)")
     tr.add_argument("--partial-captions", type=number, default=0.0, metavar="SHARE",
                     help="share of captions that leave out each of size, colour, position and "
                          "background with probability 1/2")

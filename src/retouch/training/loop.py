@@ -42,7 +42,8 @@ def device() -> torch.device:
 def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objective, *,
                   grounding, text_positions: int = 0, resume: bool, progress: bool = True):
     """The denoiser stage's loop, shared by the architectures: sample scenes and captions,
-    ``objective(x0, ids, gen, forward) -> denoising loss`` (``forward`` runs the network, the
+    ``objective(x0, ids, gen, forward) -> loss`` or ``(loss, {name: weighted term})`` (the
+    denoising loss, and terms of its own added to it and logged; ``forward`` runs the network, the
     first of ``parts``, recording its cross-attention at the ``grounding`` resolutions), add the
     grounding (and coverage) losses, step AdamW, keep an EMA, log, and checkpoint every part
     (state-dict prefix = its name) to ``<out>/<first part>.safetensors``. ``text_positions``:
@@ -97,12 +98,13 @@ def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objectiv
                 caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
             ).input_ids.to(dev)
             mse = objective(latents[idx].to(dev), ids, gen, forward)
+            mse, extra = mse if isinstance(mse, tuple) else (mse, {})
             masks, region = data.masks[idx].to(dev), caps.region.to(dev)
             if text_positions:  # positions no word is grounded to
                 region = F.pad(region, (0, text_positions), value=-1)
             g_loss, mass = grounding_loss(store, masks, region)
-            loss = mse + cfg.grounding_weight * g_loss
-            logged = {"mse": mse, "ground": g_loss, "mass": mass}
+            loss = mse + sum(extra.values()) + cfg.grounding_weight * g_loss
+            logged = {"mse": mse, "ground": g_loss, "mass": mass, **extra}
             if cfg.coverage_loss is not None:
                 c_loss, soft_iou = coverage_loss(store, masks, region, cfg.coverage_loss)
                 loss = loss + cfg.coverage_weight * c_loss

@@ -62,6 +62,10 @@ class TrainConfig:
     grounding_weight: float = 0.1  # weight of the cross-attention grounding (token) loss
     coverage_loss: str | None = None  # "bce" or "kl": a grounding term asking maps to cover
     coverage_weight: float = 0.0  # its weight (> 0 exactly when coverage_loss is set)
+    # Weight of a distillation term that holds the UNet's noise prediction to init_from's
+    # (frozen, same inputs): the model keeps what it could do while the grounding terms reshape
+    # its attention. 0: off. Needs init_from.
+    teacher_weight: float = 0.0
     grounding_resolutions: tuple[int, ...] = (16, 8)  # latent sides whose attention is grounded
     unet_width: int = 64  # channels of the first UNet block (configs.unet_config)
     # Transformer layers per UNet attention block. With init_from a shallower model, the new
@@ -177,6 +181,7 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, progress=True):
     """Joint UNet + text-encoder training on cached latents with min-SNR and grounding losses."""
     schedule = Schedule.from_diffusers_config(_ddpm_kwargs())
+    teacher = _teacher(cfg) if cfg.teacher_weight > 0 else None
 
     def objective(x0, ids, gen, forward):
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -184,18 +189,39 @@ def train_unet(cfg, data: SceneSet, latents, unet, text, tokenizer, *, resume, p
         xt = noisy(schedule, x0, eps, t.double())
         pred = forward(xt, t.to(x0.device),
                        encoder_hidden_states=text(ids).last_hidden_state).sample
-        return denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
-                              weighting="min_snr", gamma=cfg.min_snr_gamma)
+        mse = denoising_loss(pred, x0, eps, t.double(), schedule, prediction_type="epsilon",
+                             weighting="min_snr", gamma=cfg.min_snr_gamma)
+        if teacher is None:
+            return mse
+        t_unet, t_text = teacher
+        with torch.no_grad():
+            target = t_unet(xt, t.to(x0.device),
+                            encoder_hidden_states=t_text(ids).last_hidden_state).sample
+        return mse, {"teacher": cfg.teacher_weight * F.mse_loss(pred, target)}
 
     train_network(cfg, data, latents, {"unet": unet, "text": text}, tokenizer, objective,
                   grounding=cfg.grounding_resolutions, resume=resume, progress=progress)
+
+
+def _teacher(cfg: TrainConfig):
+    """The frozen UNet and text encoder of ``init_from``, for the distillation term."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder, dev = Path(cfg.init_from), device()
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").float()
+    text = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").float()
+    for module in (unet, text):
+        module.to(dev).eval().requires_grad_(False)
+    return unet, text
 
 
 def _check_loss_options(cfg: TrainConfig) -> None:
     """Refuse loss weights that are negative or not finite, and a coverage weight without its
     loss (or the reverse), before any work."""
     for flag, value in (("--grounding-weight", cfg.grounding_weight),
-                        ("--coverage-weight", cfg.coverage_weight)):
+                        ("--coverage-weight", cfg.coverage_weight),
+                        ("--teacher-weight", cfg.teacher_weight)):
         if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag} {value}: a loss weight must be a finite number >= 0; "
                              f"pass e.g. {flag} 0.1 (0 turns the term off)")
@@ -209,6 +235,10 @@ def _check_loss_options(cfg: TrainConfig) -> None:
                          "or neither")
     if not 0 <= cfg.partial_captions <= 1:
         raise ValueError(f"--partial-captions {cfg.partial_captions}: a share must be in [0, 1]")
+    if cfg.teacher_weight > 0 and (cfg.init_from is None or cfg.arch != "unet"):
+        raise ValueError(f"--teacher-weight {cfg.teacher_weight}: the teacher is the --init-from "
+                         "model's UNet; pass --init-from DIR (with --arch unet) or drop "
+                         "--teacher-weight")
 
 
 def _ddpm_kwargs() -> dict:
@@ -231,7 +261,7 @@ def _tokenizer(out: Path):
 _RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "unet_depth": 1,
              "text_layers": False,
              "extended": False, "coverage_loss": None, "coverage_weight": 0.0,
-             "partial_captions": 0.0, "arch": "unet"}
+             "partial_captions": 0.0, "arch": "unet", "teacher_weight": 0.0}
 _RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors",
               "transformer.safetensors")
 #: Denoiser architectures (``TrainConfig.arch``) and the stage checkpoint each writes.
