@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of --coverage-loss (needed with it)")
     tr.add_argument("--teacher-weight", type=number, default=0.0,
                     help="hold the UNet's noise prediction to the --init-from model's with this "
-                         "weight (distillation; keeps its adherence while grounding reshapes "
-                         "attention)")
+                         "weight (distillation, meant to keep its function while grounding "
+                         "reshapes attention; 1.0 did not keep adherence: docs/toyworld.md)")
     tr.add_argument("--partial-captions", type=number, default=0.0, metavar="SHARE",
                     help="share of captions that leave out each of size, colour, position and "
                          "background with probability 1/2")

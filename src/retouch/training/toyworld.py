@@ -63,8 +63,9 @@ class TrainConfig:
     coverage_loss: str | None = None  # "bce" or "kl": a grounding term asking maps to cover
     coverage_weight: float = 0.0  # its weight (> 0 exactly when coverage_loss is set)
     # Weight of a distillation term that holds the UNet's noise prediction to init_from's
-    # (frozen, same inputs): the model keeps what it could do while the grounding terms reshape
-    # its attention. 0: off. Needs init_from.
+    # (frozen, same inputs), meant to keep what the model could do while the grounding terms
+    # reshape its attention (at 1.0 it did not keep adherence: docs/toyworld.md). 0: off.
+    # Needs init_from.
     teacher_weight: float = 0.0
     grounding_resolutions: tuple[int, ...] = (16, 8)  # latent sides whose attention is grounded
     unet_width: int = 64  # channels of the first UNet block (configs.unet_config)
