@@ -79,6 +79,8 @@ def test_coverage_loss_is_least_for_the_mask_uniform_map(kind):
     ({"grounding_weight": math.nan}, "--grounding-weight nan"),
     ({"coverage_loss": "kl", "coverage_weight": math.inf}, "--coverage-weight inf"),
     ({"coverage_loss": "kl", "coverage_weight": -1.0}, "--coverage-weight -1.0"),
+    ({"teacher_weight": math.nan}, "--teacher-weight nan"),
+    ({"teacher_weight": -1.0}, "--teacher-weight -1.0"),
 ])
 def test_bad_loss_weights_are_refused_before_any_work(tmp_path, changes, flag):
     from retouch.training.toyworld import TrainConfig, train
@@ -166,6 +168,9 @@ def test_the_teacher_term_starts_at_zero_and_needs_a_model_to_start_from(tiny_to
                if '"teacher"' in line]
     assert len(records) == 3
     assert records[0]["teacher"] < 1e-10 < records[-1]["teacher"]
+    with pytest.raises(ValueError, match="--resume with teacher_weight=2.0 but the run"):
+        train(TrainConfig(**{**cfg.__dict__, "teacher_weight": 2.0}), resume=True,
+              progress=False)
     with pytest.raises(ValueError, match="--teacher-weight 1.0: the teacher is the --init-from"):
         train(TrainConfig(out=str(tmp_path / "never"), teacher_weight=1.0), progress=False)
     assert not (tmp_path / "never").exists()
