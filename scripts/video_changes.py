@@ -11,21 +11,11 @@ abstained (``None``) on one side. Prints both shares of frames 2..F and, per att
 a read value changed. Session 18: see ``docs/benchmarks.md``.
 """
 
-import random
 import sys
 from collections import Counter
 
-from retouch.bench.video import (
-    CFG,
-    IDENTITY,
-    METHODS,
-    STEPS,
-    T2V_ZERO_DYNAMICS,
-    _identity,
-    bench_clip,
-)
+from retouch.bench.video import IDENTITY, METHODS, _identity, bench_clips, method_clip
 from retouch.models.pipeline import PipelineModel
-from retouch.recipes.video import generate_clip
 from retouch.toyworld.checker import read
 
 
@@ -41,24 +31,12 @@ def main(names: list[str]) -> None:
     if unknown or not names:
         sys.exit(f"methods {unknown or '(none)'}: choose from {', '.join(METHODS)}")
     model = PipelineModel.load(None)
-    rng = random.Random(0)
-    cases = [bench_clip(rng, 8) for _ in range(12)]
-    h = model.latent_shape(1)[-1]
+    cases = bench_clips(12, 8)
     for name in names:
-        keyframes, noise, pull = METHODS[name]
-        dynamics = noise == "dynamics"
         changed = abstained = total = 0
         attrs: Counter = Counter()
         for i, (clip, prompt) in enumerate(cases):
-            flows = clip.flows(h)
-            translation = flows.clone().zero_()
-            translation[:, 0], translation[:, 1] = clip.step[0] * h, clip.step[1] * h
-            out = generate_clip(model, prompt, frames=8, keyframes=keyframes,
-                                noise="independent" if dynamics else noise,
-                                flows=translation if dynamics else flows, steps=STEPS, cfg=CFG,
-                                seed=i, dynamics=T2V_ZERO_DYNAMICS if dynamics else None,
-                                pull=pull)
-            ids = [_identity(read(f)) for f in out]
+            ids = [_identity(read(f)) for f in method_clip(model, name, clip, prompt, seed=i)]
             for other in ids[1:]:
                 only_abstained, read_changes = split(ids[0], other)
                 total += 1

@@ -39,7 +39,8 @@ from ..toyworld.checker import read, score
 from ..toyworld.clips import Clip, moving_clip
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 
-__all__ = ["METHODS", "bench_clip", "clip_scores", "headline", "measure_video"]
+__all__ = ["METHODS", "bench_clip", "bench_clips", "method_clip", "clip_scores", "headline",
+           "measure_video"]
 
 METHODS = {  # name: (keyframe scheme, noise model or "dynamics", Pix2Video pull weight)
     "independent": ("none", "independent", 0.0),
@@ -128,27 +129,38 @@ def _motion(readings, clip: Clip) -> float:
     return float(moved @ true / (true @ true))
 
 
+def bench_clips(clips: int, frames: int, seed: int = 0) -> list[tuple[Clip, str]]:
+    """The benchmark's clips and their prompts."""
+    rng = random.Random(seed)
+    return [bench_clip(rng, frames) for _ in range(clips)]
+
+
+def method_clip(model, method: str, clip: Clip, prompt: str, *, seed: int) -> np.ndarray:
+    """The frames ``method`` (a key of :data:`METHODS`) generates for ``clip`` (module doc)."""
+    keyframes, noise, pull = METHODS[method]
+    h = model.latent_shape(1)[-1]
+    flows = clip.flows(h)
+    dynamics = noise == "dynamics"
+    if dynamics:  # the object's step, applied to the whole latent
+        flows = torch.zeros_like(flows)
+        flows[:, 0], flows[:, 1] = clip.step[0] * h, clip.step[1] * h
+    return generate_clip(model, prompt, frames=len(clip), keyframes=keyframes,
+                         noise="independent" if dynamics else noise, flows=flows, steps=STEPS,
+                         cfg=CFG, seed=seed, dynamics=T2V_ZERO_DYNAMICS if dynamics else None,
+                         pull=pull)
+
+
 def measure_video(model, *, clips: int, frames: int, seed: int = 0):
     """Per-method means over ``clips`` clips of ``frames`` frames, and a sample grid (rows of
     frames: the first clip under each method)."""
-    rng = random.Random(seed)
-    cases = [bench_clip(rng, frames) for _ in range(clips)]
-    h = model.latent_shape(1)[-1]
+    cases = bench_clips(clips, frames, seed)
     tally = {m: [] for m in METHODS}
     seconds = {m: 0.0 for m in METHODS}
     grid = []
     for i, (clip, prompt) in enumerate(cases):
-        flows = clip.flows(h)
-        translation = torch.zeros_like(flows)  # the object's step, applied to the whole latent
-        translation[:, 0], translation[:, 1] = clip.step[0] * h, clip.step[1] * h
-        for name, (keyframes, noise, pull) in METHODS.items():
-            dynamics = noise == "dynamics"
+        for name in METHODS:
             t0 = time.perf_counter()
-            out = generate_clip(model, prompt, frames=frames, keyframes=keyframes,
-                                noise="independent" if dynamics else noise,
-                                flows=translation if dynamics else flows, steps=STEPS, cfg=CFG,
-                                seed=i, dynamics=T2V_ZERO_DYNAMICS if dynamics else None,
-                                pull=pull)
+            out = method_clip(model, name, clip, prompt, seed=i)
             seconds[name] += time.perf_counter() - t0
             tally[name].append(clip_scores(out, clip, prompt))
             if i == 0:

@@ -97,8 +97,8 @@ def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objectiv
             ids = tokenizer(
                 caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"
             ).input_ids.to(dev)
-            mse = objective(latents[idx].to(dev), ids, gen, forward)
-            mse, extra = mse if isinstance(mse, tuple) else (mse, {})
+            result = objective(latents[idx].to(dev), ids, gen, forward)
+            mse, extra = result if isinstance(result, tuple) else (result, {})
             masks, region = data.masks[idx].to(dev), caps.region.to(dev)
             if text_positions:  # positions no word is grounded to
                 region = F.pad(region, (0, text_positions), value=-1)
