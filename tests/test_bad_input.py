@@ -89,6 +89,10 @@ def test_bad_counts_and_fractions_are_refused(refused, scene_png, tmp_path):
     assert refused(["bench", "editing", "--steps", "1", "--out", out],
                    "--steps: must be at least 2")
     assert refused(["bench", "nosuch", "--out", out], "unknown benchmark 'nosuch'", "valid:")
+    assert refused(["bench", "toyworld", "--cfg", "0.5", "--out", out],
+                   "--cfg 0.5 is below 1", "at least 1")
+    assert refused(["bench", "editing", "--cfg", "3", "--out", out],
+                   "retouch bench editing does not take --cfg")
 
 
 def test_editor_options_and_names_are_checked_before_any_work(refused, scene_png, tmp_path):

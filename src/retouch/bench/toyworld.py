@@ -1,7 +1,7 @@
 """``retouch bench toyworld``: prompt adherence, VAE fidelity, speed and attention locality.
 
-* adherence: generate one image per fixed prompt (25 DDIM steps, CFG 5), read it back with the
-  checker, and score each attribute the prompt names;
+* adherence: generate one image per fixed prompt (25 DDIM steps, CFG 5 or ``--cfg``), read it
+  back with the checker, and score each attribute the prompt names;
 * vae_psnr: PSNR of encode→decode on held-out renders; vae_checker_all: the checker's
   all-attributes accuracy on those round trips (the ceiling of adherence);
 * seconds_per_image: wall time of generation in batches of 8, divided by the image count;
@@ -105,16 +105,16 @@ def vae_round_trip(model: PipelineModel, data: SceneSet) -> tuple[float, float]:
 
 
 def prompt_adherence(
-    model: PipelineModel, scenes=None, *, prompts: list[str] | None = None
+    model: PipelineModel, scenes=None, *, prompts: list[str] | None = None, cfg: float = 5.0
 ) -> tuple[dict, list[dict], np.ndarray, float]:
     """(accuracy per attribute, the checker's scores, the images, seconds per image) of one
     generation per scene's canonical caption, or per prompt of ``prompts`` (25 DDIM steps,
-    CFG 5, batches of 8)."""
+    guidance ``cfg``, batches of 8)."""
     prompts = prompts if prompts is not None else [caption(s).text for s in scenes]
     t0 = time.time()
     images = np.concatenate(
         [
-            generate(model, prompts[i : i + 8], steps=25, cfg=5.0, seed=i, progress=False)
+            generate(model, prompts[i : i + 8], steps=25, cfg=cfg, seed=i, progress=False)
             for i in range(0, len(prompts), 8)
         ]
     )
@@ -128,17 +128,19 @@ def prompt_adherence(
     return accuracy, scores, images, seconds_per_image
 
 
-def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
+def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -> dict:
+    if not cfg >= 1.0:
+        raise ValueError(f"--cfg {cfg} is below 1; pass a guidance scale of at least 1 (default 5)")
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
     extended = toyworld_extended(tw.folder)
     data = benchmark_scenes(n, extended=extended)
-    adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes)
+    adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes, cfg=cfg)
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))
     coverage = measure_coverage(tw, _subset(data, 32 if quick else 64))
     partials = partial_prompts(n // 2, extended=extended)
-    partial, partial_scores = prompt_adherence(tw, prompts=partials)[:2]
+    partial, partial_scores = prompt_adherence(tw, prompts=partials, cfg=cfg)[:2]
     result = {
         "adherence": adherence,
         "partial_adherence": partial,
@@ -147,12 +149,13 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         "seconds_per_image": seconds_per_image,
         "attention_mass": attention_mass(tw, _subset(data, 64)),
         "coverage": coverage,
+        "cfg": cfg,
     }
     if extended:  # and does the model still follow core-vocabulary prompts?
         result["by_style"] = _by_style(scores, [s.style for s in data.scenes])
         result["partial_by_style"] = _by_style(partial_scores,
                                                [parse_caption(p)["style"] for p in partials])
-        result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes)[0]
+        result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes, cfg=cfg)[0]
     result = {"headline": headline(result, extended=extended), **result}
     write_result(out / "toyworld.json", result)
     rows = [{"metric": f"headline.{k}", "value": v} for k, v in result["headline"].items()]
@@ -170,7 +173,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     table = write_markdown_table(rows, ["metric", "value"])
     words = "extended vocabulary" if extended else "core vocabulary"
     atomic_write_text(out / "toyworld.md",
-                      f"# ToyWorld model ({words}; 25 DDIM steps, CFG 5)\n\n{table}")
+                      f"# ToyWorld model ({words}; 25 DDIM steps, CFG {cfg:g})\n\n{table}")
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result

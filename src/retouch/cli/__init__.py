@@ -93,7 +93,8 @@ def _cmd_bench(args) -> None:
     parts = None if args.parts is None else tuple(args.parts.split(","))
     extra = {k: v for k, v in (("model", args.model), ("cases", args.cases),
                                ("steps", args.steps), ("edit_types", types),
-                               ("method_names", names), ("parts", parts)) if v is not None}
+                               ("method_names", names), ("parts", parts),
+                               ("cfg", args.cfg)) if v is not None}
     accepted = inspect.signature(module.run).parameters
     flag = {"edit_types": "types", "method_names": "methods"}
     refused = [f"--{flag.get(k, k)}" for k in extra if k not in accepted]
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=None, metavar="M1,M2",
                    help="editing: only these rows, by method or method/inversion "
                         "(e.g. flowedit,p2p/rf_solver,none/direct)")
+    b.add_argument("--cfg", type=number, default=None,
+                   help="toyworld: the guidance scale of the adherence prompts (default 5)")
     b.add_argument("--parts", default=None, metavar="P1,P2",
                    help="fusion: only these parts (cost, panoramas, regions, grids); "
                    "consistency: (style, video, transfer)")
