@@ -91,8 +91,9 @@ def test_bad_counts_and_fractions_are_refused(refused, scene_png, tmp_path):
     assert refused(["bench", "nosuch", "--out", out], "unknown benchmark 'nosuch'", "valid:")
     assert refused(["bench", "toyworld", "--cfg", "0.5", "--out", out],
                    "--cfg 0.5 is below 1", "at least 1")
-    assert refused(["bench", "editing", "--cfg", "3", "--out", out],
-                   "retouch bench editing does not take --cfg")
+    assert refused(["bench", "editing", "--cfg", "0", "--out", out], "--cfg 0.0 is below 1")
+    assert refused(["bench", "samplers", "--cfg", "3", "--out", out],
+                   "retouch bench samplers does not take --cfg")
 
 
 def test_editor_options_and_names_are_checked_before_any_work(refused, scene_png, tmp_path):

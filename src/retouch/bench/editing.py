@@ -284,19 +284,24 @@ def aggregate(records: Sequence[dict], order: Sequence[tuple[str, str]] = ()) ->
 
 def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None = None,
         steps: int | None = None, edit_types: Sequence[str] | None = None,
-        method_names: Sequence[str] | None = None) -> dict:
+        method_names: Sequence[str] | None = None, cfg: float | None = None) -> dict:
     """Run the benchmark; writes ``editing.{json,md,png}`` in ``out`` and returns the JSON.
 
     ``model``: a diffusers folder (default: the shipped ToyWorld model); ``cases`` and
     ``steps`` override the mode's (:data:`CASES`, :data:`STEPS`); ``quick`` picks the methods;
     ``edit_types``: the cases cycle through these only (default :data:`EDIT_TYPES`);
     ``method_names``: only these rows, each a method name (every inversion of it) or a
-    ``method/inversion`` label (default: all of the mode's).
+    ``method/inversion`` label (default: all of the mode's); ``cfg``: the guidance of
+    inversion, reconstruction and edit (default :data:`CFG`; rows with their own keep theirs).
     """
     from tqdm.auto import tqdm
 
     from ..models.pipeline import PipelineModel
 
+    if cfg is not None and not cfg >= 1.0:
+        raise ValueError(f"--cfg {cfg} is below 1; pass a guidance scale of at least 1 "
+                         f"(default {CFG:g})")
+    cfg = cfg or CFG
     out = Path(out)
     chosen = methods(quick)
     if method_names is not None:
@@ -318,7 +323,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     cases = make_cases(cases or CASES[quick], seed=SEED, edit_types=types)
     records, examples = [], {}
     for case in tqdm(cases, desc="bench editing", leave=False):
-        edits = edit_case(pm, case, chosen, steps=steps)
+        edits = edit_case(pm, case, chosen, steps=steps, cfg=cfg)
         examples.setdefault(case.edit_type, (case, {k: im for k, (im, _) in edits.items()}))
         for label, (image, seconds) in edits.items():
             m = next((m for m in chosen if m.label == label), None)
@@ -330,7 +335,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     order = [(m.name, m.inversion) for m in chosen] + [("reconstruction", "direct")]
     rows = aggregate(records, order)
     overhead = processor_overhead(pm, repeats=REPEATS[quick])
-    settings = {"cases": len(cases), "edit_types": list(types), "steps": steps, "cfg": CFG,
+    settings = {"cases": len(cases), "edit_types": list(types), "steps": steps, "cfg": cfg,
                 "seed": SEED, "selfguide": SELFGUIDE, "selfguide_free": SELFGUIDE_FREE,
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,

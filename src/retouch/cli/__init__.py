@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="editing: only these rows, by method or method/inversion "
                         "(e.g. flowedit,p2p/rf_solver,none/direct)")
     b.add_argument("--cfg", type=number, default=None,
-                   help="toyworld: the guidance scale of the adherence prompts (default 5)")
+                   help="toyworld: the guidance scale of the adherence prompts; editing: of "
+                        "inversion and edit (default 5 for both)")
     b.add_argument("--parts", default=None, metavar="P1,P2",
                    help="fusion: only these parts (cost, panoramas, regions, grids); "
                    "consistency: (style, video, transfer)")
