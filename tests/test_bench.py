@@ -161,3 +161,29 @@ def test_the_consistency_benchmark_runs_one_part_alone_and_refuses_unknown_parts
     with pytest.raises(ValueError, match="unknown consistency benchmark part.*motion.*valid: st"):
         bench.run(quick=True, out=tmp_path / "x", model=str(folder), parts=("motion",))
     assert not (tmp_path / "x").exists()
+
+
+def test_toyworld_and_editing_benches_sample_at_the_guidance_they_are_given(tmp_path,
+                                                                             monkeypatch):
+    from retouch.bench import editing, toyworld
+    from retouch.models.pipeline import PipelineModel
+
+    seen = []
+    real_generate, real_edit_case = toyworld.generate, editing.edit_case
+
+    def generate(*args, cfg, **kwargs):
+        seen.append(("generate", cfg))
+        return real_generate(*args, cfg=cfg, **kwargs)
+
+    def edit_case(*args, cfg, **kwargs):
+        seen.append(("edit", cfg))
+        return real_edit_case(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(toyworld, "generate", generate)
+    monkeypatch.setattr(editing, "edit_case", edit_case)
+    accuracy = toyworld.prompt_adherence(PipelineModel.load(), prompts=["a red circle"],
+                                         cfg=2.0)[0]
+    assert accuracy["n"] == 1
+    doc = editing.run(quick=True, out=tmp_path, cases=1, steps=2, cfg=2.0,
+                      method_names=("none/direct",))
+    assert seen == [("generate", 2.0), ("edit", 2.0)] and doc["settings"]["cfg"] == 2.0
