@@ -17,7 +17,7 @@ from retouch.models.pipeline import PipelineModel
 
 
 def main(n: int, scales: list[float], folders: list[str]) -> None:
-    scenes = benchmark_scenes(256, extended=True).scenes[:n]
+    scenes = benchmark_scenes(n, extended=True).scenes  # the first n of the bench's 256
     for folder in folders:
         model = PipelineModel.load(folder)
         for cfg in scales:

@@ -298,10 +298,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
 
     from ..models.pipeline import PipelineModel
 
-    if cfg is not None and not cfg >= 1.0:
-        raise ValueError(f"--cfg {cfg} is below 1; pass a guidance scale of at least 1 "
-                         f"(default {CFG:g})")
-    cfg = cfg or CFG
+    cfg = CFG if cfg is None else cfg
     out = Path(out)
     chosen = methods(quick)
     if method_names is not None:
