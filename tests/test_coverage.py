@@ -103,6 +103,12 @@ def test_coverage_weight_and_loss_go_together(tmp_path):
               progress=False)
     with pytest.raises(ValueError, match=r"--partial-captions 1.5: a share must be in \[0, 1\]"):
         train(TrainConfig(out=str(tmp_path / "x"), partial_captions=1.5), progress=False)
+    with pytest.raises(ValueError, match=r"--free-style -0.1: a share must be in \[0, 1\]"):
+        train(TrainConfig(out=str(tmp_path / "x"), extended=True, free_style=-0.1),
+              progress=False)
+    with pytest.raises(ValueError, match="--free-style 0.2: only the extended vocabulary has "
+                                         "fill styles; add --extended"):
+        train(TrainConfig(out=str(tmp_path / "x"), free_style=0.2), progress=False)
     assert not (tmp_path / "x").exists()
 
 

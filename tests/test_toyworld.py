@@ -88,6 +88,23 @@ def test_training_captions_keep_the_style_word_and_sometimes_say_solid():
                    for s, t in zip(scenes, batch.texts))
 
 
+def test_free_style_captions_say_every_style_or_none():
+    """With ``free_style`` a caption without a style word means any fill style, so it is left
+    out of outlined and striped scenes' captions too, and written otherwise (solid too)."""
+    from retouch.toyworld.dataset import caption_batch
+
+    rng = random.Random(0)
+    scenes = [random_scene(rng, styles=STYLES, positions=tuple(POSITIONS)) for _ in range(600)]
+    for partial, share in ((0.0, 0.25), (1.0, 0.5)):
+        batch = caption_batch(scenes, rng=rng, max_tokens=40, cond_dropout=0.0, solid_word=0.3,
+                              partial=partial, free_style=0.25)
+        named = [next((w for w in t.split() if w in STYLES), None) for t in batch.texts]
+        assert all(w in (None, s.style) for s, w in zip(scenes, named))
+        for style in STYLES:
+            said = [w is not None for s, w in zip(scenes, named) if s.style == style]
+            assert abs(1 - sum(said) / len(said) - share) < 0.1, (style, partial)
+
+
 def test_dropped_words_are_omitted_not_guessed():
     rng = random.Random(0)
     texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0}, rng=rng).text}
@@ -195,7 +212,8 @@ def test_style_weights_and_cli_defaults():
     args = parser.parse_args(["toyworld", "train", "--style-weight", "striped=1.5"])
     assert args.style_weight == [("striped", 1.5)]
     for name in ("seed", "vae_steps", "unet_steps", "batch", "lr", "grounding_weight",
-                 "coverage_loss", "coverage_weight", "partial_captions", "unet_depth"):
+                 "coverage_loss", "coverage_weight", "partial_captions", "unet_depth",
+                 "free_style"):
         assert getattr(args, name) == getattr(TrainConfig, name), name
     with pytest.raises(SystemExit):
         parser.parse_args(["toyworld", "train", "--style-weight", "striped"])

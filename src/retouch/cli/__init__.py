@@ -133,6 +133,7 @@ def _cmd_train(args) -> None:
         coverage_weight=args.coverage_weight,
         teacher_weight=args.teacher_weight,
         partial_captions=args.partial_captions,
+        free_style=args.free_style,
         init_from=args.init_from,
         extended=args.extended,
         cooldown=tuple(args.cooldown) if args.cooldown else None,
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--partial-captions", type=number, default=0.0, metavar="SHARE",
                     help="share of captions that leave out each of size, colour, position and "
                          "background with probability 1/2")
+    tr.add_argument("--free-style", type=number, default=0.0, metavar="SHARE",
+                    help="share of captions without the style word, teaching the model that a "
+                         "caption without one means any fill style (default 0: it means solid)")
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.add_argument("--extended", action="store_true",

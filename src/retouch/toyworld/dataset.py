@@ -89,17 +89,24 @@ def caption_batch(
     cond_dropout: float,
     solid_word: float = 0.0,
     partial: float = 0.0,
+    free_style: float = 0.0,
 ) -> CaptionBatch:
     """Training captions (random attribute-word dropout, whole-caption dropout for CFG); a solid
     scene's caption says ``solid`` with probability ``solid_word``; a share ``partial`` of them
-    drop attributes with PARTIAL_DROP instead of DROP."""
+    drop attributes with PARTIAL_DROP instead of DROP.
+
+    ``free_style`` > 0 trains the other meaning of a caption without a style word, *any* fill
+    style, as for every other attribute: the style word is left out with that probability (with
+    1/2 in a partial caption) and written otherwise, ``solid`` too (``solid_word`` is unused)."""
     texts, regions = [], torch.full((len(scenes), max_tokens), -1, dtype=torch.long)
     for b, scene in enumerate(scenes):
         if rng.random() < cond_dropout:
             texts.append("")
             continue
-        explicit = solid_word > 0 and rng.random() < solid_word
+        explicit = free_style > 0 or (solid_word > 0 and rng.random() < solid_word)
         drop = PARTIAL_DROP if partial > 0 and rng.random() < partial else DROP
+        if free_style > 0:
+            drop = {**drop, "style": 0.5 if drop is PARTIAL_DROP else free_style}
         cap = caption(scene, drop=drop, explicit_style=explicit, rng=rng)
         texts.append(cap.text)
         for i, role in enumerate(cap.roles):

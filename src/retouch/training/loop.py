@@ -93,6 +93,7 @@ def train_network(cfg, data: SceneSet, latents, parts: dict, tokenizer, objectiv
                 cond_dropout=cfg.cond_dropout,
                 solid_word=cfg.solid_word if cfg.extended else 0.0,
                 partial=cfg.partial_captions,
+                free_style=cfg.free_style,
             )
             ids = tokenizer(
                 caps.texts, padding="max_length", max_length=configs.MAX_TOKENS, return_tensors="pt"

@@ -78,6 +78,9 @@ class TrainConfig:
     # Share of captions that are partially specified: each of size, colour, position and
     # background is left out with probability 1/2 (dataset.PARTIAL_DROP), as users write them.
     partial_captions: float = 0.0
+    # Share of captions without the style word, which then means any fill style, not solid
+    # (dataset.caption_batch); the export records it as the model's "style_omitted" (0: solid).
+    free_style: float = 0.0
     # Relative sampling weight of scenes by fill style (missing styles weigh 1), e.g.
     # {"striped": 1.5} to show the hardest style more often.
     style_weights: dict[str, float] | None = None
@@ -234,8 +237,13 @@ def _check_loss_options(cfg: TrainConfig) -> None:
                          f"{cfg.coverage_weight}: the coverage term needs both a loss and a "
                          "weight > 0; pass both (e.g. --coverage-loss bce --coverage-weight 0.1) "
                          "or neither")
-    if not 0 <= cfg.partial_captions <= 1:
-        raise ValueError(f"--partial-captions {cfg.partial_captions}: a share must be in [0, 1]")
+    for flag, share in (("--partial-captions", cfg.partial_captions),
+                        ("--free-style", cfg.free_style)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{flag} {share}: a share must be in [0, 1]")
+    if cfg.free_style > 0 and not cfg.extended:
+        raise ValueError(f"--free-style {cfg.free_style}: only the extended vocabulary has fill "
+                         "styles; add --extended")
     if cfg.teacher_weight > 0 and (cfg.init_from is None or cfg.arch != "unet"):
         raise ValueError(f"--teacher-weight {cfg.teacher_weight}: the teacher is the --init-from "
                          "model's UNet; pass --init-from DIR (with --arch unet) or drop "
@@ -262,7 +270,7 @@ def _tokenizer(out: Path):
 _RECORDED = {"seed": False, "dataset_size": False, "unet_width": False, "unet_depth": 1,
              "text_layers": False,
              "extended": False, "coverage_loss": None, "coverage_weight": 0.0,
-             "partial_captions": 0.0, "arch": "unet", "teacher_weight": 0.0}
+             "partial_captions": 0.0, "arch": "unet", "teacher_weight": 0.0, "free_style": 0.0}
 _RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet.safetensors",
               "transformer.safetensors")
 #: Denoiser architectures (``TrainConfig.arch``) and the stage checkpoint each writes.
