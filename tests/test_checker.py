@@ -232,8 +232,9 @@ def test_score_with_a_caption_scores_only_named_attributes():
     verdict = checker.score(img, parse_caption("a striped star"))
     assert verdict == {"color": None, "shape": True, "size": None, "position": None,
                        "style": True, "background": None, "count": True, "all": True}
-    # No style word means solid, so a striped star is not "a star".
-    assert checker.score(img, parse_caption("a star"))["style"] is False
+    # No style word means any style: a striped star is "a star", and not "a solid star".
+    assert checker.score(img, parse_caption("a star"))["style"] is None
+    assert checker.score(img, parse_caption("a solid star"))["style"] is False
     verdict = checker.score(img, parse_caption("a small red star on the left"))
     assert verdict["shape"] is False  # nothing on the left to match
     assert verdict["background"] is None

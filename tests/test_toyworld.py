@@ -35,10 +35,13 @@ def _scene():
     )
 
 
-def test_canonical_caption():
-    assert caption(_scene()).text == (
+def test_canonical_caption_names_every_attribute_solid_too():
+    assert caption(_scene()).text == ("a small red solid circle on the left and a big blue solid "
+                                      "square on the right on a gray background")
+    assert caption(_scene(), say_solid=False).text == (
         "a small red circle on the left and a big blue square on the right on a gray background"
     )
+    assert "style" not in parse_caption(caption(_scene(), say_solid=False).text)  # any style
 
 
 @pytest.mark.parametrize(
@@ -47,8 +50,8 @@ def test_canonical_caption():
      (None, {"background": "black"}), (None, {"style": "striped"})],
 )
 def test_single_attribute_edit_changes_words_of_that_attribute_only(index, change):
-    src = caption(_scene(), explicit_style=True).words
-    dst = caption(_scene().replace(index, **change), explicit_style=True).words
+    src = caption(_scene()).words
+    dst = caption(_scene().replace(index, **change)).words
     assert len(src) == len(dst)
     changed = [i for i, (a, b) in enumerate(zip(src, dst)) if a != b]
     # a global style word appears once per object; every other edit changes one word
@@ -69,9 +72,10 @@ def test_caption_roles_and_parse_roundtrip():
                 assert word == scene.objects[role[0]].color
 
 
-def test_training_captions_keep_the_style_word_and_sometimes_say_solid():
-    """A caption without a style word means solid, so training never drops the style word of
-    an outlined or striped scene; ``solid_word`` makes some solid captions say "solid"."""
+def test_older_grammar_training_captions_keep_the_style_word_and_sometimes_say_solid():
+    """Without ``free_style`` training keeps the older grammar (no style word means solid): it
+    never drops an outlined or striped scene's style word, and ``solid_word`` makes some solid
+    captions say "solid"."""
     from retouch.toyworld.dataset import caption_batch
 
     rng = random.Random(0)
@@ -84,7 +88,7 @@ def test_training_captions_keep_the_style_word_and_sometimes_say_solid():
                 assert scene.style in text.split()
         said = [("solid" in t.split()) for s, t in zip(scenes, batch.texts) if s.style == "solid"]
         assert (sum(said) > 0) == (solid_word > 0)
-        assert all(parse_caption(t)["style"] == s.style
+        assert all(parse_caption(t).get("style", "solid") == s.style
                    for s, t in zip(scenes, batch.texts))
 
 
@@ -107,7 +111,7 @@ def test_free_style_captions_say_every_style_or_none():
 
 def test_dropped_words_are_omitted_not_guessed():
     rng = random.Random(0)
-    texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0}, rng=rng).text}
+    texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0, "style": 1.0}, rng=rng).text}
     assert texts == {"a small circle on the left and a big square on the right"}
 
 
@@ -336,15 +340,17 @@ def test_bench_breaks_adherence_down_by_requested_style():
     from retouch.toyworld.scene import parse_caption
 
     # the styles the prompts ask for, as the bench reads them from partially specified prompts
-    prompts = ["a blue circle", "a striped square", "a big striped circle on the left",
-               "a outlined triangle"]
-    styles = [parse_caption(p)["style"] for p in prompts]
+    prompts = ["a blue solid circle", "a striped square", "a big striped circle on the left",
+               "a outlined triangle", "a red square"]
+    styles = [parse_caption(p).get("style", "any") for p in prompts]
     scores = [{"style": True, "all": True}, {"style": True, "all": False},
-              {"style": False, "all": False}, {"style": True, "all": True}]
+              {"style": False, "all": False}, {"style": True, "all": True},
+              {"style": None, "all": True}]
     assert _by_style(scores, styles) == {
         "solid": {"style": 1.0, "all": 1.0, "n": 1},
         "outlined": {"style": 1.0, "all": 1.0, "n": 1},
         "striped": {"style": 0.5, "all": 0.0, "n": 2},
+        "any": {"style": None, "all": 1.0, "n": 1},
     }
 
 

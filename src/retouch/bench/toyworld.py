@@ -15,7 +15,8 @@
 * partial_adherence: prompts that leave attributes out (``PARTIAL_DROP``, e.g. "a blue
   triangle"): object count and every named attribute right;
 * by_style and core_adherence (extended models only): style and all-attributes accuracy per
-  requested fill style, and the adherence on the core vocabulary's prompts.
+  requested fill style (``any`` for prompts without a style word), and the adherence on the core
+  vocabulary's prompts (which name no style, so any fill is right).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "run",
     "benchmark_scenes",
     "partial_prompts",
+    "scene_prompts",
     "prompt_adherence",
     "attention_mass",
     "headline",
@@ -58,13 +60,20 @@ def benchmark_scenes(n: int, *, extended: bool = False) -> SceneSet:
 
 
 def partial_prompts(n: int, *, extended: bool = False, seed: int = BENCH_SEED + 1) -> list[str]:
-    """``n`` fixed partially specified captions (each of size, colour, position and background
-    left out with probability 1/2) of held-out random scenes."""
+    """``n`` fixed partially specified captions (each of size, colour, style, position and
+    background left out with probability 1/2) of held-out random scenes."""
     import random
 
     rng = random.Random(seed)
-    return [caption(random_scene(rng, **vocabulary(extended)), drop=PARTIAL_DROP, rng=rng).text
+    return [caption(random_scene(rng, **vocabulary(extended)), drop=PARTIAL_DROP, rng=rng,
+                    say_solid=extended).text
             for _ in range(n)]
+
+
+def scene_prompts(scenes, *, extended: bool) -> list[str]:
+    """The canonical captions of ``scenes`` in a model's vocabulary: ``solid`` is said only to
+    an extended model (the core vocabulary has no style words)."""
+    return [caption(s, say_solid=extended).text for s in scenes]
 
 
 @torch.no_grad()
@@ -134,7 +143,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     tw = PipelineModel.load(model)
     extended = toyworld_extended(tw.folder)
     data = benchmark_scenes(n, extended=extended)
-    adherence, scores, images, seconds_per_image = prompt_adherence(tw, data.scenes, cfg=cfg)
+    adherence, scores, images, seconds_per_image = prompt_adherence(
+        tw, prompts=scene_prompts(data.scenes, extended=extended), cfg=cfg)
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))
     coverage = measure_coverage(tw, _subset(data, 32 if quick else 64))
     partials = partial_prompts(n // 2, extended=extended)
@@ -151,9 +161,10 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     }
     if extended:  # and does the model still follow core-vocabulary prompts?
         result["by_style"] = _by_style(scores, [s.style for s in data.scenes])
-        result["partial_by_style"] = _by_style(partial_scores,
-                                               [parse_caption(p)["style"] for p in partials])
-        result["core_adherence"] = prompt_adherence(tw, benchmark_scenes(n).scenes, cfg=cfg)[0]
+        result["partial_by_style"] = _by_style(
+            partial_scores, [parse_caption(p).get("style", "any") for p in partials])
+        core = scene_prompts(benchmark_scenes(n).scenes, extended=False)
+        result["core_adherence"] = prompt_adherence(tw, prompts=core, cfg=cfg)[0]
     result = {"headline": headline(result, extended=extended), **result}
     write_result(out / "toyworld.json", result)
     rows = [{"metric": f"headline.{k}", "value": v} for k, v in result["headline"].items()]
@@ -194,14 +205,21 @@ def headline(result: dict, *, extended: bool) -> dict:
 
 
 def _by_style(scores: list[dict], styles: list[str]) -> dict[str, dict]:
-    """Style and all-attributes accuracy, and prompt count, per requested fill style."""
+    """Style and all-attributes accuracy, and prompt count, per requested fill style (``any``:
+    the prompt names none, and its style is not scored)."""
     out = {}
-    for style in STYLES:
+    for style in (*STYLES, "any"):
         picked = [s for s, asked in zip(scores, styles, strict=True) if asked == style]
         if picked:
-            out[style] = {k: float(np.mean([bool(s[k]) for s in picked])) for k in ("style", "all")}
+            out[style] = {k: _mean([s[k] for s in picked]) for k in ("style", "all")}
             out[style]["n"] = len(picked)
     return out
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the scored values (None: not scored)."""
+    scored = [bool(v) for v in values if v is not None]
+    return float(np.mean(scored)) if scored else None
 
 
 def _subset(data: SceneSet, k: int) -> SceneSet:

@@ -21,8 +21,8 @@ the structure's size, shape and position, so the look must come from the appeara
 Per row: ``success`` (shape and position of the structure, colour and style of the appearance,
 as the checker reads them), ``structure_kept``, ``appearance_taken`` (colour and style),
 ``background_taken``, seconds per transfer; ``colour_taken`` and ``style_taken`` split the
-look. The output prompt cannot leave the fill style free: in ToyWorld's grammar a caption
-without a style word means solid, so a striped or outlined look must beat the text.
+look. The output prompt names no fill style; a model trained on the older grammar (the shipped
+one) draws solid for such a caption, so there a striped or outlined look must beat the text.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ GENERIC_PROMPTS = ("a photograph of a red apple on a wooden table", "a watercolo
 
 def _generation_section(model: PipelineModel, n: int) -> Section:
     rng = random.Random(DEMO_SEED)
-    scenes = [random_scene(rng, **vocabulary(toyworld_extended(model.folder))) for _ in range(n)]
-    prompts = [caption(s).text for s in scenes]
+    extended = toyworld_extended(model.folder)
+    scenes = [random_scene(rng, **vocabulary(extended)) for _ in range(n)]
+    prompts = [caption(s, say_solid=extended).text for s in scenes]
     t0 = time.time()
     images = generate(model, prompts, steps=25, cfg=5.0, seed=DEMO_SEED, progress=True)
     seconds = time.time() - t0

@@ -16,13 +16,14 @@ __all__ = ["SceneSet", "make_scenes", "vocabulary", "CaptionBatch", "caption_bat
            "PARTIAL_DROP"]
 
 # Per-attribute caption-word omission probabilities during training (the model learns to sample
-# an attribute whose word is missing). Never the style word: without it a caption means solid
-# (see scene.py). Dropping it (0.2 until extended step 2,400) paired 2 in 7 of the extended
-# training captions that had no style word with an outlined or striped scene.
+# an attribute whose word is missing). The style word's is ``caption_batch(free_style=...)``:
+# without that, training keeps the older grammar, in which a caption without a style word means
+# solid (scene.py), and never drops the word of an outlined or striped scene.
 DROP = {"size": 0.1, "color": 0.1, "position": 0.15, "background": 0.2}
-# Omission probabilities of a partially specified caption (``caption_batch(partial=...)``): with
-# DROP alone, "a blue triangle" (size, position and background all left out) is 1 caption in 330.
-PARTIAL_DROP = {"size": 0.5, "color": 0.5, "position": 0.5, "background": 0.5}
+# Omission probabilities of a partially specified caption (``caption_batch(partial=...)``, the
+# benchmark's partial prompts): with DROP alone, "a blue triangle" (size, position and
+# background all left out) is 1 caption in 330.
+PARTIAL_DROP = {"size": 0.5, "color": 0.5, "style": 0.5, "position": 0.5, "background": 0.5}
 
 
 def vocabulary(extended: bool) -> dict:
@@ -95,19 +96,21 @@ def caption_batch(
     scene's caption says ``solid`` with probability ``solid_word``; a share ``partial`` of them
     drop attributes with PARTIAL_DROP instead of DROP.
 
-    ``free_style`` > 0 trains the other meaning of a caption without a style word, *any* fill
+    ``free_style`` > 0 trains the current meaning of a caption without a style word, *any* fill
     style, as for every other attribute: the style word is left out with that probability (with
-    1/2 in a partial caption) and written otherwise, ``solid`` too (``solid_word`` is unused)."""
+    PARTIAL_DROP's in a partial caption) and written otherwise, ``solid`` too (``solid_word`` is
+    unused). With 0 the older grammar: the word is never dropped, and ``solid`` is written with
+    probability ``solid_word``."""
     texts, regions = [], torch.full((len(scenes), max_tokens), -1, dtype=torch.long)
     for b, scene in enumerate(scenes):
         if rng.random() < cond_dropout:
             texts.append("")
             continue
-        explicit = free_style > 0 or (solid_word > 0 and rng.random() < solid_word)
+        say_solid = free_style > 0 or (solid_word > 0 and rng.random() < solid_word)
         drop = PARTIAL_DROP if partial > 0 and rng.random() < partial else DROP
-        if free_style > 0:
-            drop = {**drop, "style": 0.5 if drop is PARTIAL_DROP else free_style}
-        cap = caption(scene, drop=drop, explicit_style=explicit, rng=rng)
+        style = drop.get("style", free_style) if free_style > 0 else 0.0
+        drop = {**drop, "style": style}
+        cap = caption(scene, drop=drop, say_solid=say_solid, rng=rng)
         texts.append(cap.text)
         for i, role in enumerate(cap.roles):
             if role is not None and i + 1 < max_tokens:  # +1: BOS comes first

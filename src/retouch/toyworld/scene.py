@@ -6,11 +6,15 @@ Caption grammar (stable word order, so that a single-attribute edit changes a si
     caption := object ["and" object] ["on a" background "background"]
 
 e.g. ``a small red circle on the left and a big blue square on the right on a gray background``.
-Objects are listed left to right (then top to bottom). Every bracketed word may be omitted; the
-model then samples that attribute -- except the style word. Style is global (all objects share
-the scene's fill style) but written in each object's clause, and a caption without it means
-``solid``, the default: a core-vocabulary caption keeps its meaning on an extended model.
-``solid`` itself is written only when the caption is asked to be explicit about style.
+Objects are listed left to right (then top to bottom). Every bracketed word may be omitted, and
+the model then picks that attribute itself. Style is global (all objects share the scene's fill
+style) and written in each object's clause. Canonical captions name it, ``solid`` too; the core
+vocabulary has no style words (its scenes are solid).
+
+Models trained before ``--free-style`` (the shipped UNet model among them) learnt an older
+reading: a caption without a style word meant ``solid``, and they draw solid fills for it, which
+the current reading (any style) also accepts. ``caption(say_solid=False)`` writes that older
+grammar, for their training data.
 """
 
 from __future__ import annotations
@@ -200,13 +204,14 @@ def caption(
     scene: Scene,
     *,
     drop: dict[str, float] | None = None,
-    explicit_style: bool = False,
+    say_solid: bool = True,
     rng: random.Random | None = None,
 ) -> Caption:
     """The canonical caption of ``scene``; ``drop`` gives per-attribute omission probabilities.
 
     Attributes: ``size``, ``color``, ``style``, ``position``, ``background``. Shapes are never
-    dropped. With ``drop`` set, ``rng`` must be given.
+    dropped. With ``drop`` set, ``rng`` must be given. ``say_solid=False`` leaves ``solid`` out
+    (the older grammar, and core-vocabulary captions).
     """
     drop = drop or {}
     if drop and rng is None:
@@ -223,8 +228,7 @@ def caption(
         words.append(word)
         roles.append(role)
 
-    show_style = explicit_style or scene.style != "solid"
-    style_kept = show_style and keep("style")
+    style_kept = (say_solid or scene.style != "solid") and keep("style")
     for k, obj in enumerate(scene.objects):
         if k:
             put("and", None)
@@ -251,9 +255,8 @@ def caption(
 def parse_caption(text: str) -> dict:
     """Read a canonical caption back into attribute words: ``{"objects": [...], ...}``.
 
-    Raises ValueError naming unknown words. Attributes absent from the caption are absent from
-    the result (the model samples them), except the style: without a style word it is
-    ``"solid"`` (see the module doc).
+    Raises ValueError naming unknown words. Attributes absent from the caption, the style
+    among them, are absent from the result (the model picks them).
     """
     words = text.lower().replace(",", " ").split()
     unknown = sorted({w for w in words if w not in VOCABULARY})
@@ -278,5 +281,4 @@ def parse_caption(text: str) -> dict:
             objects[-1]["position"] = w
         elif w in BACKGROUNDS:
             out["background"] = w
-    out.setdefault("style", "solid")
     return out
