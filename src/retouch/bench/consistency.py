@@ -5,7 +5,8 @@ ToyWorld scenes have a global fill style (solid, outlined, striped) and a backgr
 the checker reads from pixels. In each batch the reference prompt names both (``a big red striped
 circle on the left on a gray background``); the three other prompts name their own shape,
 colour, size and position but neither style nor background, so without sharing the model picks
-those itself (solid, and any background). Over ``cases`` batches (25 DDIM steps, CFG 5), for
+those itself (any background; any fill style on a model trained with ``--free-style``, solid on
+one trained on the older grammar, such as the shipped one). Over ``cases`` batches (25 DDIM steps, CFG 5), for
 StyleAligned (``shared``), plain batch generation (``plain``: the same noises, no sharing) and
 shared noise alone (``shared_noise``: every row from the reference's noise, no sharing):
 
