@@ -476,3 +476,15 @@ def test_the_flow_model_exports_as_an_sd3_pipeline_the_benches_take(tiny_flow_pi
     case = make_cases(1, seed=5, edit_types=("position",))[0]
     edits = edit_case(model, case, methods(True), steps=5)  # bdia replays from step 1
     assert {"flowedit", "masactrl/direct", "rf_solver/rf_solver", "p2p/direct"} <= set(edits)
+
+
+def test_bench_reads_the_styles_a_model_picks_when_the_prompt_names_none():
+    from retouch.bench.toyworld import unnamed_style_shares
+
+    def scene(style):
+        return Scene((ObjectSpec("square", "red", "big", "left"),), "white", style)
+
+    images = [render(scene(s)).image for s in ("striped", "solid", "striped", "outlined")]
+    prompts = ["a red square", "a red square", "a red striped square", "a big square"]
+    assert unnamed_style_shares(images, prompts) == {
+        "solid": 1 / 3, "outlined": 1 / 3, "striped": 1 / 3, "unreadable": 0.0, "n": 3}

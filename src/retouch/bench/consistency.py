@@ -6,9 +6,10 @@ the checker reads from pixels. In each batch the reference prompt names both (``
 circle on the left on a gray background``); the three other prompts name their own shape,
 colour, size and position but neither style nor background, so without sharing the model picks
 those itself (any background; any fill style on a model trained with ``--free-style``, solid on
-one trained on the older grammar, such as the shipped one). Over ``cases`` batches (25 DDIM steps, CFG 5), for
-StyleAligned (``shared``), plain batch generation (``plain``: the same noises, no sharing) and
-shared noise alone (``shared_noise``: every row from the reference's noise, no sharing):
+one trained on the older grammar, such as the shipped one). Over ``cases`` batches (25 DDIM
+steps, CFG 5), for StyleAligned (``shared``), plain batch generation (``plain``: the same
+noises, no sharing) and shared noise alone (``shared_noise``: every row from the reference's
+noise, no sharing):
 
 * ``style_agreement``: the share of non-reference images whose fill style *and* background read
   as the reference's (each alone too);

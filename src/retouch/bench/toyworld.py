@@ -16,7 +16,10 @@
   triangle"): object count and every named attribute right;
 * by_style and core_adherence (extended models only): style and all-attributes accuracy per
   requested fill style (``any`` for prompts without a style word), and the adherence on the core
-  vocabulary's prompts (which name no style, so any fill is right).
+  vocabulary's prompts (which name no style, so any fill is right);
+* unnamed_style_shares (extended models): the fill styles the checker reads in the partial
+  prompts' images whose prompt names no style: all solid for a model trained on the older
+  grammar, a mix for one trained with ``--free-style``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "benchmark_scenes",
     "partial_prompts",
     "scene_prompts",
+    "unnamed_style_shares",
     "prompt_adherence",
     "attention_mass",
     "headline",
@@ -148,7 +152,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     round_trip_psnr, round_trip_all = vae_round_trip(tw, _subset(data, 128))
     coverage = measure_coverage(tw, _subset(data, 32 if quick else 64))
     partials = partial_prompts(n // 2, extended=extended)
-    partial, partial_scores = prompt_adherence(tw, prompts=partials, cfg=cfg)[:2]
+    partial, partial_scores, partial_images = prompt_adherence(tw, prompts=partials, cfg=cfg)[:3]
     result = {
         "adherence": adherence,
         "partial_adherence": partial,
@@ -163,6 +167,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
         result["by_style"] = _by_style(scores, [s.style for s in data.scenes])
         result["partial_by_style"] = _by_style(
             partial_scores, [parse_caption(p).get("style", "any") for p in partials])
+        result["unnamed_style_shares"] = unnamed_style_shares(partial_images, partials)
         core = scene_prompts(benchmark_scenes(n).scenes, extended=False)
         result["core_adherence"] = prompt_adherence(tw, prompts=core, cfg=cfg)[0]
     result = {"headline": headline(result, extended=extended), **result}
@@ -177,6 +182,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
              for group in ("by_style", "partial_by_style")
              for style, measured in result.get(group, {}).items()
              for k, v in measured.items()]
+    rows += [{"metric": f"unnamed_style_shares.{k}", "value": v}
+             for k, v in result.get("unnamed_style_shares", {}).items()]
     rows += [{"metric": k, "value": result[k]}
              for k in ("vae_psnr", "vae_checker_all", "seconds_per_image", "attention_mass")]
     table = write_markdown_table(rows, ["metric", "value"])
@@ -214,6 +221,15 @@ def _by_style(scores: list[dict], styles: list[str]) -> dict[str, dict]:
             out[style] = {k: _mean([s[k] for s in picked]) for k in ("style", "all")}
             out[style]["n"] = len(picked)
     return out
+
+
+def unnamed_style_shares(images, prompts: list[str]) -> dict:
+    """Shares of the fill styles the checker reads (``unreadable``: no plurality) in the images
+    whose prompt names no style, and their count ``n``."""
+    read = [checker.read(img).style for img, p in zip(images, prompts, strict=True)
+            if "style" not in parse_caption(p)]
+    shares = {style: read.count(style) / max(len(read), 1) for style in STYLES}
+    return {**shares, "unreadable": read.count(None) / max(len(read), 1), "n": len(read)}
 
 
 def _mean(values: list) -> float | None:
