@@ -119,3 +119,23 @@ def test_only_toyworld_json_says_whether_a_model_learnt_the_extended_words(tmp_p
     assert not toyworld_extended(core)  # ... but the core model never learnt it
     assert toyworld_extended(toyworld_model_dir())
     assert not toyworld_extended(tmp_path) and not toyworld_extended(None)
+
+
+def test_an_extended_export_says_what_a_caption_without_a_style_word_asks(tiny_toy_run,
+                                                                           tmp_path):
+    """``toyworld.json`` records the grammar the run trained: ``any`` fill style with
+    ``--free-style``, ``solid`` (the older grammar) without."""
+    from retouch.training.export import export_pipeline
+
+    for free_style, omitted in ((0.25, "any"), (0.0, "solid")):
+        run = tmp_path / f"run{free_style}"
+        shutil.copytree(tiny_toy_run, run)
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "extended": True,
+                                                     "free_style": free_style}))
+        info = json.loads((export_pipeline(run, tmp_path / f"pipe{free_style}")
+                           / "toyworld.json").read_text())
+        assert info["style_omitted"] == omitted
+    core = json.loads((export_pipeline(tiny_toy_run, tmp_path / "core") / "toyworld.json")
+                      .read_text())
+    assert "style_omitted" not in core  # no style words at all

@@ -35,13 +35,14 @@ def _scene():
     )
 
 
-def test_canonical_caption_names_every_attribute_solid_too():
-    assert caption(_scene()).text == ("a small red solid circle on the left and a big blue solid "
-                                      "square on the right on a gray background")
-    assert caption(_scene(), say_solid=False).text == (
+def test_canonical_caption_says_solid_when_asked():
+    assert caption(_scene()).text == (
         "a small red circle on the left and a big blue square on the right on a gray background"
     )
-    assert "style" not in parse_caption(caption(_scene(), say_solid=False).text)  # any style
+    assert "style" not in parse_caption(caption(_scene()).text)  # any style: solid is right
+    assert caption(_scene(), say_solid=True).text == ("a small red solid circle on the left and a "
+                                                      "big blue solid square on the right on a "
+                                                      "gray background")
 
 
 @pytest.mark.parametrize(
@@ -50,8 +51,8 @@ def test_canonical_caption_names_every_attribute_solid_too():
      (None, {"background": "black"}), (None, {"style": "striped"})],
 )
 def test_single_attribute_edit_changes_words_of_that_attribute_only(index, change):
-    src = caption(_scene()).words
-    dst = caption(_scene().replace(index, **change)).words
+    src = caption(_scene(), say_solid=True).words
+    dst = caption(_scene().replace(index, **change), say_solid=True).words
     assert len(src) == len(dst)
     changed = [i for i, (a, b) in enumerate(zip(src, dst)) if a != b]
     # a global style word appears once per object; every other edit changes one word
@@ -111,7 +112,7 @@ def test_free_style_captions_say_every_style_or_none():
 
 def test_dropped_words_are_omitted_not_guessed():
     rng = random.Random(0)
-    texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0, "style": 1.0}, rng=rng).text}
+    texts = {caption(_scene(), drop={"color": 1.0, "background": 1.0}, rng=rng).text}
     assert texts == {"a small circle on the left and a big square on the right"}
 
 

@@ -75,8 +75,8 @@ def partial_prompts(n: int, *, extended: bool = False, seed: int = BENCH_SEED + 
 
 
 def scene_prompts(scenes, *, extended: bool) -> list[str]:
-    """The canonical captions of ``scenes`` in a model's vocabulary: ``solid`` is said only to
-    an extended model (the core vocabulary has no style words)."""
+    """The captions of ``scenes`` that name every attribute the model's vocabulary has: to an
+    extended model, ``solid`` too (the core vocabulary has no style words)."""
     return [caption(s, say_solid=extended).text for s in scenes]
 
 
@@ -123,7 +123,8 @@ def prompt_adherence(
     """(accuracy per attribute, the checker's scores, the images, seconds per image) of one
     generation per scene's canonical caption, or per prompt of ``prompts`` (25 DDIM steps,
     guidance ``cfg``, batches of 8)."""
-    prompts = prompts if prompts is not None else [caption(s).text for s in scenes]
+    if prompts is None:
+        prompts = scene_prompts(scenes, extended=toyworld_extended(model.folder))
     t0 = time.time()
     images = np.concatenate(
         [

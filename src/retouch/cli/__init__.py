@@ -262,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "reshapes attention; 1.0 did not keep adherence: docs/toyworld.md)")
     tr.add_argument("--partial-captions", type=number, default=0.0, metavar="SHARE",
                     help="share of captions that leave out each of size, colour, position and "
-                         "background with probability 1/2")
+                         "background (with --free-style also the style) with probability 1/2")
     tr.add_argument("--free-style", type=number, default=0.0, metavar="SHARE",
-                    help="share of captions without the style word, teaching the model that a "
-                         "caption without one means any fill style (default 0: it means solid)")
+                    help="share of captions without the style word (of partial captions: 1/2), "
+                         "teaching the model that a caption without one means any fill style "
+                         "(default 0: the older grammar, where it means solid)")
     tr.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from an exported pipeline (e.g. the shipped model) to train it on")
     tr.add_argument("--extended", action="store_true",

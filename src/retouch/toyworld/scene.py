@@ -8,13 +8,14 @@ Caption grammar (stable word order, so that a single-attribute edit changes a si
 e.g. ``a small red circle on the left and a big blue square on the right on a gray background``.
 Objects are listed left to right (then top to bottom). Every bracketed word may be omitted, and
 the model then picks that attribute itself. Style is global (all objects share the scene's fill
-style) and written in each object's clause. Canonical captions name it, ``solid`` too; the core
-vocabulary has no style words (its scenes are solid).
+style) and written in each object's clause. Canonical captions write ``solid`` only when asked
+(``say_solid=True``): a caption without a style word is true of a solid scene, it is what the
+core vocabulary (whose scenes are solid) says, and it keeps ToyBench's prompts as they were
+measured. To have the fill scored, say it: ``bench toyworld`` does for extended models.
 
 Models trained before ``--free-style`` (the shipped UNet model among them) learnt an older
 reading: a caption without a style word meant ``solid``, and they draw solid fills for it, which
-the current reading (any style) also accepts. ``caption(say_solid=False)`` writes that older
-grammar, for their training data.
+the current reading (any style) also accepts.
 """
 
 from __future__ import annotations
@@ -204,14 +205,14 @@ def caption(
     scene: Scene,
     *,
     drop: dict[str, float] | None = None,
-    say_solid: bool = True,
+    say_solid: bool = False,
     rng: random.Random | None = None,
 ) -> Caption:
     """The canonical caption of ``scene``; ``drop`` gives per-attribute omission probabilities.
 
     Attributes: ``size``, ``color``, ``style``, ``position``, ``background``. Shapes are never
-    dropped. With ``drop`` set, ``rng`` must be given. ``say_solid=False`` leaves ``solid`` out
-    (the older grammar, and core-vocabulary captions).
+    dropped. With ``drop`` set, ``rng`` must be given. ``solid`` is written only with
+    ``say_solid`` (then it may be dropped like any other style word).
     """
     drop = drop or {}
     if drop and rng is None:

@@ -124,7 +124,10 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     _, vae_meta = load(Path(run) / "vae_best.safetensors")
     if "decoder" in vae_meta:  # tune-decoder's selected checkpoint, not its latest
         last["decoder"] = {"stage": "decoder", **vae_meta["decoder"]}
-    info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended, "trained": last,
+    # What a caption without a style word asks of this model (scene.py's grammar).
+    style_omitted = "any" if cfg.free_style > 0 else "solid"
+    info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended,
+            **({"style_omitted": style_omitted} if cfg.extended else {}), "trained": last,
             **({"max_sequence_length": configs.FLOW_TEXT_SLOTS} if cfg.arch == "sd3" else {})}
     (tmp / "toyworld.json").write_text(json.dumps({**info, **({"notes": notes} if notes else {})},
                                                   indent=2))

@@ -76,10 +76,12 @@ class TrainConfig:
     extended: bool = False  # also top/bottom and outlined/striped (see dataset.vocabulary)
     solid_word: float = 0.3  # extended: share of solid scenes' captions that say "solid"
     # Share of captions that are partially specified: each of size, colour, position and
-    # background is left out with probability 1/2 (dataset.PARTIAL_DROP), as users write them.
+    # background (and with free_style the style) is left out with probability 1/2
+    # (dataset.PARTIAL_DROP), as users write them.
     partial_captions: float = 0.0
     # Share of captions without the style word, which then means any fill style, not solid
-    # (dataset.caption_batch); the export records it as the model's "style_omitted" (0: solid).
+    # (dataset.caption_batch; partial captions leave it out with 1/2); the export records the
+    # grammar as toyworld.json's "style_omitted": "any" (> 0) or "solid".
     free_style: float = 0.0
     # Relative sampling weight of scenes by fill style (missing styles weigh 1), e.g.
     # {"striped": 1.5} to show the hardest style more often.
