@@ -169,9 +169,10 @@ def _style_part(tw, quick: bool):
         f"The reference changed by at most {ref_change}/255 between the shared and the plain "
         f"batch; references read right (style and background) in {np.mean(ref_right):.2f}. "
         "`read solid`: the share of the other images the checker reads as solid: a model "
-        "trained on the older grammar (the shipped one; `retouch toyworld train --free-style`) "
-        "draws solid for a caption without a style word, so there the text pulls towards solid "
-        "while the shared attention carries the reference's striped or outlined fill.\n\n"
+        "trained on the older grammar (the shipped one, unlike those trained with `retouch "
+        "toyworld train --free-style`) draws solid for a caption without a style word, so there "
+        "the text pulls towards solid while the shared attention carries the reference's striped "
+        "or outlined fill.\n\n"
         + write_markdown_table(rows, ["mode", "style and background", "style", "background",
                                       "content leakage", "batch adherence", "read solid"]))
     names = ["reference", "shared 1", "shared 2", "shared 3", "plain 1", "plain 2", "plain 3"]
