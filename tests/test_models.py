@@ -121,6 +121,69 @@ def test_only_toyworld_json_says_whether_a_model_learnt_the_extended_words(tmp_p
     assert not toyworld_extended(tmp_path) and not toyworld_extended(None)
 
 
+def test_a_model_recommends_its_guidance_scale_in_toyworld_json(tmp_path):
+    """The shipped model recommends the scale its benchmark found best; a folder without a
+    recommendation gets the default; a broken one is refused naming the value."""
+    from retouch.toyworld.folder import DEFAULT_GUIDANCE, generation_guidance, toyworld_model_dir
+
+    assert generation_guidance(toyworld_model_dir()) == 3.0
+    assert generation_guidance(tmp_path) == generation_guidance(None) == DEFAULT_GUIDANCE
+    for bad in (0.5, "3", float("inf")):
+        (tmp_path / "toyworld.json").write_text(json.dumps({"guidance_scale": bad}))
+        with pytest.raises(ValueError, match="guidance_scale .* must be a finite number >= 1"):
+            generation_guidance(tmp_path)
+
+
+def test_generate_without_a_scale_uses_the_one_the_model_recommends(tiny_toy_pipeline,
+                                                                    tmp_path, monkeypatch):
+    """`retouch generate` without --cfg samples at toyworld.json's guidance_scale."""
+    import retouch.recipes.generate as recipe
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_toy_pipeline, folder)
+    info = json.loads((folder / "toyworld.json").read_text())
+    (folder / "toyworld.json").write_text(json.dumps({**info, "guidance_scale": 2.5}))
+    used = []
+
+    def fake_generate(model, prompts, *, cfg, **kw):
+        used.append(cfg)
+        return np.zeros((len(prompts), 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(recipe, "generate", fake_generate)
+    recipe.generate_to_file("a red circle", tmp_path / "a.png", model=folder)
+    recipe.generate_to_file("a red circle", tmp_path / "b.png", model=folder, cfg=4.0)
+    assert used == [2.5, 4.0]
+
+
+def test_an_export_records_the_guidance_scale_it_is_given(tiny_toy_run, tmp_path):
+    from retouch.toyworld.folder import generation_guidance
+    from retouch.training.export import export_pipeline
+
+    with pytest.raises(ValueError, match="guidance_scale 0.5 must be a finite number >= 1"):
+        export_pipeline(tiny_toy_run, tmp_path / "refused", guidance_scale=0.5)
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.tmp").exists()
+    assert generation_guidance(export_pipeline(tiny_toy_run, tmp_path / "p",
+                                               guidance_scale=2.5)) == 2.5
+
+
+def test_benchmarks_name_the_weights_they_measured(tmp_path):
+    """A benchmark's model label carries the SHA-256 prefix of the denoiser weights, so a result
+    stays attributable after the shipped weights change."""
+    import hashlib
+
+    from retouch.bench.common import model_label
+    from retouch.toyworld.folder import toyworld_model_dir, weights_fingerprint
+
+    unet = toyworld_model_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(unet.read_bytes()).hexdigest()[:12]
+    assert model_label(None) == f"shipped toyworld (denoiser sha256 {digest})"
+    assert weights_fingerprint(tmp_path) == "unknown"
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "a.safetensors").write_bytes(b"x")
+    assert weights_fingerprint(tmp_path) == hashlib.sha256(b"x").hexdigest()[:12]
+    assert model_label(tmp_path).startswith(f"{tmp_path} (denoiser sha256 ")
+
+
 def test_an_extended_export_says_what_a_caption_without_a_style_word_asks(tiny_toy_run,
                                                                            tmp_path):
     """``toyworld.json`` records the grammar the run trained: ``any`` fill style with

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checks import EXPECTED_ERRORS, count, finite
 from ..models.pipeline import PipelineModel
-from ..toyworld.folder import shipped_name
+from ..toyworld.folder import generation_guidance, shipped_name
 
 __all__ = ["TABS", "build_app", "serve"]
 
@@ -65,7 +65,8 @@ def _generate_tab(gr, model: PipelineModel) -> None:
         prompt = gr.Textbox(label="Prompt", placeholder=GRAMMAR, elem_id="generate-prompt")
     with gr.Row():
         steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="generate-steps")
-        cfg = gr.Number(value=5.0, label="CFG", elem_id="generate-cfg")
+        cfg = gr.Number(value=generation_guidance(model.folder), label="CFG",
+                        elem_id="generate-cfg")
         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
         seed = gr.Number(value=0, precision=0, label="Seed")
     run = gr.Button("Generate", variant="primary", elem_id="generate-run")

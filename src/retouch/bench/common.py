@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes, atomic_write_text
+from ..toyworld.folder import model_folder, shipped_name, weights_fingerprint
 
 __all__ = [
     "chosen_parts",
+    "model_label",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
@@ -21,6 +23,14 @@ __all__ = [
     "loglog_plot",
     "image_grid",
 ]
+
+
+def model_label(model: str | Path | None) -> str:
+    """How a benchmark names the model it measured: the shipped model's name or the folder,
+    with the SHA-256 prefix of its denoiser weights (the shipped weights change over time)."""
+    folder = model_folder(model)
+    name = shipped_name(folder)
+    return f"{f'shipped {name}' if name else model} (denoiser sha256 {weights_fingerprint(folder)})"
 
 
 def chosen_parts(bench: str, parts: Sequence[str] | None, valid: Sequence[str]) -> tuple:

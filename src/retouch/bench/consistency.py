@@ -43,7 +43,14 @@ from ..recipes.consistency import style_aligned
 from ..toyworld.checker import read, score
 from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import caption, parse_caption, random_scene
-from .common import atomic_write_text, chosen_parts, image_grid, write_markdown_table, write_result
+from .common import (
+    atomic_write_text,
+    chosen_parts,
+    image_grid,
+    model_label,
+    write_markdown_table,
+    write_result,
+)
 from .transfer import ROWS as TRANSFER_ROWS
 from .transfer import measure_transfer
 from .video import METHODS as VIDEO_METHODS
@@ -86,7 +93,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
         raise ValueError("bench consistency needs a ToyWorld model trained on the extended "
                          "vocabulary (striped, outlined); the shipped model is one")
     result = {"headline": {}, "parts": list(parts),
-              "settings": {"steps": 25, "cfg": 5.0, "model": model or "shipped ToyWorld"}}
+              "settings": {"steps": 25, "cfg": 5.0, "model": model_label(model)}}
     sections, figures = [], {}
     for part, fn in (("style", _style_part), ("video", _video_part),
                      ("transfer", _transfer_part)):
@@ -101,7 +108,8 @@ def run(*, quick: bool, out: Path, model: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     write_result(out / "consistency.json", result)
     only = "" if set(parts) == set(PARTS) else f"Parts run: {', '.join(parts)}.\n\n"
-    atomic_write_text(out / "consistency.md", "# Consistency on ToyWorld\n\n" + only
+    atomic_write_text(out / "consistency.md", "# Consistency on ToyWorld\n\n"
+                      f"Model: `{result['settings']['model']}`. " + only
                       + "\n\n".join(sections))
     for name, (images, columns, labels) in figures.items():
         image_grid(images, out / name, columns=columns, labels=labels, scale=2)

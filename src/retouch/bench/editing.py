@@ -75,7 +75,7 @@ import torch
 from ..metrics import psnr, ssim
 from ..toyworld.editbench import EDIT_TYPES, EditCase, make_cases
 from ..toyworld.editbench import score_edit as checker_score
-from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .common import atomic_write_text, image_grid, model_label, write_markdown_table, write_result
 from .overhead import processor_overhead
 from .selfguide import (
     SELFGUIDE,
@@ -337,7 +337,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,
                 "masactrl": _masactrl_options(pm.network, steps),
-                "methods": [m.label for m in chosen], "model": model or "shipped ToyWorld"}
+                "methods": [m.label for m in chosen], "model": model_label(model)}
     result = {"headline": headline(rows), "rows": rows, "overhead": overhead,
               "settings": settings}
     write_result(out / "editing.json", result)

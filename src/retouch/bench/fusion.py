@@ -61,7 +61,14 @@ from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
 from ..recipes.generate import generate
 from ..toyworld.checker import read
 from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
-from .common import atomic_write_text, chosen_parts, image_grid, write_markdown_table, write_result
+from .common import (
+    atomic_write_text,
+    chosen_parts,
+    image_grid,
+    model_label,
+    write_markdown_table,
+    write_result,
+)
 
 __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
            "seam_ratio", "auc", "SYNC"]
@@ -191,8 +198,9 @@ def run(*, quick: bool, out: Path, model: str | None = None,
                  steps=8 if quick else STEPS)
     rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
     prompts = [bench_prompt(rng) for _ in range(2 if quick else 32)]  # regions draw after these
-    result = {"headline": {}, "quick": quick, "parts": list(parts), "steps": setup["steps"],
-              "cfg": CFG, "stride": setup["stride"], "prompts": [p for p, _, _ in prompts]}
+    result = {"headline": {}, "model": model_label(model), "quick": quick, "parts": list(parts),
+              "steps": setup["steps"], "cfg": CFG, "stride": setup["stride"],
+              "prompts": [p for p, _, _ in prompts]}
     sections, figures = {}, {}
     for part, fn in (("cost", _cost_part), ("panoramas", _panorama_part),
                      ("regions", _region_part), ("grids", _grid_part)):
@@ -210,7 +218,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
     only = "" if set(parts) == set(PARTS) else f" (parts run: {', '.join(parts)})"
     shown = [sections[p] for p in ("panoramas", "regions", "grids", "cost") if p in sections]
     atomic_write_text(out / "fusion.md", "# Fusion: panoramas and region layouts on ToyWorld"
-                      f"{only}\n\n" + "\n".join(shown))
+                      f"{only}\n\nModel: `{result['model']}`.\n\n" + "\n".join(shown))
     if "fusion" in figures:
         image_grid(figures["fusion"][0], out / "fusion.png", columns=1,
                    labels=figures["fusion"][1], scale=2)

@@ -31,6 +31,7 @@ import torch
 from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
+    model_label,
     write_markdown_table,
     write_result,
 )
@@ -149,7 +150,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             }
         )
         shown[(cfg, method)] = _to_uint8(decoded[:GRID_IMAGES].cpu())
-    result = {"headline": _headline(rows), "rows": rows}
+    result = {"headline": _headline(rows), "model": model_label(model), "rows": rows}
     write_result(out / "inversion.json", result)
     inputs = _to_uint8(images[:GRID_IMAGES].cpu())
     ceil = _to_uint8(ceiling_images[:GRID_IMAGES].cpu())
@@ -166,7 +167,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     lines = [
         "# Inversion benchmark",
         "",
-        f"Model: `{model or 'shipped ToyWorld'}`; {n} rendered ToyWorld scenes "
+        f"Model: `{model_label(model)}`; {n} rendered ToyWorld scenes "
         f"({pm.image_size}x{pm.image_size}, seed {SEED}) with their captions; {steps} DDIM "
         f"steps on the scheduler's grid; CFG {', '.join(f'{c:g}' for c in CFGS)}. "
         "NFE = network calls per image for inversion + reconstruction (a batched CFG pair "

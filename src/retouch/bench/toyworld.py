@@ -38,7 +38,7 @@ from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 from ..training.decoder import round_trip_accuracy
 from ..training.grounding import grounded, grounding_loss
-from .common import atomic_write_text, image_grid, write_markdown_table, write_result
+from .common import atomic_write_text, image_grid, model_label, write_markdown_table, write_result
 from .coverage import measure_coverage
 
 __all__ = [
@@ -155,6 +155,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     partials = partial_prompts(n // 2, extended=extended)
     partial, partial_scores, partial_images = prompt_adherence(tw, prompts=partials, cfg=cfg)[:3]
     result = {
+        "model": model_label(model),
         "adherence": adherence,
         "partial_adherence": partial,
         "vae_psnr": round_trip_psnr,
@@ -190,7 +191,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     table = write_markdown_table(rows, ["metric", "value"])
     words = "extended vocabulary" if extended else "core vocabulary"
     atomic_write_text(out / "toyworld.md",
-                      f"# ToyWorld model ({words}; 25 DDIM steps, CFG {cfg:g})\n\n{table}")
+                      f"# ToyWorld model ({words}; 25 DDIM steps, CFG {cfg:g})\n\n"
+                      f"Model: `{result['model']}`.\n\n{table}")
     labels = ["ok" if s["all"] else "x" for s in scores[:32]]
     image_grid(images[:32], out / "toyworld_samples.png", columns=8, labels=labels)
     return result

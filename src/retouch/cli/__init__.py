@@ -157,7 +157,8 @@ def _cmd_tune_decoder(args) -> None:
 def _cmd_export(args) -> None:
     from ..training.export import export_pipeline
 
-    dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else None)
+    dest = export_pipeline(Path(args.run), Path(args.dest) if args.dest else None,
+                           guidance_scale=args.guidance_scale)
     print(f"exported {args.run} to {dest}")
 
 
@@ -171,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     add_model_argument(g)
     g.add_argument("--steps", type=whole(1), default=25)
-    g.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--cfg", type=number, default=None,
+                   help="classifier-free guidance scale (default: the scale the model's "
+                        "toyworld.json recommends, else 5)")
     g.add_argument("--seed", type=whole(0), default=0)
     g.add_argument("--sampler", default="ddim")
     g.add_argument("--n", type=whole(1), default=1, help="images (saved as a row)")
@@ -305,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dest", default=None,
                     help="default: the package's shipped model of the run's kind "
                     "(toyworld, or toyworld-flow for an sd3 run)")
+    ex.add_argument("--guidance-scale", type=number, default=None, metavar="CFG",
+                    help="the text-to-image guidance to recommend in toyworld.json (the --cfg "
+                         "at which `retouch bench toyworld` read the model best); generate, "
+                         "the UI and the demo use it")
     ex.set_defaults(func=_cmd_export)
     return p
 

@@ -11,6 +11,7 @@ from ..checks import count, finite, prompt_list
 from ..files import check_output_file, save_image
 from ..models.pipeline import PipelineModel
 from ..samplers import get_step, sample, start_latents
+from ..toyworld.folder import generation_guidance
 
 __all__ = ["generate", "generate_to_file"]
 
@@ -46,10 +47,15 @@ def generate(
 
 def generate_to_file(prompt: str, out: str | Path, *, model=None, n: int = 1, **kw) -> Path:
     """Generate ``n`` images of ``prompt`` and save them side by side as one image, in the
-    format ``out``'s extension names."""
+    format ``out``'s extension names. ``cfg=None`` (or absent): the scale the model recommends
+    (:func:`~retouch.toyworld.folder.generation_guidance`)."""
     count("n", n)
     get_step(kw.get("sampler", "ddim"))  # the sampler's name, before the model loads
+    if kw.get("cfg") is not None:
+        finite("cfg", kw["cfg"])
     out = check_output_file(out)
     tw = PipelineModel.load(model)
+    if kw.get("cfg") is None:
+        kw["cfg"] = generation_guidance(tw.folder)
     images = generate(tw, [prompt] * n, **kw)
     return save_image(np.concatenate(list(images), axis=1), out)

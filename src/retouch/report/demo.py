@@ -25,7 +25,7 @@ from ..recipes.generate import generate
 from ..schedules import FlowSchedule
 from ..toyworld import checker
 from ..toyworld.dataset import vocabulary
-from ..toyworld.folder import shipped_name, toyworld_extended
+from ..toyworld.folder import generation_guidance, shipped_name, toyworld_extended
 from ..toyworld.render import render
 from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
@@ -33,10 +33,9 @@ from .html import Figure, Section, write_gallery
 __all__ = ["run_demo"]
 
 DEMO_SEED = 7
-# Text-to-image guidance: the scale at which `retouch bench toyworld` found the shipped model's
-# adherence best (benchmarks/toyworld-guidance-scale/). Editing sections keep 5, where
-# Prompt-to-Prompt does best (benchmarks/editing-cfg2/).
-GENERATION_CFG = 2.0
+# Text-to-image guidance is the scale the model's toyworld.json recommends (where `retouch bench
+# toyworld` found its prompts followed best: 3 for the shipped model). Editing sections keep 5,
+# where Prompt-to-Prompt does best (benchmarks/editing-cfg2/).
 GENERIC_PROMPTS = ("a photograph of a red apple on a wooden table", "a watercolor of a lighthouse")
 
 
@@ -45,8 +44,9 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
     extended = toyworld_extended(model.folder)
     scenes = [random_scene(rng, **vocabulary(extended)) for _ in range(n)]
     prompts = [caption(s, say_solid=extended).text for s in scenes]
+    cfg = generation_guidance(model.folder)
     t0 = time.time()
-    images = generate(model, prompts, steps=25, cfg=GENERATION_CFG, seed=DEMO_SEED,
+    images = generate(model, prompts, steps=25, cfg=cfg, seed=DEMO_SEED,
                       progress=True)
     seconds = time.time() - t0
     figures, right = [], 0
@@ -64,14 +64,13 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
         )
     text = (
         f"Left: the renderer's ground truth for the prompt; right: the model's sample "
-        f"(25 DDIM steps, CFG {GENERATION_CFG:g}, retouch's sampling loop; {seconds:.1f} s for "
+        f"(25 DDIM steps, CFG {cfg:g}, retouch's sampling loop; {seconds:.1f} s for "
         f"{n} images). The checker read every attribute right in {right} of {n}."
     )
     return Section("Text-to-image on the ToyWorld model", text, figures, see=(
-        f"Benchmark: retouch bench toyworld --cfg {GENERATION_CFG:g} "
-        "(benchmarks/toyworld-guidance-scale/shipped-cfg2: all attributes right 0.945 on 256 "
-        "extended prompts, 0.90 at CFG 5). Reproduce: retouch ui, Generate tab, guidance "
-        f"{GENERATION_CFG:g}."))
+        f"Benchmark: retouch bench toyworld --cfg {cfg:g} (benchmarks/toyworld.json, the shipped "
+        "model at CFG 3: all attributes right 0.926 on 256 extended prompts, 0.855 at CFG 5). "
+        f"Reproduce: retouch ui, Generate tab, guidance {cfg:g}."))
 
 
 def _generic_section(model: PipelineModel) -> Section:
@@ -144,8 +143,9 @@ def _attention_section(model: PipelineModel, scene) -> Section:
         f"up their own object: that locality is what attention editing relies on."
     )
     return Section("Where each word looks", text, figures, see=(
-        "Benchmark: retouch bench toyworld (attention mass inside the object 0.94; coverage "
-        "of the object is issue 14's work). Reproduce: retouch ui, Attention tab."))
+        "Benchmark: retouch bench toyworld (benchmarks/toyworld.json, the shipped model: "
+        "soft IoU of each word's map with its object 0.61, threshold IoU of big objects 0.77, "
+        "attention mass inside the object 0.87). Reproduce: retouch ui, Attention tab."))
 
 
 def _edit_section(model: PipelineModel, n: int = 4) -> Section:
@@ -188,8 +188,10 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
         f"The checker judged {wins} of {len(cases)} edits right and everything else kept."
     )
     return Section("Prompt-to-Prompt edits of real images", text, figures, see=(
-        "Benchmark: retouch bench editing (benchmarks/editing.md: colour edits 0.96 with "
-        "36.9 dB outside the edit, core model). Reproduce: retouch ui, Edit tab."))
+        "Benchmark: retouch bench editing --types color,shape --cases 120 --steps 25 "
+        "(benchmarks/editing-coverage4/editing.md, the shipped model: colour edits 0.87 at "
+        "+2.4 dB outside the edit over regeneration, shape edits 0.92 at +4.9 dB). "
+        "Reproduce: retouch ui, Edit tab."))
 
 
 def _flowedit_section(model: PipelineModel, n: int = 4) -> Section:
@@ -305,9 +307,9 @@ def _selfguide_section(model: PipelineModel, n: int = 4) -> Section:
     )
     return Section("Self-guidance: moving and resizing objects of real images", text, figures,
                    see=("Benchmark: retouch bench editing --types position,size "
-                        "(benchmarks/editing-selfguide-shipped/editing.md; guidance alone: "
-                        "benchmarks/editing-selfguide-free/editing.md). Reproduce: retouch "
-                        "guide."))
+                        "(guidance alone on the shipped model: benchmarks/"
+                        "editing-selfguide-free-coverage4/editing.md, moves 0.90 and resizes "
+                        "0.95 of 40 cases). Reproduce: retouch guide."))
 
 
 def _video_section(model: PipelineModel) -> Section:

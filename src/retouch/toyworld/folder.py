@@ -9,12 +9,15 @@ the vocabulary. Safe loading of any folder is :mod:`retouch.models.loading`'s bu
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 from ..files import read_json
 
 __all__ = ["SHIPPED_MODELS", "toyworld_model_dir", "model_folder", "shipped_name",
-           "toyworld_vocabulary", "toyworld_extended", "check_prompt"]
+           "weights_fingerprint", "generation_guidance", "toyworld_vocabulary",
+           "toyworld_extended", "check_prompt"]
 
 #: The pipelines shipped inside the package: name -> folder beside this file.
 SHIPPED_MODELS = {"toyworld": "weights", "toyworld-flow": "flow_weights"}
@@ -44,6 +47,43 @@ def shipped_name(folder: str | Path | None) -> str | None:
         return None
     here = Path(folder).resolve()
     return next((name for name in SHIPPED_MODELS if toyworld_model_dir(name) == here), None)
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a pipeline folder's denoiser weights
+    (``unet/`` or ``transformer/``): which weights a benchmark measured, even after the shipped
+    model changes. "unknown" when the folder has no such safetensors file."""
+    for part in ("unet", "transformer"):
+        files = sorted((Path(folder) / part).glob("*.safetensors"))
+        if files:
+            digest = hashlib.sha256()
+            for f in files:
+                digest.update(f.read_bytes())
+            return digest.hexdigest()[:12]
+    return "unknown"
+
+
+#: Text-to-image guidance for a model that recommends none (diffusers' SD default is 7.5; the
+#: ToyWorld models were measured at 2 to 5).
+DEFAULT_GUIDANCE = 5.0
+
+
+def generation_guidance(folder: str | Path | None) -> float:
+    """The text-to-image guidance scale a ToyWorld model folder recommends (``toyworld.json``'s
+    ``guidance_scale``: where ``retouch bench toyworld`` found its prompts followed best), or
+    ``DEFAULT_GUIDANCE``."""
+    path = Path(folder) / "toyworld.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return DEFAULT_GUIDANCE
+    info = read_json(path, "ToyWorld model description")
+    scale = info.get("guidance_scale") if isinstance(info, dict) else None
+    if scale is None:
+        return DEFAULT_GUIDANCE
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale < 1:
+        raise ValueError(f"{path}: guidance_scale {scale!r} must be a finite number >= 1; fix or "
+                         "remove it")
+    return float(scale)
 
 
 def toyworld_vocabulary(folder: str | Path) -> tuple[str, ...] | None:

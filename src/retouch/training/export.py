@@ -11,6 +11,7 @@ destination and swapped in, so an interrupted export leaves the old one intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -68,12 +69,18 @@ def _config(run: Path) -> TrainConfig:
 
 
 def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
-                    ema: bool = True) -> Path:
+                    ema: bool = True, guidance_scale: float | None = None) -> Path:
     """Write the run's EMA weights (or with ``ema=False`` its raw weights, e.g. to measure a
     short pilot that the EMA would still average with its start) as a plain diffusers
     pipeline folder (SD, or SD3 for a flow run) at ``dest`` (default: the package's shipped
-    model of the run's kind, ``toyworld`` or ``toyworld-flow``)."""
+    model of the run's kind, ``toyworld`` or ``toyworld-flow``). ``guidance_scale``: the
+    text-to-image guidance to recommend in ``toyworld.json`` (where ``retouch bench toyworld``
+    found the model's prompts followed best; read by generate, the UI and the demo)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if guidance_scale is not None and (not math.isfinite(guidance_scale) or guidance_scale < 1):
+        raise ValueError(f"guidance_scale {guidance_scale} must be a finite number >= 1 "
+                         "(e.g. the --cfg at which `retouch bench toyworld` read it best)")
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
         Path(run) / "config.json").is_file() else "unet"
@@ -128,7 +135,8 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     style_omitted = "any" if cfg.free_style > 0 else "solid"
     info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended,
             **({"style_omitted": style_omitted} if cfg.extended else {}), "trained": last,
-            **({"max_sequence_length": configs.FLOW_TEXT_SLOTS} if cfg.arch == "sd3" else {})}
+            **({"max_sequence_length": configs.FLOW_TEXT_SLOTS} if cfg.arch == "sd3" else {}),
+            **({"guidance_scale": float(guidance_scale)} if guidance_scale is not None else {})}
     (tmp / "toyworld.json").write_text(json.dumps({**info, **({"notes": notes} if notes else {})},
                                                   indent=2))
     if dest.exists():
