@@ -109,7 +109,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
     write_result(out / "consistency.json", result)
     only = "" if set(parts) == set(PARTS) else f"Parts run: {', '.join(parts)}.\n\n"
     atomic_write_text(out / "consistency.md", "# Consistency on ToyWorld\n\n"
-                      f"Model: `{result['settings']['model']}`. " + only
+                      f"Model: `{result['settings']['model']}`.\n\n" + only
                       + "\n\n".join(sections))
     for name, (images, columns, labels) in figures.items():
         image_grid(images, out / name, columns=columns, labels=labels, scale=2)
