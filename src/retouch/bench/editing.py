@@ -309,6 +309,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                              f"mode; valid: {', '.join(m.label for m in chosen)}")
         chosen = [m for m in chosen if m.name in method_names or m.label in method_names]
     pm = PipelineModel.load(model)
+    label = model_label(model)  # the weights measured, named before the run
     if (cases is not None and cases < 1) or (steps is not None and steps < 2):
         raise ValueError(f"need cases >= 1 and steps >= 2, got cases={cases}, steps={steps}")
     types = tuple(edit_types or EDIT_TYPES)
@@ -337,7 +338,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,
                 "masactrl": _masactrl_options(pm.network, steps),
-                "methods": [m.label for m in chosen], "model": model_label(model)}
+                "methods": [m.label for m in chosen], "model": label}
     result = {"headline": headline(rows), "rows": rows, "overhead": overhead,
               "settings": settings}
     write_result(out / "editing.json", result)

@@ -110,6 +110,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
 
     out = Path(out)
     pm = PipelineModel.load(model)
+    label = model_label(model)  # the weights measured, named before the run
     n, steps = IMAGES[quick], STEPS[quick]
     scenes = make_scenes(
         n, seed=SEED, size=pm.image_size, mask_size=pm.latent_shape(1)[-1], progress=False
@@ -150,7 +151,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
             }
         )
         shown[(cfg, method)] = _to_uint8(decoded[:GRID_IMAGES].cpu())
-    result = {"headline": _headline(rows), "model": model_label(model), "rows": rows}
+    result = {"headline": _headline(rows), "model": label, "rows": rows}
     write_result(out / "inversion.json", result)
     inputs = _to_uint8(images[:GRID_IMAGES].cpu())
     ceil = _to_uint8(ceiling_images[:GRID_IMAGES].cpu())
@@ -167,7 +168,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     lines = [
         "# Inversion benchmark",
         "",
-        f"Model: `{model_label(model)}`; {n} rendered ToyWorld scenes "
+        f"Model: `{label}`; {n} rendered ToyWorld scenes "
         f"({pm.image_size}x{pm.image_size}, seed {SEED}) with their captions; {steps} DDIM "
         f"steps on the scheduler's grid; CFG {', '.join(f'{c:g}' for c in CFGS)}. "
         "NFE = network calls per image for inversion + reconstruction (a batched CFG pair "

@@ -25,8 +25,9 @@ SELFGUIDE = dict(weights=asdict(GuideWeights()), steps=DEFAULT_STEPS)  # the row
 #: The ``caption free`` row's settings: the defaults with a 30x size weight. With a caption that
 #: names the new size, the caption does most of a resize; guidance alone needs the size term
 #: that much stronger (8 resizes of ToyBench seed 7 under a size-free caption, coverage
-#: candidate model: right 1, 4, 4 and 8 of 8 at 1x, 3x, 10x and 30x; on the shipped model,
-#: whose maps are one cell per object, 0 and 1 of 8 at 1x and 30x). Moves do not use it.
+#: candidate model, shipped since session 21: right 1, 4, 4 and 8 of 8 at 1x, 3x, 10x and 30x;
+#: on the model shipped before, whose maps are one cell per object, 0 and 1 of 8 at 1x and
+#: 30x). Moves do not use it.
 SELFGUIDE_FREE = dict(weights={**asdict(GuideWeights()), "size": 9000.0}, steps=DEFAULT_STEPS)
 
 

@@ -146,6 +146,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
+    label = model_label(model)  # the weights measured, named before the run
     extended = toyworld_extended(tw.folder)
     data = benchmark_scenes(n, extended=extended)
     adherence, scores, images, seconds_per_image = prompt_adherence(
@@ -155,7 +156,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
     partials = partial_prompts(n // 2, extended=extended)
     partial, partial_scores, partial_images = prompt_adherence(tw, prompts=partials, cfg=cfg)[:3]
     result = {
-        "model": model_label(model),
+        "model": label,
         "adherence": adherence,
         "partial_adherence": partial,
         "vae_psnr": round_trip_psnr,

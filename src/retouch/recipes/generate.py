@@ -11,7 +11,7 @@ from ..checks import count, finite, prompt_list
 from ..files import check_output_file, save_image
 from ..models.pipeline import PipelineModel
 from ..samplers import get_step, sample, start_latents
-from ..toyworld.folder import generation_guidance
+from ..toyworld.folder import generation_guidance, model_folder
 
 __all__ = ["generate", "generate_to_file"]
 
@@ -51,11 +51,10 @@ def generate_to_file(prompt: str, out: str | Path, *, model=None, n: int = 1, **
     (:func:`~retouch.toyworld.folder.generation_guidance`)."""
     count("n", n)
     get_step(kw.get("sampler", "ddim"))  # the sampler's name, before the model loads
-    if kw.get("cfg") is not None:
-        finite("cfg", kw["cfg"])
+    if kw.get("cfg") is None:
+        kw["cfg"] = generation_guidance(model_folder(model))
+    finite("cfg", kw["cfg"])
     out = check_output_file(out)
     tw = PipelineModel.load(model)
-    if kw.get("cfg") is None:
-        kw["cfg"] = generation_guidance(tw.folder)
     images = generate(tw, [prompt] * n, **kw)
     return save_image(np.concatenate(list(images), axis=1), out)

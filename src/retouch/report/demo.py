@@ -69,7 +69,8 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
     )
     return Section("Text-to-image on the ToyWorld model", text, figures, see=(
         f"Benchmark: retouch bench toyworld --cfg {cfg:g} (benchmarks/toyworld.json, the shipped "
-        "model at CFG 3: all attributes right 0.926 on 256 extended prompts, 0.855 at CFG 5). "
+        "model at CFG 3: all attributes right 0.926 on 256 extended prompts; 0.855 at CFG 5, "
+        "benchmarks/toyworld-coverage4/). "
         f"Reproduce: retouch ui, Generate tab, guidance {cfg:g}."))
 
 
@@ -235,7 +236,8 @@ def _flowedit_section(model: PipelineModel, n: int = 4) -> Section:
     )
     return Section("FlowEdit: editing without inversion", text, figures, see=(
         "Benchmark: retouch bench editing --quick --methods flowedit,p2p/direct,none/direct "
-        "(benchmarks/editing-flow/editing.md). Reproduce: retouch edit IMAGE --source ... "
+        "(benchmarks/editing-flow/editing.md, the model shipped before session 21). "
+        "Reproduce: retouch edit IMAGE --source ... "
         "--target ... --editor flowedit --out fe/"))
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from ..files import read_json
 
 __all__ = ["SHIPPED_MODELS", "toyworld_model_dir", "model_folder", "shipped_name",
-           "weights_fingerprint", "generation_guidance", "toyworld_vocabulary",
+           "weights_fingerprint", "generation_guidance", "check_guidance_scale",
+           "toyworld_vocabulary",
            "toyworld_extended", "check_prompt"]
 
 #: The pipelines shipped inside the package: name -> folder beside this file.
@@ -58,7 +59,9 @@ def weights_fingerprint(folder: str | Path) -> str:
         if files:
             digest = hashlib.sha256()
             for f in files:
-                digest.update(f.read_bytes())
+                with open(f, "rb") as stream:  # in chunks: an SD denoiser is gigabytes
+                    for chunk in iter(lambda: stream.read(1 << 22), b""):
+                        digest.update(chunk)
             return digest.hexdigest()[:12]
     return "unknown"
 
@@ -79,10 +82,15 @@ def generation_guidance(folder: str | Path | None) -> float:
     scale = info.get("guidance_scale") if isinstance(info, dict) else None
     if scale is None:
         return DEFAULT_GUIDANCE
+    return check_guidance_scale(scale, f"{path}: ", "fix or remove it")
+
+
+def check_guidance_scale(scale, where: str = "", fix: str = "") -> float:
+    """``scale`` as a float if it is a finite number >= 1, else a ValueError naming it."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale < 1:
-        raise ValueError(f"{path}: guidance_scale {scale!r} must be a finite number >= 1; fix or "
-                         "remove it")
+        raise ValueError(f"{where}guidance_scale {scale!r} must be a finite number >= 1"
+                         + (f"; {fix}" if fix else ""))
     return float(scale)
 
 

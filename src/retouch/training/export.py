@@ -11,7 +11,6 @@ destination and swapped in, so an interrupted export leaves the old one intact.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..toyworld import configs
-from ..toyworld.folder import toyworld_model_dir
+from ..toyworld.folder import check_guidance_scale, toyworld_model_dir
 from ..toyworld.scene import VOCABULARY
 from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import load, unprefixed
@@ -78,9 +77,9 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     found the model's prompts followed best; read by generate, the UI and the demo)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    if guidance_scale is not None and (not math.isfinite(guidance_scale) or guidance_scale < 1):
-        raise ValueError(f"guidance_scale {guidance_scale} must be a finite number >= 1 "
-                         "(e.g. the --cfg at which `retouch bench toyworld` read it best)")
+    if guidance_scale is not None:
+        guidance_scale = check_guidance_scale(
+            guidance_scale, fix="e.g. the --cfg at which `retouch bench toyworld` read it best")
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
         Path(run) / "config.json").is_file() else "unet"
