@@ -1,8 +1,10 @@
-"""Regenerate the README's tour pictures (docs/images/generate, invert, edit, attention.png) on
-the shipped ToyWorld model, with the settings the README's commands name. Run it after the
-shipped weights change: .venv/bin/python scripts/readme_images.py [--out docs/images]
+"""Regenerate the README's tour pictures on the shipped ToyWorld model.
 
-docs/images/ui.png is a browser screenshot of `retouch ui` and is not made here.
+docs/images/generate, invert, edit and attention.png, with the settings the README's commands
+name. Run it after the shipped weights change:
+.venv/bin/python scripts/readme_images.py [--out docs/images]
+
+docs/images/ui.png is a browser screenshot of `retouch ui`: scripts/ui_screenshot.py.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from retouch.metrics import psnr
 from retouch.models.pipeline import PipelineModel
 from retouch.recipes.attention_maps import attention_maps
 from retouch.recipes.edit import edit
-from retouch.recipes.generate import generate
-from retouch.toyworld.folder import generation_guidance
+from retouch.recipes.generate import generate, recommended_cfg
 from retouch.toyworld.render import render
 from retouch.toyworld.scene import ObjectSpec, Scene
 
@@ -47,7 +48,7 @@ def main() -> None:
     model = PipelineModel.load()
     photo = render(SCENE, model.image_size).image
 
-    cfg = generation_guidance(model.folder)
+    cfg = recommended_cfg(model)
     images = generate(model, [SOURCE] * 4, steps=25, cfg=cfg, seed=0)
     save_image(_row(images), out / "generate.png")  # the row `--n 4` saves, enlarged
 

@@ -126,8 +126,9 @@ def test_a_model_recommends_its_guidance_scale_in_toyworld_json(tmp_path):
     recommendation gets the default; a broken one is refused naming the value."""
     from retouch.toyworld.folder import DEFAULT_GUIDANCE, generation_guidance, toyworld_model_dir
 
-    assert generation_guidance(toyworld_model_dir()) == 3.0
-    assert generation_guidance(tmp_path) == generation_guidance(None) == DEFAULT_GUIDANCE
+    assert generation_guidance(toyworld_model_dir()) == generation_guidance(None) == 3.0
+    assert generation_guidance("toyworld") == 3.0  # a shipped model's name, as --model takes it
+    assert generation_guidance(tmp_path) == DEFAULT_GUIDANCE
     for bad in (0.5, "3", float("inf")):
         (tmp_path / "toyworld.json").write_text(json.dumps({"guidance_scale": bad}))
         with pytest.raises(ValueError, match="guidance_scale .* must be a finite number >= 1"):
@@ -153,17 +154,54 @@ def test_generate_without_a_scale_uses_the_one_the_model_recommends(tiny_toy_pip
     recipe.generate_to_file("a red circle", tmp_path / "a.png", model=folder)
     recipe.generate_to_file("a red circle", tmp_path / "b.png", model=folder, cfg=4.0)
     assert used == [2.5, 4.0]
+    # the command line leaves the scale to the model unless --cfg names one
+    from retouch.cli import build_parser
+
+    command = ["generate", "a red circle", "--out", "a.png"]
+    assert build_parser().parse_args(command).cfg is None
+    assert build_parser().parse_args([*command, "--cfg", "4"]).cfg == 4.0
+
+
+def test_generate_samples_at_the_recommended_scale_when_given_none(tiny_toy_pipeline, tmp_path):
+    """The library's generate() takes cfg=None as the model's recommendation: the same image
+    as that scale named; a model built in memory (no folder) gets DEFAULT_GUIDANCE."""
+    from retouch.models.pipeline import PipelineModel
+    from retouch.recipes.generate import generate, recommended_cfg
+    from retouch.toyworld.folder import DEFAULT_GUIDANCE
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_toy_pipeline, folder)
+    info = json.loads((folder / "toyworld.json").read_text())
+    (folder / "toyworld.json").write_text(json.dumps({**info, "guidance_scale": 2.5}))
+    model = PipelineModel.load(folder)
+    assert recommended_cfg(model) == 2.5
+    kw = dict(steps=2, seed=3, progress=False)
+    assert np.array_equal(generate(model, "a red circle", **kw),
+                          generate(model, "a red circle", cfg=2.5, **kw))
+    assert not np.array_equal(generate(model, "a red circle", **kw),
+                              generate(model, "a red circle", cfg=DEFAULT_GUIDANCE, **kw))
+    model.folder = None
+    assert recommended_cfg(model) == DEFAULT_GUIDANCE
 
 
 def test_an_export_records_the_guidance_scale_it_is_given(tiny_toy_run, tmp_path):
     from retouch.toyworld.folder import generation_guidance
     from retouch.training.export import export_pipeline
 
-    with pytest.raises(ValueError, match="guidance_scale 0.5 must be a finite number >= 1"):
-        export_pipeline(tiny_toy_run, tmp_path / "refused", guidance_scale=0.5)
+    for bad in (0.5, True, "3", float("nan")):
+        with pytest.raises(ValueError, match="--guidance-scale .* must be a finite number >= 1"):
+            export_pipeline(tiny_toy_run, tmp_path / "refused", guidance_scale=bad)
     assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.tmp").exists()
     assert generation_guidance(export_pipeline(tiny_toy_run, tmp_path / "p",
                                                guidance_scale=2.5)) == 2.5
+    # exporting over it without a scale drops the old weights' recommendation, saying so
+    with pytest.warns(UserWarning, match="recommended guidance scale 2.5 for its old weights"):
+        export_pipeline(tiny_toy_run, tmp_path / "p")
+    assert "guidance_scale" not in json.loads((tmp_path / "p" / "toyworld.json").read_text())
+    from retouch.cli import build_parser
+
+    args = build_parser().parse_args(["toyworld", "export", "run", "--guidance-scale", "2.5"])
+    assert args.guidance_scale == 2.5
 
 
 def test_benchmarks_name_the_weights_they_measured(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checks import EXPECTED_ERRORS, count, finite
 from ..models.pipeline import PipelineModel
-from ..toyworld.folder import generation_guidance, shipped_name
+from ..toyworld.folder import shipped_name
 
 __all__ = ["TABS", "build_app", "serve"]
 
@@ -58,14 +58,14 @@ def _checker_line(model: PipelineModel, prompt: str, image: np.ndarray) -> str:
 
 
 def _generate_tab(gr, model: PipelineModel) -> None:
-    from ..recipes.generate import generate
+    from ..recipes.generate import generate, recommended_cfg
     from ..samplers import SAMPLERS
 
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", placeholder=GRAMMAR, elem_id="generate-prompt")
     with gr.Row():
         steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="generate-steps")
-        cfg = gr.Number(value=generation_guidance(model.folder), label="CFG",
+        cfg = gr.Number(value=recommended_cfg(model), label="CFG",
                         elem_id="generate-cfg")
         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
         seed = gr.Number(value=0, precision=0, label="Seed")

@@ -11,9 +11,16 @@ from ..checks import count, finite, prompt_list
 from ..files import check_output_file, save_image
 from ..models.pipeline import PipelineModel
 from ..samplers import get_step, sample, start_latents
-from ..toyworld.folder import generation_guidance, model_folder
+from ..toyworld.folder import DEFAULT_GUIDANCE, generation_guidance
 
-__all__ = ["generate", "generate_to_file"]
+__all__ = ["generate", "generate_to_file", "recommended_cfg"]
+
+
+def recommended_cfg(model: PipelineModel) -> float:
+    """The text-to-image guidance a loaded model recommends (its folder's ``toyworld.json``;
+    :func:`~retouch.toyworld.folder.generation_guidance`); a model built in memory has no
+    folder and gets ``DEFAULT_GUIDANCE``."""
+    return generation_guidance(model.folder) if model.folder else DEFAULT_GUIDANCE
 
 
 def generate(
@@ -21,16 +28,19 @@ def generate(
     prompts: list[str] | str,
     *,
     steps: int = 25,
-    cfg: float = 5.0,
+    cfg: float | None = None,
     seed: int = 0,
     sampler: str = "ddim",
     negative: str = "",
     progress: bool = True,
 ) -> np.ndarray:
     """Sample one image per prompt; returns uint8 (B, H, W, 3). Start noise is drawn on the CPU
-    from ``seed`` so results do not depend on the device."""
+    from ``seed`` so results do not depend on the device. ``cfg=None``: the scale the model
+    recommends (:func:`~retouch.toyworld.folder.generation_guidance`)."""
     prompts = prompt_list(prompts)
     count("steps", steps)
+    if cfg is None:
+        cfg = recommended_cfg(model)
     finite("cfg", cfg)
     count("seed", seed, minimum=0)
     step = get_step(sampler)  # validates the name before any work
@@ -52,7 +62,7 @@ def generate_to_file(prompt: str, out: str | Path, *, model=None, n: int = 1, **
     count("n", n)
     get_step(kw.get("sampler", "ddim"))  # the sampler's name, before the model loads
     if kw.get("cfg") is None:
-        kw["cfg"] = generation_guidance(model_folder(model))
+        kw["cfg"] = generation_guidance(model)
     finite("cfg", kw["cfg"])
     out = check_output_file(out)
     tw = PipelineModel.load(model)

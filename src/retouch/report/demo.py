@@ -21,11 +21,11 @@ import numpy as np
 
 from ..metrics import psnr
 from ..models.pipeline import PipelineModel
-from ..recipes.generate import generate
+from ..recipes.generate import generate, recommended_cfg
 from ..schedules import FlowSchedule
 from ..toyworld import checker
 from ..toyworld.dataset import vocabulary
-from ..toyworld.folder import generation_guidance, shipped_name, toyworld_extended
+from ..toyworld.folder import shipped_name, toyworld_extended
 from ..toyworld.render import render
 from ..toyworld.scene import SHAPES, caption, parse_caption, random_scene
 from .html import Figure, Section, write_gallery
@@ -44,7 +44,7 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
     extended = toyworld_extended(model.folder)
     scenes = [random_scene(rng, **vocabulary(extended)) for _ in range(n)]
     prompts = [caption(s, say_solid=extended).text for s in scenes]
-    cfg = generation_guidance(model.folder)
+    cfg = recommended_cfg(model)
     t0 = time.time()
     images = generate(model, prompts, steps=25, cfg=cfg, seed=DEMO_SEED,
                       progress=True)
@@ -67,10 +67,11 @@ def _generation_section(model: PipelineModel, n: int) -> Section:
         f"(25 DDIM steps, CFG {cfg:g}, retouch's sampling loop; {seconds:.1f} s for "
         f"{n} images). The checker read every attribute right in {right} of {n}."
     )
+    measured = (" (benchmarks/toyworld.json, the shipped model at CFG 3: all attributes right "
+                "0.926 on 256 extended prompts; 0.855 at CFG 5, benchmarks/toyworld-coverage4/)"
+                if shipped_name(model.folder) == "toyworld" else "")
     return Section("Text-to-image on the ToyWorld model", text, figures, see=(
-        f"Benchmark: retouch bench toyworld --cfg {cfg:g} (benchmarks/toyworld.json, the shipped "
-        "model at CFG 3: all attributes right 0.926 on 256 extended prompts; 0.855 at CFG 5, "
-        "benchmarks/toyworld-coverage4/). "
+        f"Benchmark: retouch bench toyworld --cfg {cfg:g}{measured}. "
         f"Reproduce: retouch ui, Generate tab, guidance {cfg:g}."))
 
 
@@ -81,14 +82,15 @@ def _generic_section(model: PipelineModel) -> Section:
 
 
 def _sampler_section(model: PipelineModel, prompt: str) -> Section:
-    figures = []
+    figures, cfg = [], recommended_cfg(model)
     for sampler in ("ddim", "euler", "heun", "dpmpp_2m", "unipc"):
         for steps in (5, 10, 25):
             img = generate(
-                model, prompt, steps=steps, cfg=5.0, seed=DEMO_SEED, sampler=sampler, progress=False
+                model, prompt, steps=steps, cfg=cfg, seed=DEMO_SEED, sampler=sampler, progress=False
             )[0]
             figures.append(Figure(img, f"{sampler}, {steps} steps"))
-    return Section("Samplers", f"One prompt and seed, every sampler: '{prompt}'.", figures,
+    return Section("Samplers", f"One prompt and seed, every sampler, CFG {cfg:g}: '{prompt}'.",
+                   figures,
                    see="Benchmark: retouch bench samplers (benchmarks/samplers.md: UniPC on a "
                        "log-SNR grid, RMSE 0.012 at 10 NFE vs diffusers' best 0.068). "
                        "Reproduce: retouch ui, Generate tab (Sampler).")

@@ -16,7 +16,8 @@ from pathlib import Path
 from ..files import read_json
 
 __all__ = ["SHIPPED_MODELS", "toyworld_model_dir", "model_folder", "shipped_name",
-           "weights_fingerprint", "generation_guidance", "check_guidance_scale",
+           "weights_fingerprint", "DEFAULT_GUIDANCE", "generation_guidance",
+           "check_guidance_scale",
            "toyworld_vocabulary",
            "toyworld_extended", "check_prompt"]
 
@@ -52,8 +53,9 @@ def shipped_name(folder: str | Path | None) -> str | None:
 
 def weights_fingerprint(folder: str | Path) -> str:
     """The first 12 hex digits of the SHA-256 of a pipeline folder's denoiser weights
-    (``unet/`` or ``transformer/``): which weights a benchmark measured, even after the shipped
-    model changes. "unknown" when the folder has no such safetensors file."""
+    (``unet/`` or ``transformer/``): which denoiser a benchmark measured, even after the
+    shipped model changes (the VAE and text encoder are not in it). "unknown" when the folder
+    has no such safetensors file."""
     for part in ("unet", "transformer"):
         files = sorted((Path(folder) / part).glob("*.safetensors"))
         if files:
@@ -71,25 +73,26 @@ def weights_fingerprint(folder: str | Path) -> str:
 DEFAULT_GUIDANCE = 5.0
 
 
-def generation_guidance(folder: str | Path | None) -> float:
-    """The text-to-image guidance scale a ToyWorld model folder recommends (``toyworld.json``'s
-    ``guidance_scale``: where ``retouch bench toyworld`` found its prompts followed best), or
-    ``DEFAULT_GUIDANCE``."""
-    path = Path(folder) / "toyworld.json" if folder is not None else None
-    if path is None or not path.is_file():
+def generation_guidance(model: str | Path | None) -> float:
+    """The text-to-image guidance scale a ToyWorld model recommends (``toyworld.json``'s
+    ``guidance_scale``: the scale at which ``retouch bench toyworld`` read its prompts right
+    most often, of those measured), or ``DEFAULT_GUIDANCE``. ``model`` as ``--model`` takes it
+    (:func:`model_folder`: a folder, a shipped model's name, None for the shipped model)."""
+    path = model_folder(model) / "toyworld.json"
+    if not path.is_file():
         return DEFAULT_GUIDANCE
     info = read_json(path, "ToyWorld model description")
     scale = info.get("guidance_scale") if isinstance(info, dict) else None
     if scale is None:
         return DEFAULT_GUIDANCE
-    return check_guidance_scale(scale, f"{path}: ", "fix or remove it")
+    return check_guidance_scale(scale, name=f"{path}: guidance_scale", fix="fix or remove it")
 
 
-def check_guidance_scale(scale, where: str = "", fix: str = "") -> float:
+def check_guidance_scale(scale, *, name: str = "guidance_scale", fix: str = "") -> float:
     """``scale`` as a float if it is a finite number >= 1, else a ValueError naming it."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale < 1:
-        raise ValueError(f"{where}guidance_scale {scale!r} must be a finite number >= 1"
+        raise ValueError(f"{name} {scale!r} must be a finite number >= 1"
                          + (f"; {fix}" if fix else ""))
     return float(scale)
 

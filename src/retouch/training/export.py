@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from ..toyworld import configs
-from ..toyworld.folder import check_guidance_scale, toyworld_model_dir
+from ..toyworld.folder import DEFAULT_GUIDANCE, check_guidance_scale, toyworld_model_dir
 from ..toyworld.scene import VOCABULARY
 from ..toyworld.tokenizer import save_tokenizer
 from .checkpoint import load, unprefixed
@@ -73,13 +74,16 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     short pilot that the EMA would still average with its start) as a plain diffusers
     pipeline folder (SD, or SD3 for a flow run) at ``dest`` (default: the package's shipped
     model of the run's kind, ``toyworld`` or ``toyworld-flow``). ``guidance_scale``: the
-    text-to-image guidance to recommend in ``toyworld.json`` (where ``retouch bench toyworld``
-    found the model's prompts followed best; read by generate, the UI and the demo)."""
+    text-to-image guidance to recommend in ``toyworld.json`` (the ``--cfg`` at which
+    ``retouch bench toyworld`` read the model's prompts right most often; read by generate,
+    the UI and the demo). Without it the folder recommends none, and a recommendation the
+    folder at ``dest`` had (measured on its old weights) is dropped with a warning."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if guidance_scale is not None:
         guidance_scale = check_guidance_scale(
-            guidance_scale, fix="e.g. the --cfg at which `retouch bench toyworld` read it best")
+            guidance_scale, name="--guidance-scale",
+            fix="e.g. the --cfg at which `retouch bench toyworld` read the model best")
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
         Path(run) / "config.json").is_file() else "unet"
@@ -117,6 +121,12 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
         unet.half()
         vae.half()
     dest = Path(dest)
+    old_scale = _recommended_scale(dest)
+    if guidance_scale is None and old_scale is not None:
+        warnings.warn(f"{dest} recommended guidance scale {old_scale:g} for its old weights; "
+                      f"the export recommends none, so generation uses {DEFAULT_GUIDANCE:g}: "
+                      "measure the new weights with `retouch bench toyworld --cfg CFG` and "
+                      "export again with --guidance-scale CFG", stacklevel=2)
     tmp = dest.with_name(dest.name + ".tmp")
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     # transformers 5 writes only tokenizer.json; older versions need vocab.json + merges.txt.
@@ -135,7 +145,7 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     info = {"vocabulary": list(VOCABULARY), "extended": cfg.extended,
             **({"style_omitted": style_omitted} if cfg.extended else {}), "trained": last,
             **({"max_sequence_length": configs.FLOW_TEXT_SLOTS} if cfg.arch == "sd3" else {}),
-            **({"guidance_scale": float(guidance_scale)} if guidance_scale is not None else {})}
+            **({"guidance_scale": guidance_scale} if guidance_scale is not None else {})}
     (tmp / "toyworld.json").write_text(json.dumps({**info, **({"notes": notes} if notes else {})},
                                                   indent=2))
     if dest.exists():
@@ -146,3 +156,12 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     else:
         os.replace(tmp, dest)
     return dest
+
+
+def _recommended_scale(folder: Path) -> float | None:
+    """The guidance scale an existing pipeline folder's ``toyworld.json`` recommends, if any."""
+    try:
+        scale = json.loads((folder / "toyworld.json").read_text()).get("guidance_scale")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
