@@ -92,7 +92,7 @@ def _sampler_section(model: PipelineModel, prompt: str) -> Section:
     return Section("Samplers", f"One prompt and seed, every sampler, CFG {cfg:g}: '{prompt}'.",
                    figures,
                    see="Benchmark: retouch bench samplers (benchmarks/samplers.md: UniPC on a "
-                       "log-SNR grid, RMSE 0.012 at 10 NFE vs diffusers' best 0.068). "
+                       "log-SNR grid, RMSE 0.012 at 10 NFE vs diffusers' best 0.069). "
                        "Reproduce: retouch ui, Generate tab (Sampler).")
 
 
