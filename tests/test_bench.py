@@ -187,3 +187,5 @@ def test_toyworld_and_editing_benches_sample_at_the_guidance_they_are_given(tmp_
     doc = editing.run(quick=True, out=tmp_path, cases=1, steps=2, cfg=2.0,
                       method_names=("none/direct",))
     assert seen == [("generate", 2.0), ("edit", 2.0)] and doc["settings"]["cfg"] == 2.0
+    # the run names the weights it measured (not a row's label)
+    assert doc["settings"]["model"].startswith("shipped toyworld (denoiser sha256 ")

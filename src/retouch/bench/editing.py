@@ -308,8 +308,6 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
             raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'} for this "
                              f"mode; valid: {', '.join(m.label for m in chosen)}")
         chosen = [m for m in chosen if m.name in method_names or m.label in method_names]
-    pm = PipelineModel.load(model)
-    label = model_label(model)  # the weights measured, named before the run
     if (cases is not None and cases < 1) or (steps is not None and steps < 2):
         raise ValueError(f"need cases >= 1 and steps >= 2, got cases={cases}, steps={steps}")
     types = tuple(edit_types or EDIT_TYPES)
@@ -317,6 +315,8 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
     if unknown or not types:
         raise ValueError(f"unknown edit type(s) {', '.join(unknown) or '(none)'}; valid: "
                          f"{', '.join(EDIT_TYPES)}")
+    pm = PipelineModel.load(model)  # after every check of the arguments
+    weights = model_label(model)  # the weights measured, named before the run
     steps = steps or STEPS[quick]
     cases = make_cases(cases or CASES[quick], seed=SEED, edit_types=types)
     records, examples = [], {}
@@ -338,7 +338,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cases: int | None =
                 "sdedit_strength": SDEDIT_STRENGTH, "flowedit_strength": FLOWEDIT_STRENGTH,
                 "blend": BLEND,
                 "masactrl": _masactrl_options(pm.network, steps),
-                "methods": [m.label for m in chosen], "model": label}
+                "methods": [m.label for m in chosen], "model": weights}
     result = {"headline": headline(rows), "rows": rows, "overhead": overhead,
               "settings": settings}
     write_result(out / "editing.json", result)
