@@ -433,3 +433,22 @@ def test_toybench_moves_and_resizes_carry_their_exact_offset_and_factor():
             assert abs(case.offset[0]) > 0.2 and case.factor == pytest.approx(1.0)
         else:
             assert case.offset == pytest.approx((0.0, 0.0)) and case.factor != pytest.approx(1.0)
+
+
+def test_the_editing_bench_skips_self_guidance_where_no_word_names_the_object_alone(
+        tiny_toy_pipeline):
+    """Two green circles: neither shape nor colour names the edited one, so the self-guidance
+    rows leave the case out (the bench once stopped there) and the other rows edit it."""
+    from retouch.bench.editing import edit_case, methods
+    from retouch.models.pipeline import PipelineModel
+    from retouch.toyworld.editbench import EditCase
+    from retouch.toyworld.scene import ObjectSpec, Scene
+
+    source = Scene((ObjectSpec("circle", "green", "small", "left"),
+                    ObjectSpec("circle", "green", "big", "right")), "white")
+    case = EditCase(source, source.replace(0, size="big"), "size", 0)
+    chosen = [m for m in methods(False) if m.label in (
+        "selfguide/ddpm_edit_friendly", "selfguide (caption kept)/ddpm_edit_friendly",
+        "none/ddpm_edit_friendly")]
+    edits = edit_case(PipelineModel.load(tiny_toy_pipeline), case, chosen, steps=2)
+    assert set(edits) == {"none/ddpm_edit_friendly", "ceiling"}

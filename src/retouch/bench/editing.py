@@ -207,11 +207,12 @@ def edit_case(
         # inversion and the edit, so the caption neither pins the object nor makes the edit
         source = free_caption(case) if options.pop("caption_free", False) else (
             case.source_prompt)
-        if m.editor == "selfguide" and source != case.source_prompt:
+        if m.editor == "selfguide":
             try:
-                selfguide_spec(case, **options).check_prompt(source)
-            except ValueError:  # its words name two objects once the attribute is gone
-                continue
+                selfguide_spec(case, weights=options["weights"],
+                               steps=options["steps"]).check_prompt(source)
+            except ValueError:  # no word names the object alone (two green circles; or the
+                continue  # caption-free caption dropped the word that told them apart)
         key = (m.inversion, source, m.steps or steps, m.cfg or cfg)
         if key not in inversions:
             inv = invert(model, case.source_image, source, method=m.inversion,
