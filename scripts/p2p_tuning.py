@@ -1,12 +1,14 @@
 """Prompt-to-Prompt settings against regeneration, on ToyBench colour and shape edits.
 
 Cases of another seed than the editing bench's (7, not 2024), so the settings chosen here are
-not fitted to the bench's cases. Each variant is P2P with Direct Inversion at the bench's 25
-steps and CFG 5; the bench's blend is the baseline (maps at the coarsest cross-attention
-level, threshold 0.3, 3x3 max-pool, from 20 % of the steps). Prints success, preserved and the
-PSNR outside the edit per variant and edit type, and the dB over ``none/direct``.
+not fitted to the bench's cases. Each variant is P2P with Direct Inversion (or --inversion)
+at the bench's 25 steps and CFG 5; the bench's blend is the baseline (maps at the coarsest
+cross-attention level, threshold 0.3, 3x3 max-pool, from 20 % of the steps). Prints success,
+preserved and the PSNR outside the edit per variant and edit type, and the dB over ``none``
+with the same inversion.
 
-    .venv/bin/python scripts/p2p_tuning.py [CASES] [--model DIR]
+    .venv/bin/python scripts/p2p_tuning.py [CASES] [--model DIR] [--inversion METHOD]
+    [--variant NAME ...]
 
 60 cases took 13 minutes on one CPU thread beside a training run (20 on the coverage candidate).
 """
@@ -28,6 +30,7 @@ VARIANTS = {
     "maps 16, dilation 2": {"blend_resolutions": (16,), "blend_dilation": 2},
     "cross 0.6": {"cross_steps": 0.6},
     "blend from 0": {"blend_start": 0.0},
+    "no blend": None,  # P2P without local blending
 }
 
 
@@ -35,12 +38,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cases", type=int, nargs="?", default=60)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--inversion", default="direct")
+    parser.add_argument("--variant", action="append", default=None,
+                        help=f"one of: {'; '.join(VARIANTS)} (repeat it; default: all)")
     args = parser.parse_args()
+    names = args.variant or list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     warnings.simplefilter("ignore")
     model = PipelineModel.load(args.model)
     cases = make_cases(args.cases, seed=7, edit_types=("color", "shape"))
-    chosen = [Method("none", "direct", "none")] + [
-        Method(name, "direct", "p2p", {**BLEND, **options}) for name, options in VARIANTS.items()]
+    inv = args.inversion
+    chosen = [Method("none", inv, "none")] + [
+        Method(name, inv, "p2p", {} if VARIANTS[name] is None else {**BLEND, **VARIANTS[name]})
+        for name in names]
     records: dict[tuple[str, str], list[dict]] = {}
     for case in cases:
         out = edit_case(model, case, chosen, steps=25)
