@@ -191,9 +191,9 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
         f"The checker judged {wins} of {len(cases)} edits right and everything else kept."
     )
     return Section("Prompt-to-Prompt edits of real images", text, figures, see=(
-        "Benchmark: retouch bench editing --types color,shape --cases 120 --steps 25 "
-        "(benchmarks/editing-coverage4/editing.md, the shipped model: colour edits 0.87 at "
-        "+2.4 dB outside the edit over regeneration, shape edits 0.92 at +4.9 dB). "
+        "Benchmark: retouch bench editing --cases 300 --steps 25 (benchmarks/editing.md, the "
+        "shipped model: colour edits 0.93 at +1.4 dB outside the edit over regeneration, "
+        "shape edits 0.92 at +3.8 dB). "
         "Reproduce: retouch ui, Edit tab."))
 
 
