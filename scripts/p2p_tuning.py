@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from retouch.bench.editing import BLEND, Method, edit_case, score_case
+from retouch.bench.selfguide import object_word
 from retouch.models.pipeline import PipelineModel
 from retouch.toyworld.editbench import make_cases
 
@@ -31,12 +32,32 @@ VARIANTS = {
     "cross 0.6": {"cross_steps": 0.6},
     "blend from 0": {"blend_start": 0.0},
     "no blend": None,  # P2P without local blending
+    # blending on the edited object's noun (P2P's own examples blend on the object's word),
+    # alone or with the changed word; resolved per case by _blend_words
+    "object word": {"blend_words": "object"},
+    "object + changed words": {"blend_words": "object+changed"},
 }
+
+
+def _blend_words(case, options: dict) -> dict:
+    """``options`` with a per-case ``blend_words`` resolved: the edited object's word (its
+    shape, or its colour when another object shares the shape), with or without the changed
+    word (source word in the source prompt, target word in the target)."""
+    how = options.get("blend_words")
+    if how not in ("object", "object+changed"):
+        return options
+    word = object_word(case)
+    old, new = (str(w) for w in case.words)
+    target = new if word == old else word  # the word that names it in the target prompt
+    pairs = ([word], [target]) if how == "object" else (
+        sorted({word, old}), sorted({target, new}))
+    return {**options, "blend_words": tuple(pairs)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cases", type=int, nargs="?", default=60)
+    parser.add_argument("--types", default="color,shape")
     parser.add_argument("--model", default=None)
     parser.add_argument("--inversion", default="direct")
     parser.add_argument("--variant", action="append", default=None,
@@ -48,18 +69,21 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     warnings.simplefilter("ignore")
     model = PipelineModel.load(args.model)
-    cases = make_cases(args.cases, seed=7, edit_types=("color", "shape"))
+    types = tuple(args.types.split(","))
+    cases = make_cases(args.cases, seed=7, edit_types=types)
     inv = args.inversion
     chosen = [Method("none", inv, "none")] + [
         Method(name, inv, "p2p", {} if VARIANTS[name] is None else {**BLEND, **VARIANTS[name]})
         for name in names]
     records: dict[tuple[str, str], list[dict]] = {}
     for case in cases:
-        out = edit_case(model, case, chosen, steps=25)
+        out = edit_case(model, case, [Method(m.name, m.inversion, m.editor,
+                                             _blend_words(case, m.options)) for m in chosen],
+                        steps=25)
         for m in chosen:
             records.setdefault((m.name, case.edit_type), []).append(
                 score_case(out[m.label][0], case))
-    for edit_type in ("color", "shape"):
+    for edit_type in types:
         none_db = np.mean([s["bg_psnr"] for s in records["none", edit_type]])
         for m in chosen:
             scores = records[m.name, edit_type]
