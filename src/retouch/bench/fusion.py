@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..fusion import RegionLayout, VAEFeatureDistance, colour_statistics, window_boxes
 from ..models.pipeline import PipelineModel
@@ -257,7 +258,7 @@ def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     seams = {m: [] for m in methods}
     md_images, grid, labels = [], [], []
     sync_rows = {k: v for k, v in SYNC.items() if k != "distance"}
-    for i, (prompt, color, shape) in enumerate(prompts):
+    for i, (prompt, color, shape) in enumerate(tqdm(prompts, desc="bench fusion: panoramas")):
         for k in widths:
             for name, kw in methods.items():
                 sync = sync_diffusion(tw, distance=SYNC["distance"], **sync_rows) if kw.get(
@@ -324,6 +325,7 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     grid, labels = [], []
     cases = 1 if quick else 8
     per_split = {}
+    bar = tqdm(total=len(SPLITS) * cases, desc="bench fusion: regions")
     for split_name, split in SPLITS.items():
         grid_rc = tuple(int(n) for n in split_name.split("x"))
         for c in range(cases):
@@ -342,6 +344,8 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
                 if c == 0:
                     grid.append(image)
                     labels.append(f"{method} {split_name}")
+            bar.update()
+    bar.close()
     means = {m: float(np.mean(v)) for m, v in tally.items()}
     seam_means = {m: float(np.mean(valid)) if (valid := [x for x in v if x is not None])
                   else None for m, v in seams.items()}
@@ -367,7 +371,8 @@ def _grid_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     tally = {"grid 2x2": [], "independent": []}
     cases = 2 if quick else 16
     grid, labels = [], []
-    for i, (prompt, color, shape) in enumerate(prompts[:cases]):
+    for i, (prompt, color, shape) in enumerate(tqdm(prompts[:cases],
+                                                   desc="bench fusion: grids")):
         stacked = grid_views(tw, prompt, grid=(2, 2), steps=steps, cfg=CFG, seed=i)
         alone = generate(tw, [prompt] * 4, steps=steps, cfg=CFG, seed=i, progress=False)
         for name, views in (("grid 2x2", stacked), ("independent", alone)):
