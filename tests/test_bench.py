@@ -30,6 +30,15 @@ def test_samplers_bench_writes_headline_and_versions(tmp_path):
     assert doc["versions"]["torch"] == torch.__version__
 
 
+def test_versions_name_the_commit_the_run_started_from(monkeypatch):
+    """A long run writes its JSON at the end; the checkout may have moved on by then."""
+    from retouch.bench import common
+
+    monkeypatch.setattr(common, "_COMMIT_AT_START", "abc1234")
+    monkeypatch.setattr(common, "_git_commit", lambda: "fff9999")  # the checkout moved on
+    assert common.versions()["git_commit"] == "abc1234"
+
+
 def test_a_result_without_headline_is_refused(tmp_path):
     with pytest.raises(ValueError, match="headline"):
         write_result(tmp_path / "x.json", {"rows": []})

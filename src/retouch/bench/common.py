@@ -58,12 +58,29 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (short), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() if commit.returncode == 0 else None
+
+
+#: The commit of the code this process imported: read when the benchmark starts, since the
+#: checkout may move on while a long run goes on (its result is written at the end).
+_COMMIT_AT_START = _git_commit()
+
+
 def versions() -> dict[str, str]:
-    """The versions a benchmark ran with: Python, retouch (and its git commit when run from a
-    checkout), torch and the libraries that compute."""
+    """The versions a benchmark ran with: Python, retouch (and the git commit its code was
+    imported from, when run from a checkout), torch and the libraries that compute."""
     import importlib.metadata as md
     import platform
-    import subprocess
 
     found = {"python": platform.python_version()}
     for name in ("retouch", "torch", "diffusers", "transformers", "numpy", "safetensors"):
@@ -71,14 +88,8 @@ def versions() -> dict[str, str]:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             found[name] = "not installed"
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            found["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    if _COMMIT_AT_START:
+        found["git_commit"] = _COMMIT_AT_START
     return found
 
 
