@@ -31,6 +31,8 @@ VARIANTS = {
     "maps 16, dilation 2": {"blend_resolutions": (16,), "blend_dilation": 2},
     "cross 0.6": {"cross_steps": 0.6},
     "blend from 0": {"blend_start": 0.0},
+    "self 0.6": {"self_steps": 0.6},  # self-attention injected longer (default 0.4)
+    "self 0.8": {"self_steps": 0.8},
     "no blend": None,  # P2P without local blending
     # blending on the edited object's noun (P2P's own examples blend on the object's word),
     # alone or with the changed word; resolved per case by _blend_words
