@@ -72,6 +72,8 @@ def main() -> None:
         driver.quit()
         app.close()
     rows = np.flatnonzero((shot < 250).any(axis=(1, 2)))  # crop the empty page below
+    if rows.size == 0:
+        raise SystemExit("the page rendered blank: nothing to save")
     save_image(shot[: min(shot.shape[0], rows[-1] + 24)], out)
 
 

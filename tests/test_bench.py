@@ -30,13 +30,15 @@ def test_samplers_bench_writes_headline_and_versions(tmp_path):
     assert doc["versions"]["torch"] == torch.__version__
 
 
-def test_versions_name_the_commit_the_run_started_from(monkeypatch):
+def test_a_benchmark_records_the_commit_it_started_from(tmp_path, monkeypatch):
     """A long run writes its JSON at the end; the checkout may have moved on by then."""
-    from retouch.bench import common
+    from retouch.bench import common, guidance
 
-    monkeypatch.setattr(common, "_COMMIT_AT_START", "abc1234")
-    monkeypatch.setattr(common, "_git_commit", lambda: "fff9999")  # the checkout moved on
-    assert common.versions()["git_commit"] == "abc1234"
+    commits = iter(["abc1234", "fff9999-dirty"])  # at the start, and any later read
+    monkeypatch.setattr(common, "_git_commit", lambda: next(commits))
+    doc = guidance.run(quick=True, out=tmp_path)
+    written = json.loads((tmp_path / "guidance.json").read_text())
+    assert doc["headline"] and written["versions"]["git_commit"] == "abc1234"
 
 
 def test_a_result_without_headline_is_refused(tmp_path):
@@ -196,5 +198,6 @@ def test_toyworld_and_editing_benches_sample_at_the_guidance_they_are_given(tmp_
     doc = editing.run(quick=True, out=tmp_path, cases=1, steps=2, cfg=2.0,
                       method_names=("none/direct",))
     assert seen == [("generate", 2.0), ("edit", 2.0)] and doc["settings"]["cfg"] == 2.0
-    # the run names the weights it measured (not a row's label)
+    # the run names the weights it measured (not a row's label), and no case was left out
     assert doc["settings"]["model"].startswith("shipped toyworld (denoiser sha256 ")
+    assert doc["settings"]["skipped"] == {}

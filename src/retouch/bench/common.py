@@ -59,26 +59,24 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit (short), or None outside a git checkout."""
+    """The checkout's commit (short, ``-dirty`` when files differ from it), or None outside a
+    git checkout."""
     import subprocess
 
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty",
+                                 "--abbrev=7"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return commit.stdout.strip() if commit.returncode == 0 else None
 
 
-#: The commit of the code this process imported: read when the benchmark starts, since the
-#: checkout may move on while a long run goes on (its result is written at the end).
-_COMMIT_AT_START = _git_commit()
-
-
 def versions() -> dict[str, str]:
-    """The versions a benchmark ran with: Python, retouch (and the git commit its code was
-    imported from, when run from a checkout), torch and the libraries that compute."""
+    """The versions a benchmark runs with: Python, retouch (and the git commit of the checkout,
+    when run from one), torch and the libraries that compute. A benchmark reads them when it
+    starts (the checkout may move on while a long run goes on) and passes them to
+    :func:`write_result`."""
     import importlib.metadata as md
     import platform
 
@@ -88,17 +86,21 @@ def versions() -> dict[str, str]:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             found[name] = "not installed"
-    if _COMMIT_AT_START:
-        found["git_commit"] = _COMMIT_AT_START
+    commit = _git_commit()
+    if commit:
+        found["git_commit"] = commit
     return found
 
 
-def write_result(path: Path, result: Mapping[str, Any]) -> Path:
+def write_result(path: Path, result: Mapping[str, Any], *,
+                 started: Mapping[str, str] | None = None) -> Path:
     """Write a benchmark's JSON: its ``headline`` first (the figures its issue's targets name),
-    then the rest, then :func:`versions`. Refuses a result without a headline."""
+    then the rest, then ``started`` (the :func:`versions` the run read when it started; read
+    now if not given). Refuses a result without a headline."""
     if not isinstance(result.get("headline"), Mapping) or not result["headline"]:
         raise ValueError(f"a benchmark result needs a non-empty 'headline' object ({path})")
-    return write_json(path, {"headline": result["headline"], **result, "versions": versions()})
+    return write_json(path, {"headline": result["headline"], **result,
+                             "versions": dict(started) if started else versions()})
 
 
 def _cell(v: Any) -> str:

@@ -48,6 +48,7 @@ from .common import (
     chosen_parts,
     image_grid,
     model_label,
+    versions,
     write_markdown_table,
     write_result,
 )
@@ -87,6 +88,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
         parts: tuple[str, ...] | None = None) -> dict:
     """Run the benchmark (``parts``: some of :data:`PARTS`, default all; the headline then
     holds only the parts run); writes ``consistency.{json,md}`` and the parts' figures."""
+    started = versions()  # the commit and versions this run starts from
     parts = chosen_parts("consistency", parts, PARTS)
     tw = PipelineModel.load(model)
     if not toyworld_extended(tw.folder):
@@ -106,7 +108,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
             figures.update(part_figures)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_result(out / "consistency.json", result)
+    write_result(out / "consistency.json", result, started=started)
     only = "" if set(parts) == set(PARTS) else f"Parts run: {', '.join(parts)}.\n\n"
     atomic_write_text(out / "consistency.md", "# Consistency on ToyWorld\n\n"
                       f"Model: `{result['settings']['model']}`.\n\n" + only

@@ -67,6 +67,7 @@ from .common import (
     chosen_parts,
     image_grid,
     model_label,
+    versions,
     write_markdown_table,
     write_result,
 )
@@ -192,6 +193,7 @@ PARTS = ("cost", "panoramas", "regions", "grids")
 
 def run(*, quick: bool, out: Path, model: str | None = None,
         parts: tuple[str, ...] | None = None) -> dict:
+    started = versions()  # the commit and versions this run starts from
     parts = chosen_parts("fusion", parts, PARTS)
     tw = PipelineModel.load(model)
     size, window = tw.image_size, tw.unet.config.sample_size
@@ -215,7 +217,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
                 have[0].extend(grid)
                 have[1].extend(labels)
     out.mkdir(parents=True, exist_ok=True)
-    write_result(out / "fusion.json", result)
+    write_result(out / "fusion.json", result, started=started)
     only = "" if set(parts) == set(PARTS) else f" (parts run: {', '.join(parts)})"
     shown = [sections[p] for p in ("panoramas", "regions", "grids", "cost") if p in sections]
     atomic_write_text(out / "fusion.md", "# Fusion: panoramas and region layouts on ToyWorld"

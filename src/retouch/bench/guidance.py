@@ -33,7 +33,7 @@ from ..grids import log_snr_grid
 from ..guidance import CFGDenoiser, CFGPlusPlus
 from ..samplers import sample
 from ..schedules import get_schedule
-from .common import atomic_write_text, write_markdown_table, write_result
+from .common import atomic_write_text, versions, write_markdown_table, write_result
 
 __all__ = ["run", "effective_weights"]
 
@@ -59,6 +59,7 @@ def _score(model: ClassConditionalGMM, x0: torch.Tensor) -> dict:
 
 
 def run(*, quick: bool, out: Path) -> dict:
+    started = versions()  # the commit and versions this run starts from
     schedule = get_schedule("scaled_linear")
     model = ClassConditionalGMM(GaussianMixture.random(dim=64, components=8, seed=0), schedule)
     n = 128 if quick else 512
@@ -98,7 +99,7 @@ def run(*, quick: bool, out: Path) -> dict:
     result = {"headline": headline, "rows": rows, "baselines_10_nfe": base,
               "setup": {"samples": n, "dim": 64, "components": 8, "class": [0, 1],
                         "grid": "log-SNR, ending clean", "sampler": "ddim"}}
-    write_result(out / "guidance.json", result)
+    write_result(out / "guidance.json", result, started=started)
     table = write_markdown_table(rows, ["nfe", "lambda", "method", "w", "nll", "class_prob"])
     atomic_write_text(out / "guidance.md", (
         "# Guidance: CFG++ against CFG on an exact class-conditional GMM\n\n"

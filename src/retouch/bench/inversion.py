@@ -32,6 +32,7 @@ from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
     model_label,
+    versions,
     write_markdown_table,
     write_result,
 )
@@ -108,6 +109,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
     from retouch.toyworld.dataset import make_scenes
     from retouch.toyworld.scene import caption
 
+    started = versions()  # the commit and versions this run starts from
     out = Path(out)
     pm = PipelineModel.load(model)
     label = model_label(model)  # the weights measured, named before the run
@@ -152,7 +154,7 @@ def run(*, quick: bool, out: Path, model: str | None = None) -> dict:
         )
         shown[(cfg, method)] = _to_uint8(decoded[:GRID_IMAGES].cpu())
     result = {"headline": _headline(rows), "model": label, "rows": rows}
-    write_result(out / "inversion.json", result)
+    write_result(out / "inversion.json", result, started=started)
     inputs = _to_uint8(images[:GRID_IMAGES].cpu())
     ceil = _to_uint8(ceiling_images[:GRID_IMAGES].cpu())
     grid_rows = [

@@ -36,6 +36,7 @@ from retouch.bench.common import (
     atomic_write_bytes,
     atomic_write_text,
     loglog_plot,
+    versions,
     write_markdown_table,
     write_result,
 )
@@ -201,6 +202,7 @@ def run(*, quick: bool, out: Path) -> dict:
 
 
 def _run(*, quick: bool, out: Path) -> dict:
+    started = versions()  # the commit and versions this run starts from
     schedule = get_schedule("scaled_linear")
     gmm = GaussianMixture.random(dim=64, components=8, seed=0)
     den = GMMDenoiser(gmm, schedule)
@@ -257,7 +259,7 @@ def _run(*, quick: bool, out: Path) -> dict:
             "gmm": {"dim": 64, "components": 8, "seed": 0},
         },
     }
-    write_result(out / "samplers.json", doc)
+    write_result(out / "samplers.json", doc, started=started)
     atomic_write_text(out / "samplers.md", _markdown(rows, summary, n) + _flow_markdown(flow))
     series = {}
     for r in rows:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .common import atomic_write_text, write_markdown_table, write_result
+from .common import atomic_write_text, versions, write_markdown_table, write_result
 
 __all__ = ["run", "sd15_unet"]
 
@@ -77,6 +77,7 @@ def run(*, quick: bool, out: Path) -> dict:
     from ..attention import AttentionStore, BatchLayout, attention_control
     from ..recipes.editors import p2p_editor
 
+    started = versions()  # the commit and versions this run starts from
     side, repeats = (32, 1) if quick else (64, 3)
     unet = sd15_unet(side)
     g = torch.Generator().manual_seed(0)
@@ -153,7 +154,7 @@ def run(*, quick: bool, out: Path) -> dict:
                   "processors": sorted({type(p).__name__ for p in
                                         unet.attn_processors.values()})},
     }
-    write_result(out / "scale.json", result)
+    write_result(out / "scale.json", result, started=started)
     rows = [{"mode": k, "seconds per call": v} for k, v in med.items()]
     h = result["headline"]
     text = (

@@ -38,7 +38,14 @@ from ..toyworld.folder import toyworld_extended
 from ..toyworld.scene import STYLES, caption, parse_caption, random_scene
 from ..training.decoder import round_trip_accuracy
 from ..training.grounding import grounded, grounding_loss
-from .common import atomic_write_text, image_grid, model_label, write_markdown_table, write_result
+from .common import (
+    atomic_write_text,
+    image_grid,
+    model_label,
+    versions,
+    write_markdown_table,
+    write_result,
+)
 from .coverage import measure_coverage
 
 __all__ = [
@@ -143,6 +150,7 @@ def prompt_adherence(
 
 
 def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -> dict:
+    started = versions()  # the commit and versions this run starts from
     out = Path(out)
     n = 64 if quick else 256
     tw = PipelineModel.load(model)
@@ -174,7 +182,7 @@ def run(*, quick: bool, out: Path, model: str | None = None, cfg: float = 5.0) -
         core = scene_prompts(benchmark_scenes(n).scenes, extended=False)
         result["core_adherence"] = prompt_adherence(tw, prompts=core, cfg=cfg)[0]
     result = {"headline": headline(result, extended=extended), **result}
-    write_result(out / "toyworld.json", result)
+    write_result(out / "toyworld.json", result, started=started)
     rows = [{"metric": f"headline.{k}", "value": v} for k, v in result["headline"].items()]
     rows += [{"metric": f"{group}.{k}", "value": v}
              for group in ("adherence", "partial_adherence", "core_adherence")

@@ -309,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the package's shipped model of the run's kind "
                     "(toyworld, or toyworld-flow for an sd3 run)")
     ex.add_argument("--guidance-scale", type=number, default=None, metavar="CFG",
-                    help="the text-to-image guidance to recommend in toyworld.json (the --cfg "
-                         "at which `retouch bench toyworld` read the model best); generate, "
-                         "the UI and the demo use it")
+                    help="the text-to-image guidance to recommend in toyworld.json (a --cfg "
+                         "chosen from `retouch bench toyworld` runs); generate, the UI and the "
+                         "demo use it")
     ex.set_defaults(func=_cmd_export)
     return p
 

@@ -191,7 +191,8 @@ def _edit_section(model: PipelineModel, n: int = 4) -> Section:
         f"The checker judged {wins} of {len(cases)} edits right and everything else kept."
     )
     return Section("Prompt-to-Prompt edits of real images", text, figures, see=(
-        "Benchmark: retouch bench editing --cases 300 --steps 25 (benchmarks/editing.md, the "
+        "Benchmark: retouch bench editing --cases 300 --steps 25 --methods p2p/direct,none/direct "
+        "(benchmarks/editing.md, the "
         "shipped model: colour edits 0.93 at +1.4 dB outside the edit over regeneration, "
         "shape edits 0.92 at +3.8 dB). "
         "Reproduce: retouch ui, Edit tab."))
@@ -409,8 +410,8 @@ def _fusion_section(model: PipelineModel) -> Section:
             "region masks and by regional prompting in the cross-attention.")
     return Section("Panoramas and regions by fusing diffusion paths", text, figures, see=(
         "Benchmark: retouch bench fusion (benchmarks/fusion.md, the shipped model: one "
-        "background and fill over the panorama in 0.33 of 64 with SyncDiffusion against 0.20 "
-        "with MultiDiffusion; each region's object there and nowhere else 0.84 and, with "
+        "background and fill over the whole panorama in 21 of 64 with SyncDiffusion against "
+        "13 of 64 with MultiDiffusion; each region's object there and nowhere else 0.84 and, with "
         "regional prompting, 0.88). Reproduce: retouch panorama "
         f"'{prompt}' --width {4 * size} --stride {stride} --sync --out pano/; "
         "retouch regions LAYOUT.json --method regional --out regions/"))

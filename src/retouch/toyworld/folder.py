@@ -75,8 +75,8 @@ DEFAULT_GUIDANCE = 5.0
 
 def generation_guidance(model: str | Path | None) -> float:
     """The text-to-image guidance scale a ToyWorld model recommends (``toyworld.json``'s
-    ``guidance_scale``: the scale at which ``retouch bench toyworld`` read its prompts right
-    most often, of those measured), or ``DEFAULT_GUIDANCE``. ``model`` as ``--model`` takes it
+    ``guidance_scale``: the scale chosen from ``retouch bench toyworld`` runs at several
+    scales), or ``DEFAULT_GUIDANCE``. ``model`` as ``--model`` takes it
     (:func:`model_folder`: a folder, a shipped model's name, None for the shipped model)."""
     path = model_folder(model) / "toyworld.json"
     if not path.is_file():

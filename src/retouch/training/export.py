@@ -74,16 +74,16 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     short pilot that the EMA would still average with its start) as a plain diffusers
     pipeline folder (SD, or SD3 for a flow run) at ``dest`` (default: the package's shipped
     model of the run's kind, ``toyworld`` or ``toyworld-flow``). ``guidance_scale``: the
-    text-to-image guidance to recommend in ``toyworld.json`` (the ``--cfg`` at which
-    ``retouch bench toyworld`` read the model's prompts right most often; read by generate,
-    the UI and the demo). Without it the folder recommends none, and a recommendation the
+    text-to-image guidance to recommend in ``toyworld.json`` (a ``--cfg`` chosen from
+    ``retouch bench toyworld`` runs at several scales; read by generate, the UI and the
+    demo). Without it the folder recommends none, and a recommendation the
     folder at ``dest`` had (measured on its old weights) is dropped with a warning."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if guidance_scale is not None:
         guidance_scale = check_guidance_scale(
             guidance_scale, name="--guidance-scale",
-            fix="e.g. the --cfg at which `retouch bench toyworld` read the model best")
+            fix="e.g. a --cfg chosen from `retouch bench toyworld` runs")
 
     arch = json.loads((Path(run) / "config.json").read_text()).get("arch", "unet") if (
         Path(run) / "config.json").is_file() else "unet"
