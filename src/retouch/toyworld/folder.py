@@ -17,9 +17,7 @@ from ..files import read_json
 
 __all__ = ["SHIPPED_MODELS", "toyworld_model_dir", "model_folder", "shipped_name",
            "weights_fingerprint", "DEFAULT_GUIDANCE", "generation_guidance",
-           "check_guidance_scale",
-           "toyworld_vocabulary",
-           "toyworld_extended", "check_prompt"]
+           "check_guidance_scale", "toyworld_vocabulary", "toyworld_extended", "check_prompt"]
 
 #: The pipelines shipped inside the package: name -> folder beside this file.
 SHIPPED_MODELS = {"toyworld": "weights", "toyworld-flow": "flow_weights"}
