@@ -5,10 +5,12 @@ fusion benchmark does not use (``random.Random(0)``; the benchmark draws from ``
 
 N prompts (``bench.fusion.bench_prompt``), each at every width of WIDTHS (comma-separated
 multiples of the model's width); a CONFIG is ``md`` (MultiDiffusion) or
-``DISTANCE:WEIGHT[:STEPS]`` with DISTANCE one of ``recipes.fusion.DISTANCES`` or ``both`` (the
-VAE-feature distance plus the colour statistics). Prints the checker's means per config, as the
-benchmark scores panoramas (coherence, background_one, style_one, adherence) and seconds per
-prompt. Windows every half window, 20 DDIM steps, CFG 5, seed = prompt index.
+``DISTANCE:WEIGHT[:STEPS]`` with DISTANCE one of ``recipes.fusion.DISTANCES``, ``both`` (the
+VAE-feature distance plus the colour statistics) or ``texture`` (the colour statistics of the
+image and of its horizontal and vertical differences: stripes and outlines change the latter).
+Prints the checker's means per config, as the benchmark scores panoramas (coherence,
+background_one, style_one, adherence) and seconds per prompt. Windows every half window, 20
+DDIM steps, CFG 5, seed = prompt index.
 """
 
 import random
@@ -23,11 +25,21 @@ from retouch.models.pipeline import PipelineModel
 from retouch.recipes.fusion import panorama, sync_diffusion
 
 
+def texture_statistics(a, b):
+    """Colour statistics of the images and of their finite differences (a candidate)."""
+    total = colour_statistics(a, b)
+    for dim in (2, 3):
+        total = total + colour_statistics(a.diff(dim=dim), b.diff(dim=dim))
+    return total
+
+
 def make_sync(model, config: str):
     if config == "md":
         return None
     name, weight, *steps = config.split(":")
     options = dict(weight=float(weight), decay=0.95, steps=int(steps[0]) if steps else 4)
+    if name == "texture":
+        return SyncDiffusion(model.decode_tensor, texture_statistics, **options)
     if name == "both":
         vae = VAEFeatureDistance(model.vae)
         return SyncDiffusion(model.decode_tensor,

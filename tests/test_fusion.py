@@ -482,3 +482,12 @@ def test_a_panorama_edit_with_identical_prompts_changes_nothing_and_a_swap_edits
     assert not torch.allclose(swap[1], swap[0], atol=1e-3)
     with pytest.raises(ValueError, match="local blending"):
         panorama_edit(model, PROMPT, "a blue square", width=32, p2p={"blend_words": "changed"})
+
+
+def test_mcnemars_exact_test_matches_the_binomial_tail():
+    from retouch.bench.fusion import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert mcnemar_p(1, 9) == mcnemar_p(9, 1) == pytest.approx(2 * 11 / 1024)

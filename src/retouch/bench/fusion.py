@@ -8,9 +8,13 @@ windows every half window (20 DDIM steps, CFG 5, one seed per prompt, the same f
 method). Methods: MultiDiffusion; SyncDiffusion (:data:`SYNC`); MultiDiffusion with every
 window also attending to the middle window's self-attention (StyleAligned's shared attention,
 the middle window as reference: a cheaper route to one look); and a no-overlap baseline
-(stride = window: independent tiles side by side). Per method:
+(stride = window: independent tiles side by side). 64 prompts, 128 panoramas per method. Per
+method:
 
 * ``coherence``: the share of coherent panoramas (background and style; each alone too);
+  SyncDiffusion against MultiDiffusion also paired, panorama by panorama (the same prompt,
+  width and seed): how many only one of them makes coherent, and McNemar's exact two-sided
+  p-value for the difference (``coherence_sync_p``);
 * ``adherence``: the share of tiles holding an object of the prompt's colour and shape (the
   paper's trade-off: synchronising may cost per-window fidelity);
 * ``seam_ratio``: the mean horizontal gradient energy on the columns where windows begin or end
@@ -25,7 +29,8 @@ distance separating pairs the checker calls coherent (same background and style)
 **Regions.** Layouts of one to four native-size regions (a 1x2, 2x1, 1x3 and 2x2 split), each
 region prompting one object (colour and shape) on one shared background; a region's object is
 right when its tile holds an object of that colour and shape and no other tile does. Both
-MultiDiffusion's region masks (bootstrapping 40% of the steps, windows every half window) and
+MultiDiffusion's region masks (bootstrapping 40% of the steps, windows every quarter window,
+the recipe's default) and
 regional prompting (base prompt: all objects and the background, base ratio 0.3; its default
 windows, side by side); and the seam ratio (as for panoramas) on the columns where regions
 meet.
@@ -47,6 +52,7 @@ then holds only their figures.
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import time
@@ -73,7 +79,7 @@ from .common import (
 )
 
 __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
-           "seam_ratio", "auc", "SYNC"]
+           "seam_ratio", "auc", "mcnemar_p", "SYNC"]
 
 STEPS, CFG = 20, 5.0
 #: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
@@ -142,6 +148,17 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
     return float(wins / (len(pos) * len(neg)))
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """McNemar's exact two-sided p-value for paired yes/no outcomes: ``only_a`` pairs where
+    only the first method succeeds, ``only_b`` where only the second does (a binomial test of
+    the discordant pairs at one half)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, float | None]:
     """AUC of each default distance for the checker's tile-pair coherence (see module doc)."""
     distances = {name: VAEFeatureDistance(model.vae, statistics=name == "vae-stats")
@@ -200,7 +217,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
     setup = dict(quick=quick, size=size, window=window, stride=window // 2,
                  steps=8 if quick else STEPS)
     rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
-    prompts = [bench_prompt(rng) for _ in range(2 if quick else 32)]  # regions draw after these
+    prompts = [bench_prompt(rng) for _ in range(2 if quick else 64)]  # regions draw after these
     result = {"headline": {}, "model": model_label(model), "quick": quick, "parts": list(parts),
               "steps": setup["steps"], "cfg": CFG, "stride": setup["stride"],
               "prompts": [p for p, _, _ in prompts]}
@@ -301,6 +318,14 @@ def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
         "seam_ratio_no_overlap": means["no overlap"]["seam_ratio"],
         "coherence_shared_anchor": means["shared anchor attention"]["coherence"],
     }
+    pairs = list(zip((r["coherence"] for r in tally["syncdiffusion"]),
+                     (r["coherence"] for r in tally["multidiffusion"]), strict=True))
+    paired = {"sync_only": sum(a > b for a, b in pairs),
+              "multidiffusion_only": sum(b > a for a, b in pairs),
+              "both": sum(a == b == 1 for a, b in pairs),
+              "neither": sum(a == b == 0 for a, b in pairs)}
+    paired["p"] = mcnemar_p(paired["sync_only"], paired["multidiffusion_only"])
+    headline["coherence_sync_p"] = paired["p"]
     rows = [{"method": m, **v} for m, v in means.items()]
     text = (
         f"{n} panoramas per method ({len(prompts)} prompts naming no background or style, at "
@@ -310,17 +335,22 @@ def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
         + write_markdown_table(rows, ["method", "coherence", "background_one", "style_one",
                                       "adherence", "seam_ratio", "seconds_per_panorama", "nfe",
                                       *(f"windows_{k}x" for k in widths)])
+        + f"\nPaired, panorama by panorama: coherent with SyncDiffusion only "
+        f"{paired['sync_only']}, with MultiDiffusion only {paired['multidiffusion_only']}, both "
+        f"{paired['both']}, neither {paired['neither']}; McNemar's exact two-sided p = "
+        f"{paired['p']:.3g}.\n"
         + "\n## Distances against the checker's coherence (tile pairs)\n\n"
         + write_markdown_table([distances], list(distances)))
     fields = {"headline": headline, "panoramas_per_method": n, "sync": SYNC, "methods": means,
-              "distances": distances}
+              "coherence_paired": paired, "distances": distances,
+              "per_panorama": {m: [r["coherence"] for r in rows] for m, rows in tally.items()}}
     return fields, text, {"fusion": (grid, labels)}
 
 
 def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
-    """MultiDiffusion's region masks with half-window overlaps; regional prompting with its
-    default windows (side by side)."""
-    strides = {"multidiffusion": stride, "regional": None}
+    """MultiDiffusion's region masks and regional prompting, each with its default windows
+    (a quarter window apart; side by side)."""
+    strides = {"multidiffusion": None, "regional": None}
     tally = {m: [] for m in strides}
     seconds = {m: 0.0 for m in strides}
     seams = {m: [] for m in strides}
@@ -354,8 +384,8 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     by_split = {f"{s} {m}": float(np.mean(v)) for (s, m), v in per_split.items()}
     split_rows = [{"layout": s, "multidiffusion": by_split[f"{s} multidiffusion"],
                    "regional": by_split[f"{s} regional"]} for s in SPLITS]
-    text = (f"## Region layouts ({cases} per layout; MultiDiffusion windows every {stride} "
-            "latent pixels, regional prompting's side by side)\n\n"
+    text = (f"## Region layouts ({cases} per layout; MultiDiffusion windows every "
+            f"{window // 4} latent pixels, regional prompting's side by side)\n\n"
             + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"])
             + "\nSeam ratio on the columns where regions meet (layouts split into columns; 1: "
             "no seam): " + ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} -"
