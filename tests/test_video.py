@@ -380,3 +380,28 @@ def test_video_scores_of_the_true_renders():
     still = clip_scores(np.stack([frames[0]] * 5), clip, prompt)
     assert still["flicker"] == 0.0 and still["warp_error"] > s["warp_error"]
     assert still["motion"] == 0.0
+
+
+def test_each_bench_row_runs_its_own_dynamics_window_and_counts_its_evaluations(monkeypatch):
+    import random
+
+    from retouch.bench import video as bench
+
+    clip, prompt = bench.bench_clip(random.Random(3), 4)
+    seen = {}
+    monkeypatch.setattr(bench, "generate_clip", lambda model, prompt, **kw: seen.update(kw))
+
+    class Model:
+        @staticmethod
+        def latent_shape(n):
+            return (n, 4, 16, 16)
+
+    for name, window in (("first + motion dynamics (Text2Video-Zero)", (0.04, 0.1)),
+                         ("first + late motion dynamics", (0.3, 0.5)),
+                         ("first + warped noise", None)):
+        bench.method_clip(Model(), name, clip, prompt, seed=0)
+        assert seen["dynamics"] == window and seen["keyframes"] == "first"
+        assert seen["noise"] == ("warped" if window is None else "independent")
+    # 25 steps; the late window restarts every frame at step 8 after frame 1 ran 13 alone
+    assert bench._nfe_per_frame((0.3, 0.5), 8) == 2 * (13 + 8 * (25 - 8)) / 8
+    assert bench._nfe_per_frame(None, 8) == 50.0
