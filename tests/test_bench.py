@@ -201,3 +201,25 @@ def test_toyworld_and_editing_benches_sample_at_the_guidance_they_are_given(tmp_
     # the run names the weights it measured (not a row's label), and no case was left out
     assert doc["settings"]["model"].startswith("shipped toyworld (denoiser sha256 ")
     assert doc["settings"]["skipped"] == {}
+
+
+def test_style_batches_are_marked_against_their_reference():
+    import random
+
+    import numpy as np
+
+    from retouch.bench.consistency import batch_marks, style_batch
+    from retouch.toyworld.render import render
+    from retouch.toyworld.scene import parse_caption
+
+    ref, prompts = style_batch(random.Random(0), "striped")
+    assert ref.style == "striped" and len(prompts) == 4
+    assert all("background" not in p and "striped" not in p for p in prompts[1:])
+    # the reference's own render in every slot: its style and background, and other content
+    images = np.stack([render(ref, 64).image] * 4)
+    marks = batch_marks(images, prompts, ref)
+    assert marks["style"] == marks["background"] == marks["agree"] == [True] * 3
+    assert marks["solid"] == [False] * 3 and marks["adhere"] == [False] * 3
+    assert marks["leak"] == [True] * 3  # the reference's shape and colour, not the prompt's
+    own = [parse_caption(p)["objects"][0] for p in prompts[1:]]
+    assert all(o["shape"] != ref.objects[0].shape for o in own)

@@ -484,10 +484,19 @@ def test_a_panorama_edit_with_identical_prompts_changes_nothing_and_a_swap_edits
         panorama_edit(model, PROMPT, "a blue square", width=32, p2p={"blend_words": "changed"})
 
 
-def test_mcnemars_exact_test_matches_the_binomial_tail():
-    from retouch.bench.fusion import mcnemar_p
+def test_mcnemars_exact_test_is_the_two_sided_binomial_test_of_the_discordant_pairs():
+    from scipy.stats import binomtest
+
+    from retouch.bench.fusion import mcnemar_p, paired_counts
 
     assert mcnemar_p(0, 0) == 1.0
-    assert mcnemar_p(3, 3) == 1.0
     assert mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
-    assert mcnemar_p(1, 9) == mcnemar_p(9, 1) == pytest.approx(2 * 11 / 1024)
+    for only_a in range(0, 12, 3):
+        for only_b in range(1, 12, 2):
+            want = binomtest(only_a, only_a + only_b, 0.5).pvalue
+            assert mcnemar_p(only_a, only_b) == pytest.approx(want)
+            assert mcnemar_p(only_b, only_a) == pytest.approx(want)
+    counts = paired_counts([1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0, 0.0],
+                           names=("a_only", "b_only"))
+    assert counts == {"a_only": 2, "b_only": 1, "both": 1, "neither": 1,
+                      "p": mcnemar_p(2, 1)}

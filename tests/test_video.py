@@ -396,12 +396,28 @@ def test_each_bench_row_runs_its_own_dynamics_window_and_counts_its_evaluations(
         def latent_shape(n):
             return (n, 4, 16, 16)
 
-    for name, window in (("first + motion dynamics (Text2Video-Zero)", (0.04, 0.1)),
-                         ("first + late motion dynamics", (0.3, 0.5)),
-                         ("first + warped noise", None)):
+    assert bench.DYNAMICS["dynamics"] == (0.04, 0.1)  # the paper's window
+    for name, (keyframes, noise, pull) in bench.METHODS.items():
         bench.method_clip(Model(), name, clip, prompt, seed=0)
-        assert seen["dynamics"] == window and seen["keyframes"] == "first"
-        assert seen["noise"] == ("warped" if window is None else "independent")
+        assert seen["keyframes"] == keyframes and seen["pull"] == pull
+        assert seen["dynamics"] == bench.DYNAMICS.get(noise)
+        if noise in bench.DYNAMICS:  # the object's step as one translation of the whole latent
+            assert seen["noise"] == "independent"
+            step = torch.tensor(clip.step, dtype=seen["flows"].dtype) * 16
+            assert torch.equal(seen["flows"], step.view(1, 2, 1, 1).expand_as(seen["flows"]))
+        else:
+            assert seen["noise"] == noise and torch.equal(seen["flows"], clip.flows(16))
     # 25 steps; the late window restarts every frame at step 8 after frame 1 ran 13 alone
     assert bench._nfe_per_frame((0.3, 0.5), 8) == 2 * (13 + 8 * (25 - 8)) / 8
     assert bench._nfe_per_frame(None, 8) == 50.0
+
+
+def test_the_headline_takes_the_least_inconsistent_keyframe_row_that_adheres():
+    from retouch.bench import video as bench
+
+    means = {m: {"inconsistency": 0.9, "adherence": 0.95, "flicker": 0.1} for m in bench.METHODS}
+    means["first + late motion dynamics"].update(inconsistency=0.2, adherence=0.80)
+    means["first + warped noise"].update(inconsistency=0.45)
+    head = bench.headline(means)
+    assert head["video_best_keyframe_scheme"] == "first + warped noise"
+    assert head["video_inconsistency_ratio"] == pytest.approx(0.5)

@@ -42,7 +42,7 @@ from ..models.pipeline import PipelineModel
 from ..recipes.consistency import style_aligned
 from ..toyworld.checker import read, score
 from ..toyworld.folder import toyworld_extended
-from ..toyworld.scene import caption, parse_caption, random_scene
+from ..toyworld.scene import Scene, caption, parse_caption, random_scene
 from .common import (
     atomic_write_text,
     chosen_parts,
@@ -55,10 +55,10 @@ from .common import (
 from .transfer import ROWS as TRANSFER_ROWS
 from .transfer import measure_transfer
 from .video import METHODS as VIDEO_METHODS
+from .video import MIN_ADHERENCE, measure_video
 from .video import headline as video_headline
-from .video import measure_video
 
-__all__ = ["run", "PARTS"]
+__all__ = ["run", "PARTS", "STYLES", "style_batch", "batch_marks"]
 
 STYLES = ("striped", "outlined")
 MODES = {"shared": dict(share=True), "plain": dict(share=False),
@@ -67,7 +67,9 @@ CONTENT = ("color", "shape", "size", "position", "count")
 NO_STYLE_OR_BACKGROUND = {"background": 1.0, "style": 1.0}
 
 
-def _batch(rng: random.Random, style: str):
+def style_batch(rng: random.Random, style: str) -> tuple[Scene, list[str]]:
+    """A reference scene of fill ``style`` and the batch's prompts: the reference's full
+    caption, then 3 prompts of other shapes and colours naming no style or background."""
     ref = random_scene(rng, styles=(style,), two_object_fraction=0.0)
     others = []
     while len(others) < 3:  # other shapes and colours than the reference's (to see leakage)
@@ -78,6 +80,31 @@ def _batch(rng: random.Random, style: str):
     prompts = [caption(ref).text] + [caption(s, drop=NO_STYLE_OR_BACKGROUND, rng=rng).text
                                      for s in others]
     return ref, prompts
+
+
+def batch_marks(images: np.ndarray, prompts: list[str], ref: Scene) -> dict[str, list[bool]]:
+    """Per image after the first (the reference ``ref``'s): ``style`` and ``background``
+    (taken from the reference), ``agree`` (both), ``solid`` (read solid), ``leak`` (the
+    reference's shape or colour where the image's own prompt names another) and ``adhere``
+    (the prompt's content, :data:`CONTENT`, not read wrong)."""
+    want = ref.objects[0]
+    marks = {k: [] for k in ("agree", "style", "background", "leak", "adhere", "solid")}
+    for img, prompt in zip(images[1:], prompts[1:], strict=True):
+        reading = read(img)
+        same_style = reading.style == ref.style
+        same_bg = reading.background == ref.background
+        obj = reading.objects[0] if reading.objects else None
+        own = parse_caption(prompt)["objects"][0]
+        checked = score(img, parse_caption(prompt))
+        marks["agree"].append(same_style and same_bg)
+        marks["style"].append(same_style)
+        marks["background"].append(same_bg)
+        marks["solid"].append(reading.style == "solid")
+        marks["leak"].append(obj is not None and (
+            (obj.shape == want.shape and own["shape"] != want.shape)
+            or (obj.color == want.color and own["color"] != want.color)))
+        marks["adhere"].append(all(checked[k] is not False for k in CONTENT))
+    return marks
 
 
 #: The benchmark's parts (``retouch bench consistency --parts video`` runs one alone).
@@ -126,28 +153,12 @@ def _style_part(tw, quick: bool):
     ref_change, ref_right, grid = 0, [], []
     for style in STYLES:
         for case in range(cases):
-            ref, prompts = _batch(rng, style)
-            want = ref.objects[0]
+            ref, prompts = style_batch(rng, style)
             images = {m: style_aligned(tw, prompts, steps=25, cfg=5.0, seed=case, **kw)
                       for m, kw in MODES.items()}
             for mode, imgs in images.items():
-                for img, prompt in zip(imgs[1:], prompts[1:], strict=True):
-                    reading = read(img)
-                    same_style = reading.style == style
-                    same_bg = reading.background == ref.background
-                    obj = reading.objects[0] if reading.objects else None
-                    own = parse_caption(prompt)["objects"][0]
-                    leak = obj is not None and (
-                        (obj.shape == want.shape and own["shape"] != want.shape)
-                        or (obj.color == want.color and own["color"] != want.color))
-                    marks = score(img, parse_caption(prompt))
-                    t = tally[mode]
-                    t["agree"].append(same_style and same_bg)
-                    t["style"].append(same_style)
-                    t["solid"].append(reading.style == "solid")
-                    t["background"].append(same_bg)
-                    t["leak"].append(leak)
-                    t["adhere"].append(all(marks[k] is not False for k in CONTENT))
+                for key, marks in batch_marks(imgs, prompts, ref).items():
+                    tally[mode][key] += marks
             r = read(images["shared"][0])
             ref_right.append(r.style == style and r.background == ref.background)
             ref_change = max(ref_change, int(np.abs(images["shared"][0].astype(int)
@@ -242,7 +253,8 @@ def _video_section(video: dict, clips: int, frames: int) -> str:
         f"{frames} frames, one object moving 0.12 of the image across its region; every frame's "
         "prompt names only the shape and position (see `retouch.bench.video`). Inconsistency: "
         "frames whose colour, shape, size, style or background differ from frame 1's. Best "
-        f"keyframe scheme: {head['video_best_keyframe_scheme']} "
+        f"keyframe scheme (the least inconsistent with adherence ≥ {MIN_ADHERENCE}): "
+        f"{head['video_best_keyframe_scheme']} "
         f"(inconsistency ÷ independent frames: {_fmt(head['video_inconsistency_ratio'])}); "
         f"warped ÷ independent noise flicker: {_fmt(head['warped_flicker_ratio'])}.\n\n"
         + write_markdown_table(rows, ["method", "adherence", "inconsistency", "changed_color",

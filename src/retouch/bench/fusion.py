@@ -45,9 +45,10 @@ widths run first, in increasing order).
 
 Outputs ``fusion.json`` (headline ``coherence_multidiffusion``, ``coherence_sync``,
 ``sync_time_ratio``, ``region_adherence_multidiffusion``, ``region_adherence_regional``,
-``seam_ratio``), ``fusion.md``, ``fusion.png`` (panoramas), ``fusion_regions.png``. ``parts``
-(:data:`PARTS`; ``retouch bench fusion --parts regions``) runs some parts alone: the headline
-then holds only their figures.
+``seam_ratio``, ``coherence_sync_p``; ``coherence_paired``, and ``per_panorama``: each
+method's coherence verdicts by prompt, then width), ``fusion.md``, ``fusion.png``
+(panoramas), ``fusion_regions.png``. ``parts`` (:data:`PARTS`; ``retouch bench fusion
+--parts regions``) runs some parts alone: the headline then holds only their figures.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from tqdm.auto import tqdm
 
 from ..fusion import RegionLayout, VAEFeatureDistance, colour_statistics, window_boxes
 from ..models.pipeline import PipelineModel
-from ..recipes.fusion import grid_views, panorama, regions, sync_diffusion
+from ..recipes.fusion import default_stride, grid_views, panorama, regions, sync_diffusion
 from ..recipes.generate import generate
 from ..toyworld.checker import read
 from ..toyworld.scene import BACKGROUNDS, COLORS, SHAPES
@@ -79,7 +80,7 @@ from .common import (
 )
 
 __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
-           "seam_ratio", "auc", "mcnemar_p", "SYNC"]
+           "seam_ratio", "auc", "mcnemar_p", "paired_counts", "SYNC"]
 
 STEPS, CFG = 20, 5.0
 #: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
@@ -146,6 +147,16 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
         return None
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return float(wins / (len(pos) * len(neg)))
+
+
+def paired_counts(a: list[float], b: list[float], *, names: tuple[str, str]) -> dict:
+    """Paired yes/no outcomes (1.0 / 0.0) of two methods on the same cases: how many only the
+    first (``names[0]``) or only the second gets right, both, neither, and :func:`mcnemar_p`."""
+    pairs = list(zip(a, b, strict=True))
+    counts = {names[0]: sum(x > y for x, y in pairs), names[1]: sum(y > x for x, y in pairs),
+              "both": sum(x == y == 1 for x, y in pairs),
+              "neither": sum(x == y == 0 for x, y in pairs)}
+    return counts | {"p": mcnemar_p(counts[names[0]], counts[names[1]])}
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
@@ -217,7 +228,8 @@ def run(*, quick: bool, out: Path, model: str | None = None,
     setup = dict(quick=quick, size=size, window=window, stride=window // 2,
                  steps=8 if quick else STEPS)
     rng = random.Random(1)  # SYNC's weight was chosen on prompts of random.Random(0)
-    prompts = [bench_prompt(rng) for _ in range(2 if quick else 64)]  # regions draw after these
+    # regions draw after these (so their layouts changed when the prompts went from 32 to 64)
+    prompts = [bench_prompt(rng) for _ in range(2 if quick else 64)]
     result = {"headline": {}, "model": model_label(model), "quick": quick, "parts": list(parts),
               "steps": setup["steps"], "cfg": CFG, "stride": setup["stride"],
               "prompts": [p for p, _, _ in prompts]}
@@ -318,13 +330,9 @@ def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
         "seam_ratio_no_overlap": means["no overlap"]["seam_ratio"],
         "coherence_shared_anchor": means["shared anchor attention"]["coherence"],
     }
-    pairs = list(zip((r["coherence"] for r in tally["syncdiffusion"]),
-                     (r["coherence"] for r in tally["multidiffusion"]), strict=True))
-    paired = {"sync_only": sum(a > b for a, b in pairs),
-              "multidiffusion_only": sum(b > a for a, b in pairs),
-              "both": sum(a == b == 1 for a, b in pairs),
-              "neither": sum(a == b == 0 for a, b in pairs)}
-    paired["p"] = mcnemar_p(paired["sync_only"], paired["multidiffusion_only"])
+    paired = paired_counts([s["coherence"] for s in tally["syncdiffusion"]],
+                           [s["coherence"] for s in tally["multidiffusion"]],
+                           names=("sync_only", "multidiffusion_only"))
     headline["coherence_sync_p"] = paired["p"]
     rows = [{"method": m, **v} for m, v in means.items()]
     text = (
@@ -343,17 +351,19 @@ def _panorama_part(tw, prompts, rng, *, quick, size, window, stride, steps):
         + write_markdown_table([distances], list(distances)))
     fields = {"headline": headline, "panoramas_per_method": n, "sync": SYNC, "methods": means,
               "coherence_paired": paired, "distances": distances,
-              "per_panorama": {m: [r["coherence"] for r in rows] for m, rows in tally.items()}}
+              "per_panorama": {m: [s["coherence"] for s in scores]
+                               for m, scores in tally.items()},
+              "per_panorama_order": "prompt, then width"}
     return fields, text, {"fusion": (grid, labels)}
 
 
 def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     """MultiDiffusion's region masks and regional prompting, each with its default windows
     (a quarter window apart; side by side)."""
-    strides = {"multidiffusion": None, "regional": None}
-    tally = {m: [] for m in strides}
-    seconds = {m: 0.0 for m in strides}
-    seams = {m: [] for m in strides}
+    methods = ("multidiffusion", "regional")
+    tally = {m: [] for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    seams = {m: [] for m in methods}
     grid, labels = [], []
     cases = 1 if quick else 8
     per_split = {}
@@ -364,8 +374,7 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
             layout, picks = bench_layout(rng, split, size, grid_rc)
             for method in tally:
                 t0 = time.perf_counter()
-                image = regions(tw, layout, method=method, stride=strides[method], steps=steps,
-                                cfg=CFG, seed=c)
+                image = regions(tw, layout, method=method, steps=steps, cfg=CFG, seed=c)
                 seconds[method] += time.perf_counter() - t0
                 right = region_scores(image, picks, size)
                 tally[method] += right
@@ -385,7 +394,7 @@ def _region_part(tw, prompts, rng, *, quick, size, window, stride, steps):
     split_rows = [{"layout": s, "multidiffusion": by_split[f"{s} multidiffusion"],
                    "regional": by_split[f"{s} regional"]} for s in SPLITS]
     text = (f"## Region layouts ({cases} per layout; MultiDiffusion windows every "
-            f"{window // 4} latent pixels, regional prompting's side by side)\n\n"
+            f"{default_stride(tw)} latent pixels, regional prompting's side by side)\n\n"
             + write_markdown_table(split_rows, ["layout", "multidiffusion", "regional"])
             + "\nSeam ratio on the columns where regions meet (layouts split into columns; 1: "
             "no seam): " + ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} -"

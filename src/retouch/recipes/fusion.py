@@ -44,8 +44,8 @@ from ..fusion.views import check_canvas
 from ..samplers import get_step, sample, start_latents
 from .editors import p2p_editor
 
-__all__ = ["DISTANCES", "canvas_latent_hw", "fuse", "grid_views", "panorama", "panorama_edit",
-           "regions", "sync_diffusion"]
+__all__ = ["DISTANCES", "canvas_latent_hw", "default_stride", "fuse", "grid_views", "panorama",
+           "panorama_edit", "regions", "sync_diffusion"]
 
 #: SyncDiffusion's distances by name (``colour``, the default, and the VAE ones need no
 #: download; on ToyWorld panoramas ``colour`` matches ``vae``'s coherence with one background
@@ -181,9 +181,14 @@ def _colour_latents(model, gen: torch.Generator, n: int = 8) -> torch.Tensor:
     return model.encode_image(np.ascontiguousarray(images))
 
 
+def default_stride(model) -> int:
+    """The windows' default stride in latent pixels: a quarter window."""
+    return max(1, _window(model)[0] // 4)
+
+
 def _window_views(model, canvas_hw, stride: int | None, prompt: int = 0) -> list[View]:
     wh, ww = _window(model)
-    stride = max(1, wh // 4) if stride is None else stride
+    stride = default_stride(model) if stride is None else stride
     return [View(top, left, wh, ww, prompt) for top, left in window_boxes(canvas_hw, (wh, ww),
                                                                           stride)]
 
@@ -240,7 +245,8 @@ def regions(model, layout: RegionLayout, *, method: str = "multidiffusion",
     layout's ``base`` prompt; its windows default to side by side (``stride`` = one window,
     the last flush with the canvas edge), as RPG composes regions within one native-size image:
     on ToyBench's layouts of native-size tiles that made regions right 0.875 against 0.739 with
-    half-window overlaps (the same 32 layouts, :mod:`retouch.bench.fusion`)."""
+    half-window overlaps (the same 32 layouts of an earlier run of :mod:`retouch.bench.fusion`,
+    session 14)."""
     if method not in REGION_METHODS:
         raise ValueError(f"unknown region method {method!r}; valid: {', '.join(REGION_METHODS)}")
     canvas = canvas_latent_hw(model, layout.width, layout.height)
