@@ -339,7 +339,12 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
     moved = tmp_path / "t2v-zero"
     assert main(["video", "a red circle", "--frames", "3", "--dynamics", "--motion", "1,0",
                  *model, "--out", str(moved)]) == 0
-    assert json.loads((moved / "video.json").read_text())["dynamics"] is True
+    assert json.loads((moved / "video.json").read_text())["dynamics"] == [0.04, 0.1]
+    late = tmp_path / "late"
+    assert main(["video", "a red circle", "--frames", "3", "--dynamics", "--motion", "1,0",
+                 "--dynamics-window", "0.3,0.5", "--model", str(tiny_toy_pipeline),
+                 "--steps", "6", "--out", str(late)]) == 0
+    assert json.loads((late / "video.json").read_text())["dynamics"] == [0.3, 0.5]
     pulled = tmp_path / "pix2video"
     assert main(["video", "a red circle", "--frames", "3", "--keyframes", "first+previous",
                  "--pull", "1", *model, "--out", str(pulled)]) == 0
@@ -358,6 +363,14 @@ def test_video_cli_writes_frames_and_a_gif(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["video", "a red circle", "--dynamics", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert "--dynamics moves the first frame's latent along --motion" in capsys.readouterr().err
+    for window, says in (("0.5,0.3", "need 0 < T1 < T' < 1"), ("0.3", "wants T1,T'"),
+                         ("a,b", "wants T1,T'")):
+        assert main(["video", "a red circle", "--dynamics", "--motion", "1,0",
+                     "--dynamics-window", window, *model, "--out", str(tmp_path / "no")]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["video", "a red circle", "--dynamics-window", "0.3,0.5", *model,
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "add --dynamics or drop it" in capsys.readouterr().err
     assert main(["video", "a red circle", "--pull", "-1", *model,
                  "--out", str(tmp_path / "no")]) == 2
     assert "--pull must be a finite number >= 0" in capsys.readouterr().err

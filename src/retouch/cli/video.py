@@ -6,7 +6,9 @@ frames whose self-attention reads the keyframes (Text2Video-Zero: first; Pix2Vid
 first+previous). With ``--noise warped`` the start noise moves along ``--motion`` (a global
 translation of DX, DY latent pixels per frame, carried as Chang et al.'s warped noise); with
 ``--dynamics`` the first frame's partly denoised latent moves along it instead (Text2Video-Zero's
-motion dynamics). ``--pull W`` adds Pix2Video's latent guidance (each frame's clean estimate
+motion dynamics; ``--dynamics-window T1,T'`` as fractions of the steps, default the paper's
+0.04,0.1; on ToyWorld 0.3,0.5 keeps the object's look and motion best, ``docs/benchmarks.md``).
+``--pull W`` adds Pix2Video's latent guidance (each frame's clean estimate
 pulled towards the previous frame's in the first half of the steps; 1 closes about the whole
 gap per step). ``--input FRAME.png ...`` edits a
 real clip instead: every frame is inverted under PROMPT (``--inversion``, default ddim) and
@@ -58,6 +60,25 @@ def _motion(arg: str | None) -> tuple[float, float] | None:
     return dx, dy
 
 
+def _window(arg: str | None, dynamics: bool, steps: int) -> tuple[float, float]:
+    """The motion-dynamics window (checked against ``steps``; the paper's when not given)."""
+    from retouch.recipes.video import T2V_ZERO_DYNAMICS, dynamics_window
+
+    if arg is None:
+        return T2V_ZERO_DYNAMICS
+    if not dynamics:
+        raise ValueError("--dynamics-window sets --dynamics' window; add --dynamics or drop it")
+    try:
+        window = tuple(float(v) for v in arg.split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 2:
+        raise ValueError(f"--dynamics-window wants T1,T' (fractions of the steps, e.g. 0.3,0.5), "
+                         f"got {arg!r}")
+    dynamics_window(window, steps)  # refuses windows outside 0 < T1 < T' < 1
+    return window
+
+
 def _global_flows(frames: int, hw: tuple[int, int], motion: tuple[float, float]) -> torch.Tensor:
     flows = torch.zeros(frames - 1, 2, *hw)
     flows[:, 0], flows[:, 1] = motion
@@ -68,9 +89,10 @@ def run_video(args: argparse.Namespace) -> None:
     """Handler of ``retouch video``."""
     from retouch.images import read_image
     from retouch.models.pipeline import PipelineModel
-    from retouch.recipes.video import T2V_ZERO_DYNAMICS, edit_clip, generate_clip
+    from retouch.recipes.video import edit_clip, generate_clip
 
     motion = _motion(args.motion)
+    window = _window(args.dynamics_window, args.dynamics, args.steps)
     editing = bool(args.input)
     if editing and (args.noise != "independent" or motion is not None or args.frames):
         raise ValueError("--input edits the given frames from their inversions: drop --frames, "
@@ -127,14 +149,15 @@ def run_video(args: argparse.Namespace) -> None:
         mix = 1.0 if args.mix is None else args.mix
         clip = generate_clip(model, args.prompt, frames=frames, noise=args.noise, mix=mix,
                              flows=flows, seed=args.seed, chunk=args.chunk,
-                             dynamics=T2V_ZERO_DYNAMICS if args.dynamics else None,
+                             dynamics=window if args.dynamics else None,
                              pull=args.pull or 0.0, **common)
     for i, f in enumerate(clip):
         save_image(f, out / f"frame_{i:03d}.png")
     save_gif(clip, out / "clip.gif")
     report = {"prompt": args.prompt, "target": args.target, "frames": frames,
               "keyframes": args.keyframes, "noise": None if editing else args.noise,
-              "mix": args.mix, "motion": motion, "dynamics": args.dynamics, "pull": args.pull,
+              "mix": args.mix, "motion": motion,
+              "dynamics": list(window) if args.dynamics else None, "pull": args.pull,
               "inversion": args.inversion if editing else None,
               "editor": args.editor if editing else None, "steps": args.steps, "cfg": args.cfg,
               "seed": args.seed}
@@ -162,6 +185,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="latent pixels per frame, for --noise warped or --dynamics")
     p.add_argument("--dynamics", action="store_true",
                    help="Text2Video-Zero's motion dynamics along --motion")
+    p.add_argument("--dynamics-window", default=None, metavar="T1,T'",
+                   help="with --dynamics: where frame 1's latent is warped (T') and every "
+                        "frame restarts (T1), as fractions of the steps (default 0.04,0.1)")
     p.add_argument("--pull", type=number, default=None,
                    help="Pix2Video's latent guidance weight (e.g. 1; default off)")
     p.add_argument("--chunk", type=whole(2), default=None, help="frames per model call")
