@@ -3,8 +3,9 @@ benchmark does not use (``random.Random(0)``; the benchmark draws from ``Random(
 
     python scripts/region_tuning.py CASES CONFIG...
 
-CASES layouts per split of ``bench.fusion.SPLITS``; a CONFIG is ``BOOTSTRAP:STRIDE`` (the share
-of bootstrapped steps and the window stride in latent pixels) or ``regional`` (regional
+CASES layouts per split of ``bench.fusion.SPLITS``; a CONFIG is ``BOOTSTRAP:STRIDE[:POWER]``
+(the share of bootstrapped steps, the window stride in latent pixels and the coverage power of
+the region views' weights, default 0: the paper's plain masks) or ``regional`` (regional
 prompting at its defaults). Prints the share of regions right (``bench.fusion.region_scores``)
 per split and overall, and seconds per layout. 20 DDIM steps, CFG 5, seed = case index.
 """
@@ -30,8 +31,9 @@ def main(cases: int, configs: list[str]) -> None:
         if config == "regional":
             options = dict(method="regional")
         else:
-            bootstrap, stride = config.split(":")
-            options = dict(method="multidiffusion", bootstrap=float(bootstrap), stride=int(stride))
+            bootstrap, stride, *power = config.split(":")
+            options = dict(method="multidiffusion", bootstrap=float(bootstrap), stride=int(stride),
+                           coverage_power=float(power[0]) if power else 0.0)
         right, per, t0 = [], {}, time.time()
         for name, c, layout, picks in layouts:
             image = regions(model, layout, steps=STEPS, cfg=CFG, seed=c, **options)

@@ -126,7 +126,8 @@ def test_syncdiffusion_equals_shifting_and_stepping_each_view_then_averaging():
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_bootstrapping_shows_a_noised_constant_colour_outside_the_mask_in_early_steps():
+@pytest.mark.parametrize("scale", [1.0, 0.25])  # a mask scaled as a fusion weight bootstraps alike
+def test_bootstrapping_shows_a_noised_constant_colour_outside_the_mask_in_early_steps(scale):
     seen = []
 
     class Recorder(Pointwise):
@@ -140,7 +141,7 @@ def test_bootstrapping_shows_a_noised_constant_colour_outside_the_mask_in_early_
     colours = torch.full((1, 4, 4, 4), 0.7)
     noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     boot = Bootstrap(2, colours, noise)
-    fused = FusedDenoiser(Recorder(), [View(0, 0, 4, 4, weight=mask, bootstrap=True),
+    fused = FusedDenoiser(Recorder(), [View(0, 0, 4, 4, weight=scale * mask, bootstrap=True),
                                        View(0, 0, 4, 4, weight=1 - mask)],
                           canvas_hw=(4, 4), times=times, bootstrap=boot)
     x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -451,6 +452,7 @@ def test_panorama_and_regions_cli_write_their_images(tiny_toy_pipeline, tmp_path
         (["panorama", "a red circle", "--width", "128", "--stride", "17"], "stride 17"),
         (["panorama", "a red circle", "--width", "128", "--distance", "vae"], "add --sync"),
         (["regions", str(tmp_path / "missing.json")], "missing.json"),
+        (["regions", str(layout), "--coverage-power", "-1"], "--coverage-power must be at least"),
     ):
         assert main([*argv, *model, "--out", str(tmp_path / "no")]) == 2
         assert text in capsys.readouterr().err
@@ -500,3 +502,23 @@ def test_mcnemars_exact_test_is_the_two_sided_binomial_test_of_the_discordant_pa
                            names=("a_only", "b_only"))
     assert counts == {"a_only": 2, "b_only": 1, "both": 1, "neither": 1,
                       "p": mcnemar_p(2, 1)}
+
+
+def test_region_windows_weigh_the_share_of_the_window_their_region_fills(monkeypatch):
+    from retouch.recipes import fusion as recipe
+
+    model = tiny_model("sd1")  # 8x8 latent windows
+    layout = RegionLayout.from_dict({"width": 64, "height": 32, "split": "1,1",
+                                     "prompts": [PROMPT, "a blue square"]})
+    seen = {}
+    monkeypatch.setattr(recipe, "fuse", lambda model, prompts, views, canvas, **kw: seen.update(
+        views=views))
+    for power in (0.0, 2.0):
+        recipe.regions(model, layout, stride=4, coverage_power=power)
+        for v in seen["views"]:  # windows at 0, 4, 8 over a canvas of two 8-pixel regions
+            share = float((v.weight > 0).float().mean())
+            assert set(v.weight.unique().tolist()) <= {0.0, share ** power}
+        assert {round(float((v.weight > 0).float().mean()), 2) for v in seen["views"]} == {
+            1.0, 0.5}
+    with pytest.raises(ValueError, match="coverage_power must be at least 0"):
+        recipe.regions(model, layout, coverage_power=-1)

@@ -122,7 +122,8 @@ class FusedDenoiser:
         parts = list(crops.split(batch))
         for k, v in enumerate(self.views):
             if v.bootstrap:
-                m = v.weights(crops.device, crops.dtype).clamp(0, 1)
+                w = v.weights(crops.device, crops.dtype)
+                m = (w / w.max().clamp_min(1e-12)).clamp(0, 1)  # the mask, whatever its scale
                 behind = alpha * b.backgrounds[picks[k]].to(crops) + sigma * (
                     b.noise[:, :, v.box[0], v.box[1]].to(crops))
                 parts[k] = m * parts[k] + (1 - m) * behind
