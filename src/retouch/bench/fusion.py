@@ -29,8 +29,8 @@ distance separating pairs the checker calls coherent (same background and style)
 **Regions.** Layouts of one to four native-size regions (a 1x2, 2x1, 1x3 and 2x2 split), each
 region prompting one object (colour and shape) on one shared background; a region's object is
 right when its tile holds an object of that colour and shape and no other tile does. Both
-MultiDiffusion's region masks (bootstrapping 40% of the steps, windows every quarter window,
-the recipe's default) and
+MultiDiffusion's region masks (the recipe's defaults: bootstrapping 40% of the steps, windows
+every quarter window, each weighted by the square of the share of it the region fills) and
 regional prompting (base prompt: all objects and the background, base ratio 0.3; its default
 windows, side by side); and the seam ratio (as for panoramas) on the columns where regions
 meet.

@@ -4,9 +4,9 @@
   canvas, one prompt; with ``sync`` (:func:`sync_diffusion`) SyncDiffusion's gradient step.
 * :func:`regions`: a :class:`~retouch.fusion.RegionLayout` generated either by MultiDiffusion's
   region masks (every window denoised under each region's prompt, weighted by the region's
-  mask, with bootstrapping) or by regional prompting in the cross-attention (every window under
-  the base prompt, each region's queries reading its sub-prompt,
-  :class:`~retouch.attention.RegionalPrompting`).
+  mask times a power of the share of the window the region fills, with bootstrapping) or by
+  regional prompting in the cross-attention (every window under the base prompt, each region's
+  queries reading its sub-prompt, :class:`~retouch.attention.RegionalPrompting`).
 * :func:`grid_views`: several views of one prompt tiled into one canvas and denoised as one
   image, so the model's self-attention couples them (Zero123++'s grid, without its fine-tuning).
 
