@@ -148,8 +148,7 @@ def run(*, quick: bool, out: Path, model: str | None = None,
 def _style_part(tw, quick: bool):
     cases = 4 if quick else 12
     rng = random.Random(0)
-    tally = {m: {k: [] for k in ("agree", "style", "background", "leak", "adhere", "solid")}
-             for m in MODES}
+    tally = {m: {} for m in MODES}  # mode -> batch_marks' keys -> marks over all batches
     ref_change, ref_right, grid = 0, [], []
     for style in STYLES:
         for case in range(cases):
@@ -158,7 +157,7 @@ def _style_part(tw, quick: bool):
                       for m, kw in MODES.items()}
             for mode, imgs in images.items():
                 for key, marks in batch_marks(imgs, prompts, ref).items():
-                    tally[mode][key] += marks
+                    tally[mode].setdefault(key, []).extend(marks)
             r = read(images["shared"][0])
             ref_right.append(r.style == style and r.background == ref.background)
             ref_change = max(ref_change, int(np.abs(images["shared"][0].astype(int)
