@@ -32,6 +32,8 @@ VARIANTS = {
     "shift16": dict(score_shift=math.log(16)),
     "values": dict(adain_values=True),
     "values_shift4": dict(adain_values=True, score_shift=math.log(4)),
+    "cfg1": dict(cfg=1.0),  # the text's pull towards solid (an unnamed fill) unguided
+    "cfg2": dict(cfg=2.0),
 }
 
 
@@ -41,9 +43,10 @@ def main(cases: int, variants: list[str]) -> None:
     batches = [(case, *style_batch(rng, style)) for style in STYLES for case in range(cases)]
     for name in variants:
         tally, t0 = {}, time.time()
+        options = dict(VARIANTS[name])
+        cfg = options.pop("cfg", 5.0)
         for case, ref, prompts in batches:
-            images = style_aligned(model, prompts, steps=25, cfg=5.0, seed=case,
-                                   **VARIANTS[name])
+            images = style_aligned(model, prompts, steps=25, cfg=cfg, seed=case, **options)
             for key, marks in batch_marks(images, prompts, ref).items():
                 tally.setdefault(key, []).extend(marks)
         means = {k: round(float(np.mean(v)), 3) for k, v in tally.items()}

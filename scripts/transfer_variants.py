@@ -35,6 +35,38 @@ VARIANTS = {
     "cfg1": dict(cfg=1.0),  # the reference code's guidance
     "ef": dict(inversion="ddpm_edit_friendly"),  # the output on the structure's noise maps
     "ef_cfg1": dict(inversion="ddpm_edit_friendly", cfg=1.0),
+    "ef_contrast3": dict(inversion="ddpm_edit_friendly", contrast=3.0),
+    "ef_nostructure": dict(inversion="ddpm_edit_friendly", structure_every=0),
+    "ef_swap6": dict(inversion="ddpm_edit_friendly", swap_guidance=6.0),
+    "ef_late": dict(inversion="ddpm_edit_friendly", windows={0: (0.1, 1.0), 1: (0.1, 1.0)}),
+    "ef_ns_swap6": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0),
+    "ef_ns_early": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                        windows={0: (0.0, 0.9), 1: (0.0, 0.7)}),
+    "ef_ns_wide": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                       windows={0: (0.1, 0.9), 1: (0.1, 0.9)}),
+    "ef_ns_swap9": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=9.0),
+    "ef_ns_swap6_c1": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
+                           contrast=1.0),
+    "ef_ns_swap6_cfg1": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                             swap_guidance=6.0, cfg=1.0),
+    "ef_ns_swap6_cfg2": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                             swap_guidance=6.0, cfg=2.0),
+    "ef_ns_swap6_inv5_cfg1": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                                  swap_guidance=6.0, inversion_cfg=5.0, cfg=1.0),
+    "ef_ns_inv5_cfg1": dict(inversion="ddpm_edit_friendly", structure_every=0, inversion_cfg=5.0,
+                            cfg=1.0),
+    "ef_ns_swap9_inv5_cfg1": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                                  swap_guidance=9.0, inversion_cfg=5.0, cfg=1.0),
+    "ef_swap6_inv5_cfg1": dict(inversion="ddpm_edit_friendly", swap_guidance=6.0,
+                               inversion_cfg=5.0, cfg=1.0),
+    "ef_ns_swap6_inv3_cfg1": dict(inversion="ddpm_edit_friendly", structure_every=0,
+                                  swap_guidance=6.0, inversion_cfg=3.5, cfg=1.0),
+    "best_adain_all": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
+                           inversion_cfg=5.0, cfg=1.0, adain_steps=(0.0, 1.0)),
+    "best_c3": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
+                    inversion_cfg=5.0, cfg=1.0, contrast=3.0),
+    "best_wide": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
+                      inversion_cfg=5.0, cfg=1.0, windows={0: (0.0, 1.0), 1: (0.0, 1.0)}),
     "ef_skip": dict(inversion="ddpm_edit_friendly", skip=0.32),
     # the reference code's setting: inverted at CFG 3.5, sampled at 1, 32 % of the steps skipped
     "reference": dict(inversion="ddpm_edit_friendly", inversion_cfg=3.5, cfg=1.0, skip=0.32),
@@ -50,13 +82,14 @@ def main(n: int, names: list[str]) -> None:
         adain = options.pop("adain_steps", (0.2, 1.0))
         cfg = options.pop("cfg", CFG)
         options.setdefault("inversion", "ddim")
+        swap = options.pop("swap_guidance", 3.5)
         marks, t0 = [], time.time()
         for i, (a, b) in enumerate(pairs):
             out = appearance_transfer(
                 model, render(a).image, render(b).image, structure_prompt=caption(a).text,
                 appearance_prompt=caption(b).text,
                 output_prompt=caption(a, drop=LOOK, rng=random.Random(i)).text, steps=STEPS,
-                cfg=cfg, swap_guidance=3.5, adain_steps=adain, **options).output
+                cfg=cfg, swap_guidance=swap, adain_steps=adain, **options).output
             marks.append(transfer_marks(out, a, b))
         means = {k: round(float(np.mean([m[k] for m in marks])), 3) for k in marks[0]}
         print(name, means, f"{(time.time() - t0) / n:.1f} s", flush=True)

@@ -159,13 +159,16 @@ def test_the_consistency_benchmark_runs_one_part_alone_and_refuses_unknown_parts
     marks = dict.fromkeys(("success", "structure_kept", "appearance_taken", "colour_taken",
                            "style_taken", "background_taken", "seconds_per_transfer"), 0.5)
     tile = np.zeros((8, 8, 3), np.uint8)
+    paired = {ROWS[0]: 1, ROWS[1]: 0, "both": 1, "neither": 0, "p": 1.0}
     monkeypatch.setattr(bench, "measure_transfer", lambda model, cases: (
-        {row: marks for row in ROWS}, [[tile] * (2 + len(ROWS))] * cases))
+        {row: marks for row in ROWS}, paired, [[tile] * (2 + len(ROWS))] * cases))
     out = tmp_path / "out"
     doc = bench.run(quick=True, out=out, model=str(folder), parts=("transfer",))
-    assert set(doc["headline"]) == {"transfer_success", "transfer_success_ddim",
+    assert set(doc["headline"]) == {"transfer_success", "transfer_success_cfg5",
+                                    "transfer_success_ddim",
                                     "transfer_success_adain_only", "transfer_success_p2p_edit"}
     assert doc["settings"]["transfer_cases"] == 2 and "video" not in doc
+    assert doc["transfer_paired"] == paired
     assert json.loads((out / "consistency.json").read_text())["parts"] == ["transfer"]
     assert "Parts run: transfer" in (out / "consistency.md").read_text()
     assert (out / "consistency_transfer.png").exists() and not (out / "consistency.png").exists()

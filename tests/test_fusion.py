@@ -489,7 +489,7 @@ def test_a_panorama_edit_with_identical_prompts_changes_nothing_and_a_swap_edits
 def test_mcnemars_exact_test_is_the_two_sided_binomial_test_of_the_discordant_pairs():
     from scipy.stats import binomtest
 
-    from retouch.bench.fusion import mcnemar_p, paired_counts
+    from retouch.bench.common import mcnemar_p, paired_counts
 
     assert mcnemar_p(0, 0) == 1.0
     assert mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)

@@ -1,5 +1,7 @@
 """Appearance transfer by cross-image attention, on tiny SD1 and SDXL models."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,10 @@ def test_transfer_cli_writes_the_output(tiny_toy_pipeline, tmp_path, capsys):
               "--model", str(tiny_toy_pipeline)]
     assert main(["transfer", *common, "--out", str(tmp_path / "t")]) == 0
     assert Image.open(tmp_path / "t" / "output.png").size == (64, 64)
+    tuned = ["--cfg", "1", "--inversion-cfg", "5", "--swap-guidance", "6", "--structure-every", "0"]
+    assert main(["transfer", *common, *tuned, "--out", str(tmp_path / "tuned")]) == 0
+    report = json.loads((tmp_path / "tuned" / "transfer.json").read_text())
+    assert (report["cfg"], report["inversion_cfg"], report["structure_every"]) == (1.0, 5.0, 0)
     assert main(["transfer", *common, "--contrast", "0", "--out", str(tmp_path / "no")]) == 2
     assert "contrast must be a positive number" in capsys.readouterr().err
     assert main(["transfer", *common, "--out", str(paths[0])]) == 2  # a file, not a folder

@@ -22,6 +22,8 @@ __all__ = [
     "write_markdown_table",
     "loglog_plot",
     "image_grid",
+    "paired_counts",
+    "mcnemar_p",
 ]
 
 
@@ -261,3 +263,24 @@ def image_grid(
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def paired_counts(a: list[float], b: list[float], *, names: tuple[str, str]) -> dict:
+    """Paired yes/no outcomes (1.0 / 0.0) of two methods on the same cases: how many only the
+    first (``names[0]``) or only the second gets right, both, neither, and :func:`mcnemar_p`."""
+    pairs = list(zip(a, b, strict=True))
+    counts = {names[0]: sum(x > y for x, y in pairs), names[1]: sum(y > x for x, y in pairs),
+              "both": sum(x == y == 1 for x, y in pairs),
+              "neither": sum(x == y == 0 for x, y in pairs)}
+    return counts | {"p": mcnemar_p(counts[names[0]], counts[names[1]])}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """McNemar's exact two-sided p-value for paired yes/no outcomes: ``only_a`` pairs where
+    only the first method succeeds, ``only_b`` where only the second does (a binomial test of
+    the discordant pairs at one half)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

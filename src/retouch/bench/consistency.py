@@ -53,6 +53,7 @@ from .common import (
     write_result,
 )
 from .transfer import ROWS as TRANSFER_ROWS
+from .transfer import TUNED as TRANSFER_TUNED
 from .transfer import measure_transfer
 from .video import METHODS as VIDEO_METHODS
 from .video import MIN_ADHERENCE, measure_video
@@ -215,30 +216,36 @@ def _video_part(tw, quick: bool):
 
 def _transfer_part(tw, quick: bool):
     cases = 2 if quick else 24
-    transfer, transfer_grid = measure_transfer(tw, cases=cases)
+    transfer, paired, transfer_grid = measure_transfer(tw, cases=cases)
     fields = {
         "headline": {
             "transfer_success": transfer["cross-image attention"]["success"],
+            "transfer_success_cfg5": transfer["cross-image attention, CFG 5"]["success"],
             "transfer_success_ddim": transfer["cross-image attention, DDIM"]["success"],
             "transfer_success_adain_only": transfer["adain only"]["success"],
             "transfer_success_p2p_edit": transfer["p2p edit"]["success"],
         },
         "transfer": transfer,
-        "settings": {"transfer_cases": cases},
+        "transfer_paired": paired,
+        "settings": {"transfer_cases": cases, "transfer_tuned": TRANSFER_TUNED},
     }
     figures = {"consistency_transfer.png": (
         [im for row in transfer_grid for im in row], 2 + len(TRANSFER_ROWS),
         ["structure", "appearance", *TRANSFER_ROWS] * len(transfer_grid))}
-    return fields, _transfer_section(transfer, cases), figures
+    return fields, _transfer_section(transfer, paired, cases), figures
 
 
-def _transfer_section(transfer: dict, cases: int) -> str:
+def _transfer_section(transfer: dict, paired: dict, cases: int) -> str:
     rows = [{"method": m, **v} for m, v in transfer.items()]
+    first, second = TRANSFER_ROWS[:2]
     return (
         f"## Appearance transfer: cross-image attention on ToyWorld renders\n\n{cases} pairs "
         "of one-object scenes; the output prompt names only the structure's size, shape and "
         "position (see `retouch.bench.transfer`). Success: the structure's shape and position "
-        "with the appearance's colour and fill style.\n\n"
+        "with the appearance's colour and fill style. The first row's settings "
+        f"(`{TRANSFER_TUNED}`) were chosen on other pairs; against the second row, pair by "
+        f"pair: {paired[first]} right only with them, {paired[second]} only without, "
+        f"McNemar's exact p = {paired['p']:.3g}.\n\n"
         + write_markdown_table(rows, ["method", "success", "structure_kept", "appearance_taken",
                                       "colour_taken", "style_taken", "background_taken",
                                       "seconds_per_transfer"]))

@@ -53,7 +53,6 @@ method's coherence verdicts by prompt, then width), ``fusion.md``, ``fusion.png`
 
 from __future__ import annotations
 
-import math
 import random
 import resource
 import time
@@ -74,13 +73,14 @@ from .common import (
     chosen_parts,
     image_grid,
     model_label,
+    paired_counts,
     versions,
     write_markdown_table,
     write_result,
 )
 
 __all__ = ["run", "PARTS", "bench_layout", "bench_prompt", "panorama_scores", "region_scores",
-           "seam_ratio", "auc", "mcnemar_p", "paired_counts", "SYNC"]
+           "seam_ratio", "auc", "SYNC"]
 
 STEPS, CFG = 20, 5.0
 #: SyncDiffusion's settings here: the paper's decay and the reference script's 10 synchronised
@@ -147,27 +147,6 @@ def auc(scores: list[float], labels: list[bool]) -> float | None:
         return None
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return float(wins / (len(pos) * len(neg)))
-
-
-def paired_counts(a: list[float], b: list[float], *, names: tuple[str, str]) -> dict:
-    """Paired yes/no outcomes (1.0 / 0.0) of two methods on the same cases: how many only the
-    first (``names[0]``) or only the second gets right, both, neither, and :func:`mcnemar_p`."""
-    pairs = list(zip(a, b, strict=True))
-    counts = {names[0]: sum(x > y for x, y in pairs), names[1]: sum(y > x for x, y in pairs),
-              "both": sum(x == y == 1 for x, y in pairs),
-              "neither": sum(x == y == 0 for x, y in pairs)}
-    return counts | {"p": mcnemar_p(counts[names[0]], counts[names[1]])}
-
-
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """McNemar's exact two-sided p-value for paired yes/no outcomes: ``only_a`` pairs where
-    only the first method succeeds, ``only_b`` where only the second does (a binomial test of
-    the discordant pairs at one half)."""
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def _distance_pairs(model, images: list[np.ndarray], size: int) -> dict[str, float | None]:

@@ -3,20 +3,24 @@
 Each case renders two random one-object extended scenes: the structure (its shape, position and
 size should stay) and the appearance (its colour, fill style and background should be taken),
 drawn so that the two differ in colour and in style or background. The output prompt names only
-the structure's size, shape and position, so the look must come from the appearance image. Rows
-(25 steps, CFG 5):
+the structure's size, shape and position, so the look must come from the appearance image.
+Rows (25 steps):
 
 * ``cross-image attention``: :func:`retouch.recipes.transfer.appearance_transfer` with the
-  paper's contrast (1.67), swap guidance (3.5) and AdaIN of the latents, both images inverted
-  by edit-friendly DDPM and the output on the structure's noise maps, as in the reference code,
-  but from the first step and at CFG 5 for inversion and sampling (the reference skips 32 of
-  100 steps and inverts at CFG 3.5, samples at 1: on 12 pairs of
-  ``scripts/transfer_variants.py`` that setting succeeded 0.08, skipping alone 0.08, CFG 1
-  alone 0.25, this row's 0.25);
-* ``cross-image attention, DDIM``: the same after DDIM inversion, the output sampled by DDIM;
+  paper's contrast (1.67) and AdaIN of the latents, both images inverted by edit-friendly DDPM
+  at CFG 5 and the output on the structure's noise maps, as in the reference code, with the
+  settings :data:`TUNED` found on 24 other pairs (``scripts/transfer_variants.py``,
+  ``benchmarks/consistency-transfer/tuning.md``): the output sampled unguided (CFG 1, as the
+  reference samples), swap guidance 6, and no periodic injection of the structure's keys and
+  values (which carry the structure's own colour and fill);
+* ``cross-image attention, CFG 5``: the row before that tuning: the output sampled at CFG 5,
+  swap guidance 3.5 and the reference's periodic structure injection;
+* ``cross-image attention, DDIM``: the first row after DDIM inversion, the output sampled by
+  DDIM;
 * ``adain only``: the first row without cross-image attention (an ablation);
 * ``p2p edit``: the plain-edit baseline, a Prompt-to-Prompt edit of the structure image (direct
-  inversion) towards its caption with the appearance's colour, style and background words.
+  inversion, CFG 5) towards its caption with the appearance's colour, style and background
+  words.
 
 Per row: ``success`` (shape and position of the structure, colour and style of the appearance,
 as the checker reads them), ``structure_kept``, ``appearance_taken`` (colour and style),
@@ -37,12 +41,17 @@ from ..recipes.transfer import appearance_transfer
 from ..toyworld.checker import read
 from ..toyworld.render import render
 from ..toyworld.scene import STYLES, caption, random_scene
+from .common import paired_counts
 
-__all__ = ["ROWS", "measure_transfer", "transfer_marks", "transfer_pair"]
+__all__ = ["ROWS", "TUNED", "measure_transfer", "transfer_marks", "transfer_pair"]
 
-ROWS = ("cross-image attention", "cross-image attention, DDIM", "adain only", "p2p edit")
+ROWS = ("cross-image attention", "cross-image attention, CFG 5", "cross-image attention, DDIM",
+        "adain only", "p2p edit")
 LOOK = {"color": 1.0, "style": 1.0, "background": 1.0}
 STEPS, CFG = 25, 5.0
+#: Cross-image attention's settings on ToyWorld (module doc): unguided sampling after inversion
+#: at CFG 5, swap guidance 6, no periodic structure injection.
+TUNED = {"cfg": 1.0, "inversion_cfg": CFG, "swap_guidance": 6.0, "structure_every": 0}
 
 
 def transfer_pair(rng: random.Random):
@@ -61,14 +70,18 @@ def _run(model, row: str, a, b, rng: random.Random) -> np.ndarray:
                                                                 background=b.background)
         return edit(model, structure, caption(a).text, caption(target).text, inversion="direct",
                     editor="p2p", steps=STEPS, cfg=CFG).edited
-    out_prompt = caption(a, drop=LOOK, rng=rng).text
-    cross = row != "adain only"
+    if row == "cross-image attention, CFG 5":
+        settings = {"cfg": CFG, "swap_guidance": 3.5}
+    elif row == "adain only":
+        settings = {**TUNED, "swap_guidance": 1.0, "cross_image": False}
+        del settings["structure_every"]
+    else:
+        settings = TUNED
     return appearance_transfer(model, structure, look, structure_prompt=caption(a).text,
-                               appearance_prompt=caption(b).text, output_prompt=out_prompt,
-                               steps=STEPS, cfg=CFG, cross_image=cross,
-                               swap_guidance=3.5 if cross else 1.0,
+                               appearance_prompt=caption(b).text,
+                               output_prompt=caption(a, drop=LOOK, rng=rng).text, steps=STEPS,
                                inversion="ddim" if row.endswith("DDIM") else
-                               "ddpm_edit_friendly").output
+                               "ddpm_edit_friendly", **settings).output
 
 
 def transfer_marks(image: np.ndarray, a, b) -> dict[str, bool]:
@@ -83,7 +96,9 @@ def transfer_marks(image: np.ndarray, a, b) -> dict[str, bool]:
 
 
 def measure_transfer(model, *, cases: int, seed: int = 0):
-    """Per-row means over ``cases`` transfers, and a sample grid (structure, appearance, rows)."""
+    """Per-row means over ``cases`` transfers; the first two rows' successes paired case by case
+    (:func:`~retouch.bench.common.paired_counts`); a sample grid (structure, appearance,
+    rows)."""
     rng = random.Random(seed)
     pairs = [transfer_pair(rng) for _ in range(cases)]
     tally = {row: [] for row in ROWS}
@@ -103,4 +118,7 @@ def measure_transfer(model, *, cases: int, seed: int = 0):
              for row, v in tally.items()}
     for row in ROWS:
         means[row]["seconds_per_transfer"] = seconds[row] / cases
-    return means, grid
+    first, second = ROWS[:2]
+    paired = paired_counts([float(m["success"]) for m in tally[first]],
+                           [float(m["success"]) for m in tally[second]], names=(first, second))
+    return means, paired, grid

@@ -347,7 +347,7 @@ def _video_section(model: PipelineModel) -> Section:
 
 
 def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
-    from ..bench.transfer import LOOK, transfer_marks, transfer_pair
+    from ..bench.transfer import LOOK, TUNED, transfer_marks, transfer_pair
     from ..recipes.transfer import appearance_transfer
 
     rng = random.Random(DEMO_SEED)
@@ -358,7 +358,7 @@ def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
                                   structure_prompt=caption(a).text,
                                   appearance_prompt=caption(b).text,
                                   output_prompt=caption(a, drop=LOOK, rng=rng).text,
-                                  steps=25, cfg=5.0).output
+                                  steps=25, **TUNED).output
         marks = transfer_marks(out, a, b)
         wins += marks["success"]
         figures.append(Figure(np.concatenate([render(a).image, render(b).image, out], 1), (
@@ -372,7 +372,8 @@ def _transfer_section(model: PipelineModel, n: int = 3) -> Section:
     return Section("Appearance transfer between real images", text, figures, see=(
         "Benchmark: retouch bench consistency (benchmarks/consistency.md, transfer rows). "
         "Reproduce: retouch transfer STRUCTURE.png APPEARANCE.png --structure-prompt P "
-        "--appearance-prompt P --out t/"))
+        "--appearance-prompt P --prompt P --cfg 1 --inversion-cfg 5 --swap-guidance 6 "
+        "--structure-every 0 --out t/"))
 
 
 def _fusion_section(model: PipelineModel) -> Section:
