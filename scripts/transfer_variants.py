@@ -9,7 +9,9 @@ inversion), with the attention options, guidance or inversion of each VARIANT
 (:data:`VARIANTS`); prints the checker's means (``bench.transfer.transfer_marks``) and seconds
 per transfer. On 12 pairs (session 17): default success 0.08 (colour 0.08), cfg1 0.25 (colour
 0.33), ef 0.25 (colour 0.58), ef_cfg1 0.25 (colour 0.50), ef_skip 0.08 (colour 0.25, structure
-1.0), reference 0.08 (colour 0.25).
+1.0), reference 0.08 (colour 0.25). Session 24 (the shipped model since session 20, 24 pairs):
+``benchmarks/consistency-transfer/tuning.md``; ef 0.21, ef_ns_swap6_inv5_cfg1 0.58 (the
+benchmark's ``TUNED`` row since).
 """
 
 import random
@@ -67,6 +69,8 @@ VARIANTS = {
                     inversion_cfg=5.0, cfg=1.0, contrast=3.0),
     "best_wide": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
                       inversion_cfg=5.0, cfg=1.0, windows={0: (0.0, 1.0), 1: (0.0, 1.0)}),
+    "best_empty": dict(inversion="ddpm_edit_friendly", structure_every=0, swap_guidance=6.0,
+                       inversion_cfg=5.0, cfg=1.0, empty_prompt=True),  # the output unprompted
     "ef_skip": dict(inversion="ddpm_edit_friendly", skip=0.32),
     # the reference code's setting: inverted at CFG 3.5, sampled at 1, 32 % of the steps skipped
     "reference": dict(inversion="ddpm_edit_friendly", inversion_cfg=3.5, cfg=1.0, skip=0.32),
@@ -83,12 +87,14 @@ def main(n: int, names: list[str]) -> None:
         cfg = options.pop("cfg", CFG)
         options.setdefault("inversion", "ddim")
         swap = options.pop("swap_guidance", 3.5)
+        empty = options.pop("empty_prompt", False)
         marks, t0 = [], time.time()
         for i, (a, b) in enumerate(pairs):
             out = appearance_transfer(
                 model, render(a).image, render(b).image, structure_prompt=caption(a).text,
                 appearance_prompt=caption(b).text,
-                output_prompt=caption(a, drop=LOOK, rng=random.Random(i)).text, steps=STEPS,
+                output_prompt="" if empty else caption(a, drop=LOOK, rng=random.Random(i)).text,
+                steps=STEPS,
                 cfg=cfg, swap_guidance=swap, adain_steps=adain, **options).output
             marks.append(transfer_marks(out, a, b))
         means = {k: round(float(np.mean([m[k] for m in marks])), 3) for k in marks[0]}

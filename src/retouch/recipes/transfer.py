@@ -156,7 +156,8 @@ def appearance_transfer(
     ``windows``) then count over the steps that run."""
     from ..inversion import invert, method_config
 
-    prompts = [appearance_prompt, structure_prompt, output_prompt or structure_prompt]
+    output_prompt = structure_prompt if output_prompt is None else output_prompt  # "" stays ""
+    prompts = [appearance_prompt, structure_prompt, output_prompt]
     for p in prompts:
         model.check_prompt(p)
     count("steps", steps)
