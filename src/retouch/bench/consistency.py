@@ -215,7 +215,7 @@ def _video_part(tw, quick: bool):
 
 
 def _transfer_part(tw, quick: bool):
-    cases = 2 if quick else 24
+    cases = 2 if quick else 64  # enough pairs for a paired test between the first two rows
     transfer, paired, transfer_grid = measure_transfer(tw, cases=cases)
     fields = {
         "headline": {
