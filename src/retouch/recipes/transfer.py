@@ -1,8 +1,10 @@
 """Appearance transfer by cross-image attention: the structure of one image, the look of another.
 
 Both inputs are inverted (any method of :data:`retouch.inversion.METHODS`, one batch; by default
-edit-friendly DDPM, which ``bench consistency`` found best: success 0.29 against 0.17 after DDIM
-inversion, structure kept 0.96 against 0.83, on 24 pairs) and held on
+edit-friendly DDPM, which ``bench consistency`` found best: success 0.47 against 0.11 after DDIM
+inversion, structure kept 0.88 against 0.56, on 64 pairs, with the settings of
+:data:`retouch.bench.transfer.TUNED`: ``cfg=1, inversion_cfg=5, swap_guidance=6,
+structure_every=0``, against 0.23 with the defaults below) and held on
 their trajectories as the ``appearance`` and ``structure`` rows; the ``output`` row starts from
 the structure's inverted noise and, through :class:`~retouch.attention.CrossImageAttention`,
 reads the appearance's keys and values in the decoder's finest self-attention layers. Two more
