@@ -72,9 +72,9 @@ def _run(model, row: str, a, b, rng: random.Random) -> np.ndarray:
                     editor="p2p", steps=STEPS, cfg=CFG).edited
     if row == "cross-image attention, CFG 5":
         settings = {"cfg": CFG, "swap_guidance": 3.5}
-    elif row == "adain only":
-        settings = {**TUNED, "swap_guidance": 1.0, "cross_image": False}
-        del settings["structure_every"]
+    elif row == "adain only":  # no attention, so no attention options
+        settings = {k: v for k, v in TUNED.items() if k != "structure_every"} | {
+            "swap_guidance": 1.0, "cross_image": False}
     else:
         settings = TUNED
     return appearance_transfer(model, structure, look, structure_prompt=caption(a).text,

@@ -32,7 +32,8 @@ def run_transfer(args: argparse.Namespace) -> None:
     from retouch.models.pipeline import PipelineModel
     from retouch.recipes.transfer import appearance_transfer
 
-    CrossImageAttention(contrast=args.contrast, structure_every=args.structure_every)  # checks
+    # refuses a bad contrast or structure period before the model loads
+    CrossImageAttention(contrast=args.contrast, structure_every=args.structure_every)
     if args.swap_guidance < 1:
         raise ValueError(f"--swap-guidance must be at least 1 (1: off), got {args.swap_guidance}")
     out = check_output_dir(args.out, OUTPUTS, inputs=(args.structure, args.appearance))
