@@ -94,8 +94,7 @@ def main(n: int, names: list[str]) -> None:
                 model, render(a).image, render(b).image, structure_prompt=caption(a).text,
                 appearance_prompt=caption(b).text,
                 output_prompt="" if empty else caption(a, drop=LOOK, rng=random.Random(i)).text,
-                steps=STEPS,
-                cfg=cfg, swap_guidance=swap, adain_steps=adain, **options).output
+                steps=STEPS, cfg=cfg, swap_guidance=swap, adain_steps=adain, **options).output
             marks.append(transfer_marks(out, a, b))
         means = {k: round(float(np.mean([m[k] for m in marks])), 3) for k in marks[0]}
         print(name, means, f"{(time.time() - t0) / n:.1f} s", flush=True)

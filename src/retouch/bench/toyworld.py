@@ -125,17 +125,19 @@ def vae_round_trip(model: PipelineModel, data: SceneSet) -> tuple[float, float]:
 
 
 def prompt_adherence(
-    model: PipelineModel, scenes=None, *, prompts: list[str] | None = None, cfg: float = 5.0
+    model: PipelineModel, scenes=None, *, prompts: list[str] | None = None, cfg: float = 5.0,
+    steps: int = 25, sampler: str = "ddim",
 ) -> tuple[dict, list[dict], np.ndarray, float]:
     """(accuracy per attribute, the checker's scores, the images, seconds per image) of one
-    generation per scene's canonical caption, or per prompt of ``prompts`` (25 DDIM steps,
-    guidance ``cfg``, batches of 8)."""
+    generation per scene's canonical caption, or per prompt of ``prompts`` (``steps`` of
+    ``sampler``, guidance ``cfg``, batches of 8 seeded by their first index)."""
     if prompts is None:
         prompts = scene_prompts(scenes, extended=toyworld_extended(model.folder))
     t0 = time.time()
     images = np.concatenate(
         [
-            generate(model, prompts[i : i + 8], steps=25, cfg=cfg, seed=i, progress=False)
+            generate(model, prompts[i : i + 8], steps=steps, cfg=cfg, seed=i, sampler=sampler,
+                     progress=False)
             for i in range(0, len(prompts), 8)
         ]
     )
