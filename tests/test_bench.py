@@ -206,6 +206,24 @@ def test_toyworld_and_editing_benches_sample_at_the_guidance_they_are_given(tmp_
     assert doc["settings"]["skipped"] == {}
 
 
+def test_partial_prompts_are_read_over_several_seeds_the_first_the_single_seed_measure():
+    import numpy as np
+
+    from retouch.bench import toyworld
+    from retouch.models.pipeline import PipelineModel
+
+    model = PipelineModel.load()
+    prompts = ["a red circle", "a striped square"]
+    every, first, scores, images = toyworld.partial_adherence(model, prompts, cfg=3.0, seeds=2)
+    single, single_scores, single_images, _ = toyworld.prompt_adherence(model, prompts=prompts,
+                                                                        cfg=3.0)
+    assert first == single and scores[:2] == single_scores
+    assert np.array_equal(images[:2], single_images)
+    assert len(scores) == 4 and every["n"] == 4 and images.shape[0] == 4
+    assert not np.array_equal(images[2:], images[:2])  # the second seed draws other noise
+    assert every["all"] == np.mean([s["all"] for s in scores])
+
+
 def test_style_batches_are_marked_against_their_reference():
     import random
 
