@@ -162,6 +162,8 @@ def test_tokenizer_one_token_per_word_and_deterministic(tmp_path):
 
 def test_training_resumes_to_the_same_weights(tmp_path):
     """A run stopped and resumed ends bit-identical to an uninterrupted one."""
+    import json
+
     from safetensors.torch import load_file
 
     from retouch.training.checkpoint import load
@@ -187,6 +189,12 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     train(TrainConfig(out=str(tmp_path / "b"), cooldown=(4, 6), **common), resume=True,
           progress=False)
     assert load(tmp_path / "b" / "unet.safetensors")[1]["step"] == 6
+    # each resume that changed an option left a note in the run's log, and only those
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+               if '"note"' in line]
+    assert [r["changed"] for r in records] == [
+        {"unet_steps": [2, 4]}, {"unet_steps": [4, 100000], "cooldown": [None, [4, 6]]}]
+    assert records[1]["last_logged_step"] == 4 and "cooldown None -> [4, 6]" in records[1]["text"]
 
 
 def test_learning_rate_warms_up_holds_and_cools_down():

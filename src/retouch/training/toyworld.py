@@ -279,6 +279,22 @@ _RUN_STATE = ("vae.safetensors", "vae_stage.safetensors", "vae_done.json", "unet
 ARCHS = {"unet": "unet.safetensors", "sd3": "transformer.safetensors"}
 
 
+def _note_changes(out: Path, saved: dict, now: dict) -> None:
+    """Record in the run's log the options a resume changes (those it may: the schedule, the
+    weights of the loss terms...), with the last step logged, so that the run's history stays
+    in its folder (and in the ``notes`` of the export's ``toyworld.json``)."""
+    changed = {k: [saved[k], v] for k, v in now.items()
+               if k in saved and json.loads(json.dumps(v)) != saved[k]}
+    if not changed:
+        return
+    log = out / "log.jsonl"
+    steps = [json.loads(line).get("step", 0) for line in
+             (log.read_text().splitlines() if log.is_file() else []) if '"step"' in line]
+    text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    append_log(out, {"stage": "note", "last_logged_step": max(steps, default=0),
+                     "text": f"resumed with {text}", "changed": changed})
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) the VAE stage (training, or with ``init_from`` and ``extended`` the
     tuning of :mod:`.decoder`), then the UNet stage (or with ``arch="sd3"`` the transformer's,
@@ -304,6 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> P
                     f"--resume with {key}={getattr(cfg, key)} but the run in {out} used "
                     f"{saved.get(key, before)}; pass the same value or start a new --out"
                 )
+        _note_changes(out, saved, asdict(cfg))
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     tokenizer = _tokenizer(out)
     vae, unet, text = build_models(
