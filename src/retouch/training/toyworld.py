@@ -283,8 +283,8 @@ def _note_changes(out: Path, saved: dict, now: dict) -> None:
     """Record in the run's log the options a resume changes (those it may: the schedule, the
     weights of the loss terms...), with the last step logged, so that the run's history stays
     in its folder (and in the ``notes`` of the export's ``toyworld.json``)."""
-    changed = {k: [saved[k], v] for k, v in now.items()
-               if k in saved and json.loads(json.dumps(v)) != saved[k]}
+    now = json.loads(json.dumps(now))  # as config.json records it (tuples as lists)
+    changed = {k: [saved[k], v] for k, v in now.items() if k in saved and v != saved[k]}
     if not changed:
         return
     log = out / "log.jsonl"
