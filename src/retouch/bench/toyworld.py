@@ -14,9 +14,10 @@
   :mod:`.coverage`);
 * partial_adherence: prompts that leave attributes out (``PARTIAL_DROP``, e.g. "a blue
   triangle"): object count and every named attribute right, each prompt generated from
-  ``PARTIAL_SEEDS`` seeds (one prompt and seed is a coin flip of the model's; with one seed the
-  shipped model read 0.922, over four 0.879); ``partial_adherence_first_seed``: the first seed
-  alone, the measure before session 25;
+  ``PARTIAL_SEEDS`` seeds (one draw per prompt is noisy: the shipped model reads 0.922 on the
+  first seed, 0.914 over the bench's four and 0.879 over four others,
+  ``docs/benchmarks.md``); ``partial_adherence_first_seed``: the first seed alone, the measure
+  before session 25;
 * by_style and core_adherence (extended models only): style and all-attributes accuracy per
   requested fill style (``any`` for prompts without a style word), and the adherence on the core
   vocabulary's prompts (which name no style, so any fill is right);
