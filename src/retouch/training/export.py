@@ -133,8 +133,8 @@ def export_pipeline(run: Path, dest: Path | None = None, *, fp16: bool = True,
     for name in ("tokenizer", "tokenizer_2") if cfg.arch == "sd3" else ("tokenizer",):
         save_tokenizer(VOCABULARY, tmp / name, max_length=configs.MAX_TOKENS)
     records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-    # Each stage's latest record; every hand-written {"stage": "note"} line (changes made to a
-    # run while it was resumed, for instance).
+    # Each stage's latest record; every {"stage": "note"} line (the options a resume changed,
+    # written by `train`, or a note written by hand).
     last = {r["stage"]: r for r in records if r["stage"] != "note"}
     notes = [r for r in records if r["stage"] == "note"]
     _, vae_meta = load(Path(run) / "vae_best.safetensors")
