@@ -13,9 +13,9 @@ the shares that take the reference's fill style, its background, both (``agree``
 solid, that leak the reference's shape or colour, and that keep their own content.
 """
 
+import argparse
 import math
 import random
-import sys
 import time
 
 import numpy as np
@@ -57,9 +57,10 @@ def main(cases: int, variants: list[str], model_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    model_dir = None
-    if "--model" in args:  # another model folder than the shipped one
-        at = args.index("--model")
-        model_dir, args = args[at + 1], args[:at] + args[at + 2:]
-    main(int(args[0]), args[1:], model_dir)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cases", type=int)
+    parser.add_argument("variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"one of: {', '.join(VARIANTS)}")
+    parser.add_argument("--model", default=None, help="a model folder (default: the shipped one)")
+    args = parser.parse_args()
+    main(args.cases, args.variants, args.model)
