@@ -148,7 +148,8 @@ def _cmd_tune_decoder(args) -> None:
     from ..training.decoder import DecoderConfig, tune_decoder
 
     cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight,
-                        extended=args.extended, train_encoder=args.train_encoder)
+                        extended=args.extended, train_encoder=args.train_encoder,
+                        composites=args.composites)
     best = tune_decoder(cfg, resume=args.resume)
     print(f"best decoder at step {best['step']}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in best.items() if k != "step"))
@@ -301,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--extended", action="store_true", help="extended-vocabulary renders")
     td.add_argument("--train-encoder", action="store_true",
                     help="also train the encoder (solid-fill latents anchored to the old ones)")
+    td.add_argument("--composites", type=number, default=0.0, metavar="SHARE",
+                    help="share of each batch decoded from composite latents (one render "
+                         "inside a mask, another outside), so that latent blending decodes "
+                         "locally")
     td.add_argument("--resume", action="store_true")
     td.set_defaults(func=_cmd_tune_decoder)
     ex = tsub.add_parser("export", help="write a run's EMA weights as a diffusers folder")
