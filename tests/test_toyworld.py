@@ -343,6 +343,9 @@ def test_decoder_tune_with_composites_measures_locality(tiny_toy_run, tmp_path):
     with pytest.raises(ValueError, match="composites .* between 0 and 1; got 1.5"):
         tune_decoder(DecoderConfig(run=str(run), steps=1, composites=1.5, **common),
                      progress=False)
+    with pytest.raises(ValueError, match="lr must be a positive finite learning rate"):
+        tune_decoder(DecoderConfig(run=str(run), steps=1, lr=float("nan"), **common),
+                     progress=False)
     assert sorted(p.name for p in run.iterdir()) == before  # refused before any work
     (run / "log.jsonl").unlink(missing_ok=True)
     best = tune_decoder(DecoderConfig(run=str(run), steps=2, composites=0.5, **common),

@@ -149,7 +149,7 @@ def _cmd_tune_decoder(args) -> None:
 
     cfg = DecoderConfig(run=args.run, steps=args.steps, object_weight=args.object_weight,
                         extended=args.extended, train_encoder=args.train_encoder,
-                        composites=args.composites)
+                        composites=args.composites, lr=args.lr)
     best = tune_decoder(cfg, resume=args.resume)
     print(f"best decoder at step {best['step']}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in best.items() if k != "step"))
@@ -164,7 +164,7 @@ def _cmd_export(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .arguments import OneLineParser, add_model_argument, number, whole
+    from .arguments import OneLineParser, add_model_argument, fraction, number, whole
 
     p = OneLineParser(prog="retouch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--extended", action="store_true", help="extended-vocabulary renders")
     td.add_argument("--train-encoder", action="store_true",
                     help="also train the encoder (solid-fill latents anchored to the old ones)")
-    td.add_argument("--composites", type=number, default=0.0, metavar="SHARE",
+    td.add_argument("--lr", type=number, default=2e-4,
+                    help="peak learning rate, cosine-decayed to 0 over --steps")
+    td.add_argument("--composites", type=fraction, default=0.0, metavar="SHARE",
                     help="share of each batch decoded from composite latents (one render "
                          "inside a mask, another outside), so that latent blending decodes "
                          "locally")
