@@ -56,6 +56,25 @@ def test_the_same_edit_runs_on_sd1_sd2v_sdxl(kind):
     assert r.store is not None and r.store.cross().shape[0] == 2
 
 
+def test_blending_pixels_keeps_the_source_pixels_outside_the_mask():
+    """blend_space="pixels": the rows sample unblended and the edited image takes the source's
+    pixels outside the mask (nearest-upsampled), exactly; inside it is the unblended edit's."""
+    options = dict(blend_words=("red", "blue"), blend_threshold=0.999, blend_start=0.0,
+                   blend_dilation=0)
+    pixels = run(**options, blend_space="pixels")
+    unblended = run()
+    mask = pixels.masks["local_blend"] > 0
+    assert 0 < mask.sum() < mask.size
+    up = mask.repeat(2, 0).repeat(2, 1)  # tiny VAE: factor 2
+    assert np.array_equal(pixels.edited[~up], pixels.source[~up])
+    inside = pixels.edited[up].astype(int) - unblended.edited[up].astype(int)
+    assert np.abs(inside).max() <= 1  # uint8 round-off of equal latents
+    # (the map store computes attention explicitly: round-off apart)
+    torch.testing.assert_close(pixels.latents, unblended.latents, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="space 'pixel' is not one of latents, pixels"):
+        run(**options, blend_space="pixel")
+
+
 def test_injection_makes_the_edit_closer_to_the_source():
     plain = run(editor="none")  # both prompts from the same noise, no control
     p2p = run(mode="swap", cross_steps=1.0, self_steps=1.0)

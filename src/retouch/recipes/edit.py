@@ -178,6 +178,7 @@ def _result(model, latents: Tensor, controllers, store) -> EditResult:
     for c in controllers:
         if isinstance(c, LocalBlend) and c.mask is not None:
             masks["local_blend"] = c.mask.cpu().numpy()  # (h, w), 1 = edited region
+            images = c.blend_images(images)  # with space="pixels"
     return EditResult(images[0], images[1], latents, masks, list(controllers), store)
 
 

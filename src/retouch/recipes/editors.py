@@ -62,6 +62,7 @@ def p2p_editor(
     blend_start: float = 0.2,
     blend_dilation: int = 1,
     blend_resolutions: Sequence[int] | None = None,
+    blend_space: str = "latents",
 ) -> list[Controller]:
     """Prompt-to-Prompt controllers.
 
@@ -74,7 +75,8 @@ def p2p_editor(
     ``blend_positions`` = (source, target) encoder positions; with its ``blend_threshold``,
     first step ``blend_start`` (fraction), max-pool radius ``blend_dilation`` and the
     cross-attention resolutions whose maps make the mask, ``blend_resolutions`` (default: the
-    coarsest down/up level, as the paper's 16 x 16 on SD1.x).
+    coarsest down/up level, as the paper's 16 x 16 on SD1.x); ``blend_space`` "latents" (each
+    step, the paper) or "pixels" (the decoded images, once: :class:`LocalBlend`).
     """
     kw = dict(steps=cross_steps, word_steps=word_steps)
     if mode == "swap":
@@ -94,7 +96,7 @@ def p2p_editor(
         controllers.append(reweight(tokenizer, target, weights, steps=cross_steps))
     controllers.append(SelfAttentionInjection(steps=self_steps))
     blend = dict(threshold=blend_threshold, start=blend_start, dilation=blend_dilation,
-                 resolutions=blend_resolutions)
+                 resolutions=blend_resolutions, space=blend_space)
     if blend_words is not None and blend_positions is not None:
         raise ValueError("give blend_words or blend_positions, not both")
     if blend_words == "changed":
