@@ -55,9 +55,24 @@ def test_editing_headline_is_p2p_against_regeneration():
          "bg_psnr": 34.5},
     ]
     h = headline(rows)
-    assert h["p2p_colour_success"] == 0.9 and h["p2p_colour_gain_db"] == pytest.approx(2.5)
-    assert h["p2p_shape_success"] is None and h["p2p_shape_gain_db"] is None
+    assert h["p2p_direct_colour_success"] == 0.9
+    assert h["p2p_direct_colour_gain_db"] == pytest.approx(2.5)
+    assert h["p2p_direct_shape_success"] is None and h["p2p_direct_shape_gain_db"] is None
     assert h["p2p_ddpm_colour_success"] is None  # no edit-friendly rows
+    assert h["p2p_colour_success"] is None  # the headline's P2P blends pixels after them
+
+
+def test_editing_headline_p2p_blends_pixels_after_edit_friendly_inversion():
+    rows = [{"method": m, "inversion": inv, "edit_type": "color", "success": sr,
+             "bg_psnr": db}
+            for m, inv, sr, db in (("p2p (pixel blend)", "ddpm_edit_friendly", 0.95, 38.0),
+                                   ("none", "ddpm_edit_friendly", 1.0, 33.0),
+                                   ("p2p (pixel blend)", "direct", 0.5, 40.0),
+                                   ("none", "direct", 0.9, 30.0))]
+    h = headline(rows)
+    assert h["p2p_colour_success"] == 0.95
+    assert h["p2p_colour_gain_db"] == pytest.approx(5.0)
+    assert h["p2p_direct_colour_success"] is None  # the latent-blending row did not run
 
 
 def test_editing_headline_reads_p2p_on_edit_friendly_inversion_against_its_regeneration():
