@@ -35,6 +35,10 @@ VARIANTS = {
     "self 0.8": {"self_steps": 0.8},
     # blending on the edited object's noun (P2P's own examples blend on the object's word),
     # alone or with the changed word; resolved per case by _blend_words
+    # the same blend in pixels: the rows sample unblended, the edit keeps the source's pixels
+    # outside the mask (the ToyWorld VAE is not local: retouch.attention.blend)
+    "pixels": {"blend_space": "pixels"},
+    "pixels, dilation 2": {"blend_space": "pixels", "blend_dilation": 2},
     "object word": {"blend_words": "object"},
     "object + changed words": {"blend_words": "object+changed"},
 }
