@@ -240,6 +240,11 @@ def test_edit_cli_writes_images_and_masks(tiny_toy_pipeline, tmp_path, capsys):
     assert main(["edit", *common, "--inversion", "edict", "--blend", "changed",
                  "--out", str(tmp_path / "no")]) == 2
     assert "EDICT's coupled two-chain loop" in capsys.readouterr().err
+    assert main(["edit", *common, "--blend", "changed", "--blend-space", "pixels",
+                 "--out", str(tmp_path / "px")]) == 0
+    assert (tmp_path / "px" / "mask_local_blend.png").exists()
+    assert main(["edit", *common, "--blend-space", "pixels", "--out", str(tmp_path / "no")]) == 2
+    assert "turn it on with --blend changed" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
     assert main(["edit", *common, "--editor", "sdedit", "--inversion", "direct",
                  "--out", str(tmp_path / "no")]) == 2

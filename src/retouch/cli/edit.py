@@ -13,8 +13,9 @@ SDEdit and FlowEdit the VAE round trip), the attention masks the edit used --
 -- and ``DIR/edit.json``.
 
 ``--blend changed`` turns on local blending on the words that differ between the captions
-(``--blend SRC:TGT`` names them); ``--option KEY=VALUE`` passes any editor option (values are
-read as JSON when they parse, e.g. ``--option cross_steps=0.6``); FlowEdit takes
+(``--blend SRC:TGT`` names them; ``--blend-space pixels`` blends the decoded images);
+``--option KEY=VALUE`` passes any editor option (values are read as JSON when they parse, e.g.
+``--option cross_steps=0.6``); FlowEdit takes
 ``final_steps`` (the paper's n_min), ``averages`` (n_avg) and ``source_cfg``, SDEdit none.
 Combinations that cannot run (local blending with EDICT) are refused before any work, naming
 the valid ones.
@@ -60,15 +61,19 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
-def _blend(arg: str | None) -> dict:
+def _blend(arg: str | None, space: str | None = None) -> dict:
     if arg is None:
+        if space is not None:
+            raise ValueError(f"--blend-space {space} is where local blending blends; turn it "
+                             "on with --blend changed (or --blend SRC:TGT)")
         return {}
+    where = {} if space is None else {"blend_space": space}
     if arg == "changed":
-        return {"blend_words": "changed"}
+        return {"blend_words": "changed", **where}
     src, sep, tgt = arg.partition(":")
     if not sep or not src or not tgt:
         raise ValueError(f"--blend is 'changed' or SRC:TGT (words, comma-separated), got {arg!r}")
-    return {"blend_words": (src.split(","), tgt.split(","))}
+    return {"blend_words": (src.split(","), tgt.split(",")), **where}
 
 
 def _save_masks(result, model, source: str, target: str, out: Path) -> list[Path]:
@@ -125,7 +130,7 @@ def run_edit(args: argparse.Namespace) -> None:
     if args.blend is not None and args.editor != "p2p":
         raise ValueError("--blend is Prompt-to-Prompt's local blending; use it with --editor p2p")
     if not direct:
-        check_editor(args.editor, {**_blend(args.blend), **options})
+        check_editor(args.editor, {**_blend(args.blend, args.blend_space), **options})
     out = check_output_dir(args.out, OUTPUTS, inputs=(args.image,))
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"no image at {args.image}")
@@ -143,7 +148,7 @@ def run_edit(args: argparse.Namespace) -> None:
     else:
         result = edit(model, image, args.source, args.target, editor=args.editor,
                       inversion=args.inversion or "direct", maps=True, **common,
-                      **{**_blend(args.blend), **options})
+                      **{**_blend(args.blend, args.blend_space), **options})
     save_image(image, out / "input.png")
     save_image(result.edited, out / "edited.png")
     save_image(result.source, out / "source_reconstruction.png")
@@ -160,6 +165,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from retouch.attention.blend import SPACES
     from retouch.cli.arguments import add_model_argument, fraction, number, whole
     from retouch.inversion.api import METHODS
     from retouch.recipes.editors import EDITORS
@@ -179,6 +185,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="SDEdit / FlowEdit strength in [0, 1] (default 0.6 / 0.85)")
     p.add_argument("--blend", default=None, metavar="changed|SRC:TGT",
                    help="P2P local blending on these words")
+    p.add_argument("--blend-space", default=None, choices=SPACES,
+                   help="where --blend blends: latents, each step (the paper; default), or "
+                        "pixels, once after decoding (the rows sample unblended; for a VAE "
+                        "that is not local, as ToyWorld's: benchmarks/editing-p2p-tuning.md)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="editor option (FlowEdit: final_steps, averages, source_cfg)")
     add_model_argument(p)
