@@ -131,7 +131,6 @@ class LocalBlend(Controller):
         x[tgt] = x_src + mask.to(x.device) * (ctx.x[tgt] - x_src)
         return x
 
-
     def blend_images(self, images: np.ndarray) -> np.ndarray:
         """With ``space="pixels"``: the decoded rows ``images`` (N, H, W, C) with each target
         row's pixels outside its mask replaced by its source row's (in place; returned)."""
