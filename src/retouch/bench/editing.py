@@ -15,7 +15,10 @@ steps quick, 25 full). Methods (:func:`methods`):
   threshold 0.3 of the max-normalised map, from 20 % of the steps, 3x3 max-pool), as the paper
   does -- except with EDICT, whose loop takes no callbacks; ``p2p (no blend)`` with Direct
   Inversion is the ablation that shows where blending helps, and with edit-friendly DDPM
-  inversion (full run) the best P2P found on ToyWorld;
+  inversion (full run) the most successful P2P on ToyWorld; ``p2p (pixel blend)`` (full run)
+  blends the decoded images with the same mask instead of the latents, which keeps the most
+  outside colour and shape edits after edit-friendly DDPM inversion (the headline's P2P;
+  the ToyWorld VAE is not local: :mod:`retouch.attention.blend`);
 * ``masactrl`` with Direct Inversion, on position and size edits only (what it is for); its
   S and L are the paper's scaled to this model: S = 8 % of the steps, L = the first decoder
   self-attention layer finer than the coarsest level;
@@ -521,7 +524,9 @@ def _markdown(result: dict, *, quick: bool) -> str:
         f"scheduler's grid, CFG {st['cfg']:g}. P2P: word swap, cross window 0.8, self window "
         f"0.4, local blending on the edited word (threshold {BLEND['blend_threshold']}, from "
         f"{BLEND['blend_start']:.0%} of the steps, 3x3 max-pool) except with EDICT (its loop "
-        f"takes no callbacks; it runs at {EDICT_STEPS} steps and CFG {EDICT_CFG:g}). MasaCtrl "
+        f"takes no callbacks; it runs at {EDICT_STEPS} steps and CFG {EDICT_CFG:g}); "
+        f"`p2p (pixel blend)`: the same mask, blending the decoded images instead of the "
+        f"latents (`blend_space=\"pixels\"`; the ToyWorld VAE is not local). MasaCtrl "
         f"(position and size only): S = "
         f"{st['masactrl']['start_step']}, L = {st['masactrl']['start_layer']}. SDEdit: strength "
         f"{st['sdedit_strength']}. Self-guidance ({SELFGUIDE_INVERSION} inversion, towards "
