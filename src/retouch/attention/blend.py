@@ -82,10 +82,14 @@ class LocalBlend(Controller):
         self.resolutions = None if resolutions is None else set(resolutions)
         self.source, self.target = source, target
         self.store: AttentionStore | None = None  # the maps accumulated so far
-        self.mask: Tensor | None = None  # last blend mask (h, w), float 0/1
-        self.row_masks: Tensor | None = None  # (r, 1, h, w), one per target row
+        self.row_masks: Tensor | None = None  # last masks (r, 1, h, w), one per target row
         self.rows: tuple[list[int], list[int]] = ([], [])  # (source, target) latent rows
         self.num_steps: int | None = None
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The last mask (h, w), float 0/1, over every target row (None before a step)."""
+        return None if self.row_masks is None else self.row_masks[:, 0].amax(0)
 
     def bind(self, sites: list[Site]) -> list[Site]:
         self.resolutions = self.resolutions or {coarse_resolution(sites)}
@@ -124,7 +128,7 @@ class LocalBlend(Controller):
         m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
         hit = (m > self.threshold).unflatten(0, (2, len(tgt)))  # (2, r, 1, h, w)
         mask = (hit[0] | hit[1]).to(ctx.x.dtype)  # source words OR target words, per target
-        self.mask, self.row_masks, self.rows = mask[:, 0].amax(0), mask, (src, tgt)
+        self.row_masks, self.rows = mask, (src, tgt)
         if self.space == "pixels":
             return None  # blend_images does it once, on the decoded rows
         x = ctx.x.clone()
